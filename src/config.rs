@@ -1,0 +1,137 @@
+//! Flags and environment: every flag has an `EVENTSYS_` variable.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+use crate::engine::handler::{BreakerPolicy, RetryPolicy};
+use crate::media::pipeline::PipelineConfig;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Pretty,
+    /// One JSON object per line.
+    Json,
+}
+
+/// eventsys: see, learn and prototype event-driven pipelines.
+#[derive(Clone, Debug, Parser)]
+#[command(name = "eventsys", version, about, long_about = None)]
+pub struct Config {
+    /// Listen address (port 0 picks a free port and logs it).
+    #[arg(long, env = "EVENTSYS_ADDR", default_value = "127.0.0.1:8080")]
+    pub addr: SocketAddr,
+
+    /// Capacity of each queue.
+    #[arg(long, env = "EVENTSYS_QUEUE_CAPACITY", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub queue_capacity: u32,
+
+    /// Concurrent raw_handler workers [default: number of cores].
+    #[arg(long, env = "EVENTSYS_RAW_WORKERS", value_parser = clap::value_parser!(u16).range(1..))]
+    pub raw_workers: Option<u16>,
+
+    /// Concurrent encode_handler workers.
+    #[arg(long, env = "EVENTSYS_ENCODE_WORKERS", default_value_t = 2,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub encode_workers: u16,
+
+    /// Simulated time of one encode job, in milliseconds.
+    #[arg(long, env = "EVENTSYS_ENCODE_DELAY_MS", default_value_t = 200)]
+    pub encode_delay_ms: u64,
+
+    /// Attempts before an event is dead-lettered.
+    #[arg(long, env = "EVENTSYS_MAX_ATTEMPTS", default_value_t = 5,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_attempts: u32,
+
+    /// First retry delay in milliseconds; doubles each attempt, with jitter.
+    #[arg(long, env = "EVENTSYS_RETRY_BASE_MS", default_value_t = 100)]
+    pub retry_base_ms: u64,
+
+    /// Longest retry delay in milliseconds.
+    #[arg(long, env = "EVENTSYS_RETRY_MAX_MS", default_value_t = 10_000)]
+    pub retry_max_ms: u64,
+
+    /// Consecutive transient failures that open a handler's circuit.
+    #[arg(long, env = "EVENTSYS_BREAKER_THRESHOLD", default_value_t = 5,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub breaker_threshold: u32,
+
+    /// How long an open circuit waits before letting a probe through, in ms.
+    #[arg(long, env = "EVENTSYS_BREAKER_COOLDOWN_MS", default_value_t = 2_000)]
+    pub breaker_cooldown_ms: u64,
+
+    /// Largest request body, in bytes.
+    #[arg(long, env = "EVENTSYS_BODY_LIMIT_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub body_limit_bytes: usize,
+
+    /// Change-log events kept (more while a queue has not yet received them).
+    #[arg(long, env = "EVENTSYS_EVENT_RETENTION", default_value_t = 1_000_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub event_retention: u64,
+
+    /// CloudEvent source+id pairs remembered for duplicate detection.
+    #[arg(long, env = "EVENTSYS_DEDUP_WINDOW", default_value_t = 100_000)]
+    pub dedup_window: usize,
+
+    /// Dead letters kept per queue (the oldest are dropped, and logged, past it).
+    #[arg(long, env = "EVENTSYS_MAX_DEAD_LETTERS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_dead_letters: u64,
+
+    /// Raw changes waiting for raw_queue above which ingest answers 503.
+    #[arg(long, env = "EVENTSYS_INGEST_BACKLOG_LIMIT", default_value_t = 100_000)]
+    pub ingest_backlog_limit: u64,
+
+    /// How long shutdown waits for the pipeline to drain (e.g. 10s, 500ms).
+    #[arg(long, env = "EVENTSYS_SHUTDOWN_TIMEOUT", default_value = "10s")]
+    pub shutdown_timeout: humantime::Duration,
+
+    /// Log format.
+    #[arg(long, env = "EVENTSYS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
+    pub log_format: LogFormat,
+}
+
+impl Default for Config {
+    /// The defaults of every flag (environment variables still apply).
+    fn default() -> Self {
+        Self::parse_from(["eventsys"])
+    }
+}
+
+impl Config {
+    pub fn raw_workers(&self) -> usize {
+        self.raw_workers.map_or_else(
+            || std::thread::available_parallelism().map_or(2, |n| n.get()),
+            usize::from,
+        )
+    }
+
+    pub fn shutdown_timeout(&self) -> Duration {
+        self.shutdown_timeout.into()
+    }
+
+    pub fn pipeline(&self) -> PipelineConfig {
+        PipelineConfig {
+            queue_capacity: self.queue_capacity as usize,
+            raw_workers: self.raw_workers(),
+            encode_workers: self.encode_workers.into(),
+            encode_delay: Duration::from_millis(self.encode_delay_ms),
+            retry: RetryPolicy {
+                max_attempts: self.max_attempts,
+                base: Duration::from_millis(self.retry_base_ms),
+                cap: Duration::from_millis(self.retry_max_ms.max(self.retry_base_ms)),
+            },
+            breaker: BreakerPolicy {
+                threshold: self.breaker_threshold,
+                cool_down: Duration::from_millis(self.breaker_cooldown_ms),
+            },
+            event_retention: usize::try_from(self.event_retention).unwrap_or(usize::MAX),
+            max_dead_letters: usize::try_from(self.max_dead_letters).unwrap_or(usize::MAX),
+            ingest_backlog_limit: self.ingest_backlog_limit,
+        }
+    }
+}

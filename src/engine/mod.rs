@@ -1,0 +1,345 @@
+//! The engine: Tables, Queues and Handlers, and the change log that joins
+//! them. It knows nothing about movies; a pipeline is built by declaring
+//! tables, queues fed from tables' changes, and handlers on queues.
+//!
+//! - [`record`]: timestamps, versions, ids and canonical data.
+//! - [`table`]: versioned maps that drop stale and no-op writes.
+//! - [`log`]: the change log, the outbox every table change goes through.
+//! - [`queue`]: bounded streams that deliver every event.
+//! - [`handler`]: worker pools with retry, dead letters, breaker, faults.
+//! - [`children`]: complete child lists (a parent's set of children).
+//! - [`settle`]: waiting until nothing is left to do.
+//! - [`topology`]: the shape of a pipeline, for display.
+
+pub mod children;
+pub mod handler;
+pub mod log;
+pub mod queue;
+pub mod record;
+pub mod settle;
+pub mod table;
+pub mod topology;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+use handler::{Fault, Handler, HandlerConfig, HandlerStats, Process};
+use log::{Change, ChangeLog, SubscriberId};
+use queue::{DeadLetter, Queue, QueueCounts, QueueItem};
+use settle::Activity;
+use table::{Table, TableKind};
+use topology::Topology;
+
+impl QueueItem for Arc<Change> {
+    fn event_id(&self) -> Uuid {
+        self.id
+    }
+}
+
+/// A queue as the HTTP layer sees it, whatever it carries.
+pub trait QueueView: Send + Sync {
+    fn name(&self) -> &str;
+    fn snapshot(&self) -> QueueSnapshot;
+    fn dead_letters(&self) -> Vec<DeadLetter<serde_json::Value>>;
+    /// Puts every dead letter back on the queue; returns how many.
+    fn redrive(&self) -> usize;
+    /// Drops every dead letter; returns how many.
+    fn discard(&self) -> usize;
+}
+
+/// A handler as the HTTP layer sees it.
+pub trait HandlerView: Send + Sync {
+    fn name(&self) -> &str;
+    fn stats(&self) -> HandlerStats;
+    fn fault(&self) -> Option<Fault>;
+    fn set_fault(&self, fault: Option<Fault>);
+}
+
+/// A queue's counters, capacity and change-log backlog.
+#[derive(Clone, Debug, Serialize)]
+pub struct QueueSnapshot {
+    pub name: String,
+    pub capacity: usize,
+    #[serde(flatten)]
+    pub counts: QueueCounts,
+    /// Changes recorded for this queue and not yet put on it.
+    pub backlog: u64,
+}
+
+struct RegisteredQueue<T> {
+    queue: Arc<Queue<T>>,
+    feed: Option<(Arc<ChangeLog>, SubscriberId)>,
+    tasks: TaskTracker,
+}
+
+impl<T: QueueItem> QueueView for RegisteredQueue<T> {
+    fn name(&self) -> &str {
+        self.queue.name()
+    }
+
+    fn snapshot(&self) -> QueueSnapshot {
+        QueueSnapshot {
+            name: self.queue.name().to_string(),
+            capacity: self.queue.capacity(),
+            counts: self.queue.counts(),
+            backlog: self.feed.as_ref().map_or(0, |(log, sub)| log.backlog(*sub)),
+        }
+    }
+
+    fn dead_letters(&self) -> Vec<DeadLetter<serde_json::Value>> {
+        self.queue
+            .dead_letters()
+            .into_iter()
+            .map(|d| DeadLetter {
+                event: serde_json::to_value(&d.event).unwrap_or_default(),
+                error: d.error,
+                attempts: d.attempts,
+                failed_at: d.failed_at,
+            })
+            .collect()
+    }
+
+    fn redrive(&self) -> usize {
+        let letters = self.queue.take_dead_letters();
+        let count = letters.len();
+        let queue = self.queue.clone();
+        // Sent from a task: the queue may be full, and the client should
+        // not wait for room. Settle waits for them like any other event.
+        self.tasks.spawn(async move {
+            for letter in letters {
+                if queue.send(letter.event).await.is_err() {
+                    break;
+                }
+            }
+        });
+        count
+    }
+
+    fn discard(&self) -> usize {
+        self.queue.take_dead_letters().len()
+    }
+}
+
+impl<T: QueueItem, P: Process<T>> HandlerView for Handler<T, P> {
+    fn name(&self) -> &str {
+        Handler::name(self)
+    }
+
+    fn stats(&self) -> HandlerStats {
+        Handler::stats(self)
+    }
+
+    fn fault(&self) -> Option<Fault> {
+        Handler::fault(self)
+    }
+
+    fn set_fault(&self, fault: Option<Fault>) {
+        Handler::set_fault(self, fault)
+    }
+}
+
+/// Limits that keep memory bounded.
+#[derive(Clone, Copy, Debug)]
+pub struct EngineConfig {
+    /// Change-log events kept (more while a queue has not received them).
+    pub event_retention: usize,
+    /// Dead letters kept per queue.
+    pub max_dead_letters: usize,
+}
+
+/// The running parts of a pipeline and the tasks that drive them.
+pub struct Engine {
+    pub log: Arc<ChangeLog>,
+    pub activity: Activity,
+    pub topology: Topology,
+    config: EngineConfig,
+    tasks: TaskTracker,
+    cancel: CancellationToken,
+    tables: Vec<Arc<Table>>,
+    queues: Vec<Arc<dyn QueueView>>,
+    handlers: Vec<Arc<dyn HandlerView>>,
+}
+
+impl Engine {
+    pub fn new(config: EngineConfig) -> Self {
+        let activity = Activity::default();
+        Self {
+            log: Arc::new(ChangeLog::new(config.event_retention, activity.clone())),
+            activity,
+            topology: Topology::default(),
+            config,
+            tasks: TaskTracker::new(),
+            cancel: CancellationToken::new(),
+            tables: Vec::new(),
+            queues: Vec::new(),
+            handlers: Vec::new(),
+        }
+    }
+
+    pub fn add_table(&mut self, name: &str, kind: TableKind) -> Arc<Table> {
+        let table = Arc::new(Table::new(name, kind, self.log.clone()));
+        self.tables.push(table.clone());
+        self.topology.node(name, topology::NodeKind::Table);
+        table
+    }
+
+    /// A queue that handlers put events on directly.
+    pub fn add_queue<T: QueueItem>(&mut self, name: &str, capacity: usize) -> Arc<Queue<T>> {
+        let queue = self.new_queue(name, capacity);
+        self.register_queue(queue.clone(), None);
+        queue
+    }
+
+    /// A queue fed from the change log with every change of `tables`, and
+    /// its place in the log (for its backlog).
+    pub fn add_fed_queue(
+        &mut self,
+        name: &str,
+        capacity: usize,
+        tables: &[&Arc<Table>],
+    ) -> (Arc<Queue<Arc<Change>>>, SubscriberId) {
+        let queue = self.new_queue(name, capacity);
+        let names: Vec<_> = tables.iter().map(|t| t.name().clone()).collect();
+        let subscriber = self.log.subscribe(&names);
+        self.tasks.spawn(dispatch(
+            self.log.clone(),
+            subscriber,
+            queue.clone(),
+            self.cancel.clone(),
+        ));
+        self.register_queue(queue.clone(), Some(subscriber));
+        (queue, subscriber)
+    }
+
+    fn new_queue<T: QueueItem>(&mut self, name: &str, capacity: usize) -> Arc<Queue<T>> {
+        self.topology.node(name, topology::NodeKind::Queue);
+        Arc::new(Queue::new(
+            name,
+            capacity,
+            self.config.max_dead_letters,
+            self.activity.clone(),
+        ))
+    }
+
+    fn register_queue<T: QueueItem>(&mut self, queue: Arc<Queue<T>>, feed: Option<SubscriberId>) {
+        self.queues.push(Arc::new(RegisteredQueue {
+            queue,
+            feed: feed.map(|s| (self.log.clone(), s)),
+            tasks: self.tasks.clone(),
+        }));
+    }
+
+    /// Starts a handler's workers on `queue`.
+    pub fn add_handler<T: QueueItem, P: Process<T>>(
+        &mut self,
+        name: &str,
+        queue: &Arc<Queue<T>>,
+        process: P,
+        config: HandlerConfig,
+    ) -> Arc<Handler<T, P>> {
+        let handler = Handler::start(
+            name,
+            queue.clone(),
+            process,
+            config,
+            self.tasks.clone(),
+            self.cancel.clone(),
+        );
+        self.handlers.push(handler.clone());
+        self.topology.node(name, topology::NodeKind::Handler);
+        handler
+    }
+
+    pub fn tables(&self) -> &[Arc<Table>] {
+        &self.tables
+    }
+
+    pub fn table(&self, name: &str) -> Option<&Arc<Table>> {
+        self.tables.iter().find(|t| &**t.name() == name)
+    }
+
+    pub fn queues(&self) -> &[Arc<dyn QueueView>] {
+        &self.queues
+    }
+
+    pub fn queue(&self, name: &str) -> Option<&Arc<dyn QueueView>> {
+        self.queues.iter().find(|q| q.name() == name)
+    }
+
+    pub fn handlers(&self) -> &[Arc<dyn HandlerView>] {
+        &self.handlers
+    }
+
+    pub fn handler(&self, name: &str) -> Option<&Arc<dyn HandlerView>> {
+        self.handlers.iter().find(|h| h.name() == name)
+    }
+
+    /// Waits until every queue is empty, nothing is in flight and no retry
+    /// is pending; `false` if `timeout` passed first.
+    pub async fn settle(&self, timeout: Duration) -> bool {
+        self.activity.settle(timeout).await
+    }
+
+    /// A token cancelled when the engine shuts down (live streams end on it).
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+
+    /// Lets the pipeline drain for up to `timeout`, then stops every task.
+    /// Returns how many events were left unfinished.
+    pub async fn shutdown(&self, timeout: Duration) -> u64 {
+        let drained = self.settle(timeout).await;
+        let left = self.activity.outstanding();
+        if !drained {
+            tracing::warn!(left, "shutdown timeout: events left unfinished");
+            for queue in &self.queues {
+                let s = queue.snapshot();
+                tracing::warn!(queue = %s.name, depth = s.counts.depth, in_flight = s.counts.in_flight,
+                    retrying = s.counts.retrying, backlog = s.backlog, "left in queue");
+            }
+        }
+        self.cancel.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+        left
+    }
+}
+
+/// Moves a subscriber's changes from the log onto its queue, advancing the
+/// log cursor only once the queue has taken each one.
+async fn dispatch(
+    log: Arc<ChangeLog>,
+    subscriber: SubscriberId,
+    queue: Arc<Queue<Arc<Change>>>,
+    cancel: CancellationToken,
+) {
+    let mut appended = log.watch();
+    loop {
+        appended.borrow_and_update();
+        let (changes, cursor) = log.pending(subscriber, 256);
+        for change in changes {
+            let seq = change.seq;
+            let delivered = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return,
+                d = queue.deliver(change) => d,
+            };
+            if delivered.is_err() {
+                return;
+            }
+            log.delivered(subscriber, seq + 1, 1);
+        }
+        log.delivered(subscriber, cursor, 0);
+        if log.pending(subscriber, 1).0.is_empty() {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                changed = appended.changed() => if changed.is_err() { return },
+            }
+        }
+    }
+}

@@ -1,0 +1,301 @@
+//! The values every table write is made of, parsed once at the edge.
+//!
+//! - [`Timestamp`]: an RFC 3339 instant with nanosecond precision, accepted
+//!   with any offset, shown in UTC.
+//! - [`Version`]: the order of writes. A timestamp first, then the
+//!   tie-break key (the raw record's canonical JSON, greater wins); a
+//!   delete's version sits above every write at the same instant.
+//! - [`RecordId`]: a record's key.
+//! - [`Data`]: a record's content as canonical JSON (RFC 8785), so that equal
+//!   content is equal bytes and comparing data is comparing strings.
+
+use std::fmt;
+use std::sync::Arc;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::value::RawValue;
+
+/// Why a value was refused at the edge; the caller adds which field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValueError {
+    #[error("must be an RFC 3339 timestamp such as 2024-05-01T12:00:00Z")]
+    Timestamp,
+    #[error("must be a string of 1 to {max} characters", max = RecordId::MAX_CHARS)]
+    IdLength,
+    #[error("must not contain '/'")]
+    IdSlash,
+    #[error("must not contain control characters")]
+    IdControl,
+    #[error("could not be written as canonical JSON: {0}")]
+    Canonical(String),
+}
+
+/// An instant in UTC with nanosecond precision.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Timestamp(DateTime<Utc>);
+
+impl Timestamp {
+    pub fn now() -> Self {
+        Self(Utc::now())
+    }
+
+    /// Parses RFC 3339 with any offset (`Z`, `+02:00`, ...).
+    pub fn parse(text: &str) -> Result<Self, ValueError> {
+        DateTime::parse_from_rfc3339(text.trim())
+            .map(|t| Self(t.with_timezone(&Utc)))
+            .map_err(|_| ValueError::Timestamp)
+    }
+
+    pub fn from_datetime(at: DateTime<Utc>) -> Self {
+        Self(at)
+    }
+
+    pub fn as_datetime(&self) -> DateTime<Utc> {
+        self.0
+    }
+
+    /// Nanoseconds since the Unix epoch (saturating outside ±292 years).
+    pub fn nanos(&self) -> i64 {
+        self.0
+            .timestamp_nanos_opt()
+            .unwrap_or(if self.0.timestamp() < 0 {
+                i64::MIN
+            } else {
+                i64::MAX
+            })
+    }
+}
+
+impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0.to_rfc3339_opts(SecondsFormat::AutoSi, true))
+    }
+}
+
+impl fmt::Debug for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl Serialize for Timestamp {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Timestamp {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        Timestamp::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// The second half of a [`Version`]: what breaks a tie between equal
+/// timestamps. Variant order matters: a tombstone outranks every key, so a
+/// delete wins at an equal instant.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Debug)]
+pub enum Tie {
+    /// The raw record's data as canonical JSON, compared byte-wise.
+    Key(Data),
+    Tombstone,
+}
+
+/// The order of writes to one record: timestamp, then tie-break.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Debug)]
+pub struct Version {
+    pub at: Timestamp,
+    pub tie: Tie,
+}
+
+impl Version {
+    /// The version of a write of `data` at `at`, tie-broken by `key`.
+    pub fn write(at: Timestamp, key: Data) -> Self {
+        Self {
+            at,
+            tie: Tie::Key(key),
+        }
+    }
+
+    /// The version of a delete at `at`: above every write at that instant.
+    pub fn delete(at: Timestamp) -> Self {
+        Self {
+            at,
+            tie: Tie::Tombstone,
+        }
+    }
+}
+
+/// A record's key: 1 to 128 characters, no `/`, no control characters.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RecordId(Arc<str>);
+
+impl RecordId {
+    pub const MAX_CHARS: usize = 128;
+
+    pub fn parse(text: &str) -> Result<Self, ValueError> {
+        let chars = text.chars().count();
+        if chars == 0 || chars > Self::MAX_CHARS {
+            return Err(ValueError::IdLength);
+        }
+        if text.contains('/') {
+            return Err(ValueError::IdSlash);
+        }
+        if text.chars().any(char::is_control) {
+            return Err(ValueError::IdControl);
+        }
+        Ok(Self(text.into()))
+    }
+
+    /// An id the pipeline derives from ids already checked (such as
+    /// `{video_id}:{rendition_id}`); it may exceed the length an ingested
+    /// id is held to.
+    pub fn derived(text: String) -> Self {
+        Self(text.into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for RecordId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for RecordId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl Serialize for RecordId {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl std::borrow::Borrow<str> for RecordId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A record's content as canonical JSON (RFC 8785), shared, never copied.
+///
+/// Being canonical, two `Data` are equal exactly when their JSON values are,
+/// and the bytes double as the tie-break key the contract orders by.
+#[derive(Clone)]
+pub struct Data(Arc<RawValue>);
+
+impl Data {
+    /// Canonicalises any JSON value.
+    pub fn canonical(value: &impl Serialize) -> Result<Self, ValueError> {
+        let text = serde_json_canonicalizer::to_string(value)
+            .map_err(|e| ValueError::Canonical(e.to_string()))?;
+        let raw = RawValue::from_string(text).map_err(|e| ValueError::Canonical(e.to_string()))?;
+        Ok(Self(Arc::from(raw)))
+    }
+
+    /// The canonical JSON text.
+    pub fn as_str(&self) -> &str {
+        self.0.get()
+    }
+
+    /// Bytes held, for memory accounting.
+    pub fn len(&self) -> usize {
+        self.as_str().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.as_str().is_empty()
+    }
+
+    /// The data as a JSON object, for handlers that read fields.
+    pub fn to_object(&self) -> serde_json::Map<String, serde_json::Value> {
+        serde_json::from_str(self.as_str()).unwrap_or_default()
+    }
+}
+
+impl PartialEq for Data {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for Data {}
+
+impl PartialOrd for Data {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Data {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_str().as_bytes().cmp(other.as_str().as_bytes())
+    }
+}
+
+impl fmt::Debug for Data {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for Data {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn timestamps_accept_any_offset_and_show_utc() {
+        let t = Timestamp::parse("2024-05-01T14:00:00.5+02:00").unwrap();
+        assert_eq!(t.to_string(), "2024-05-01T12:00:00.500Z");
+        assert_eq!(t, Timestamp::parse("2024-05-01T12:00:00.5Z").unwrap());
+        assert!(Timestamp::parse("yesterday").is_err());
+        assert!(Timestamp::parse("2024-05-01").is_err());
+    }
+
+    #[test]
+    fn nanosecond_precision_is_kept() {
+        let t = Timestamp::parse("2024-05-01T12:00:00.123456789Z").unwrap();
+        assert_eq!(t.to_string(), "2024-05-01T12:00:00.123456789Z");
+    }
+
+    #[test]
+    fn ids_are_checked() {
+        assert!(RecordId::parse("m1").is_ok());
+        assert_eq!(RecordId::parse(""), Err(ValueError::IdLength));
+        assert_eq!(RecordId::parse(&"x".repeat(129)), Err(ValueError::IdLength));
+        assert!(RecordId::parse(&"é".repeat(128)).is_ok());
+        assert_eq!(RecordId::parse("a/b"), Err(ValueError::IdSlash));
+        assert_eq!(RecordId::parse("a\nb"), Err(ValueError::IdControl));
+    }
+
+    #[test]
+    fn data_is_canonical() {
+        let a = Data::canonical(&json!({"b": 1.0, "a": [true, null], "c": "x"})).unwrap();
+        let b = Data::canonical(&json!({"c": "x", "a": [true, null], "b": 1})).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.as_str(), r#"{"a":[true,null],"b":1,"c":"x"}"#);
+    }
+
+    #[test]
+    fn a_tombstone_outranks_every_write_at_the_same_instant() {
+        let at = Timestamp::parse("2024-01-01T00:00:00Z").unwrap();
+        let later = Timestamp::parse("2024-01-01T00:00:00.000000001Z").unwrap();
+        let key = Data::canonical(&json!({"z": "zzz"})).unwrap();
+        assert!(Version::delete(at) > Version::write(at, key.clone()));
+        assert!(Version::write(later, key) > Version::delete(at));
+    }
+}

@@ -1,0 +1,473 @@
+//! Tables: versioned maps that drop stale and no-op writes.
+//!
+//! A table holds at most one live record per id with its [`Version`]. Each
+//! write has exactly one [`Outcome`], decided in this order:
+//!
+//! 1. a tombstone at or above the write's version: `stale`;
+//! 2. data equal to the stored data: `unchanged` (a newer version is still
+//!    recorded, so a later write between the two versions is stale whatever
+//!    the arrival order);
+//! 3. a version not newer than the stored one: `stale`;
+//! 4. otherwise `inserted` (nothing live) or `updated`.
+//!
+//! A delete at or above the stored version leaves a tombstone. Only
+//! `inserted`, `updated` and `deleted` are changes: each is appended to the
+//! [`ChangeLog`] inside the same critical section as the write, so the log
+//! order per record is the write order and no change can be lost between
+//! the two. The final state is independent of the order and number of times
+//! writes arrive (see `tests/properties.rs`).
+//!
+//! Records are spread over shards, each a `BTreeMap` behind a `std` mutex:
+//! writes to different shards do not contend, and id-ordered paging is a
+//! merge of the shards' ordered ranges.
+
+use std::collections::BTreeMap;
+use std::hash::BuildHasher;
+use std::ops::Bound;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde::Serialize;
+
+use super::log::{Cause, ChangeKind, ChangeLog, TableName};
+use super::record::{Data, RecordId, Timestamp, Version};
+
+const SHARDS: usize = 16;
+
+/// What one write or delete did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    Inserted,
+    Updated,
+    Unchanged,
+    Stale,
+    Deleted,
+    /// A delete of a record that was not live (a tombstone is still kept,
+    /// so older writes arriving later are stale).
+    Absent,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Inserted => "inserted",
+            Outcome::Updated => "updated",
+            Outcome::Unchanged => "unchanged",
+            Outcome::Stale => "stale",
+            Outcome::Deleted => "deleted",
+            Outcome::Absent => "absent",
+        }
+    }
+
+    pub const ALL: [Outcome; 6] = [
+        Outcome::Inserted,
+        Outcome::Updated,
+        Outcome::Unchanged,
+        Outcome::Stale,
+        Outcome::Deleted,
+        Outcome::Absent,
+    ];
+}
+
+/// Who writes a table: ingest (`raw`, as received) or handlers (`standard`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TableKind {
+    Raw,
+    Standard,
+}
+
+/// One write: a record's id, its version and its data.
+#[derive(Clone, Debug)]
+pub struct Write {
+    pub id: RecordId,
+    pub version: Version,
+    pub data: Data,
+}
+
+/// A live record as read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub id: RecordId,
+    pub version: Version,
+    pub data: Data,
+}
+
+/// What `If-Match` asked for and did not find.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("precondition failed: the stored version is {}", current.map_or("absent".to_string(), |t| t.to_string()))]
+pub struct PreconditionFailed {
+    pub current: Option<Timestamp>,
+}
+
+/// What a write expects of the stored record (optimistic concurrency).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expect {
+    /// A live record whose version timestamp is exactly this.
+    Version(Timestamp),
+    /// Any live record (`If-Match: *`).
+    Exists,
+}
+
+/// The result of a full-set reconciliation.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
+pub struct Reconciliation {
+    pub as_of: Option<Timestamp>,
+    pub inserted: u64,
+    pub updated: u64,
+    pub unchanged: u64,
+    pub stale: u64,
+    /// Ids deleted because the set did not contain them, in id order.
+    pub deleted: Vec<RecordId>,
+}
+
+/// Counts of write outcomes since start.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct TableStats {
+    pub inserted: u64,
+    pub updated: u64,
+    pub unchanged: u64,
+    pub stale: u64,
+    pub deleted: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    outcomes: [AtomicU64; Outcome::ALL.len()],
+    live: AtomicU64,
+}
+
+/// A stored entry: a live record, or a tombstone when `data` is `None`.
+struct Entry {
+    version: Version,
+    data: Option<Data>,
+    /// The latest reconciliation whose set contained this id.
+    seen: Option<Timestamp>,
+}
+
+type Shard = BTreeMap<RecordId, Entry>;
+
+pub struct Table {
+    name: TableName,
+    kind: TableKind,
+    shards: Box<[Mutex<Shard>]>,
+    hasher: std::collections::hash_map::RandomState,
+    counters: Counters,
+    log: Arc<ChangeLog>,
+}
+
+impl Table {
+    pub fn new(name: &str, kind: TableKind, log: Arc<ChangeLog>) -> Self {
+        Self {
+            name: name.into(),
+            kind,
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard::new())).collect(),
+            hasher: Default::default(),
+            counters: Counters::default(),
+            log,
+        }
+    }
+
+    pub fn name(&self) -> &TableName {
+        &self.name
+    }
+
+    pub fn kind(&self) -> TableKind {
+        self.kind
+    }
+
+    fn shard(&self, id: &str) -> MutexGuard<'_, Shard> {
+        let index = (self.hasher.hash_one(id) as usize) % SHARDS;
+        // Critical sections never panic midway through a change to an entry,
+        // so a poisoned shard is still consistent.
+        self.shards[index].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn count(&self, outcome: Outcome) {
+        self.counters.outcomes[outcome as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Applies one write.
+    pub fn apply(&self, write: Write, cause: &Cause) -> Outcome {
+        let mut shard = self.shard(write.id.as_str());
+        self.apply_locked(&mut shard, write, cause, None)
+    }
+
+    /// Applies one write if the stored record meets `expect`; nothing is
+    /// written otherwise.
+    pub fn apply_if(
+        &self,
+        write: Write,
+        expect: Expect,
+        cause: &Cause,
+    ) -> Result<Outcome, PreconditionFailed> {
+        let mut shard = self.shard(write.id.as_str());
+        let current = shard
+            .get(&write.id)
+            .filter(|e| e.data.is_some())
+            .map(|e| e.version.at);
+        let met = match (expect, current) {
+            (Expect::Exists, Some(_)) => true,
+            (Expect::Version(want), Some(have)) => want == have,
+            (_, None) => false,
+        };
+        if !met {
+            return Err(PreconditionFailed { current });
+        }
+        Ok(self.apply_locked(&mut shard, write, cause, None))
+    }
+
+    /// Applies many writes, in order.
+    pub fn apply_all(
+        &self,
+        writes: impl IntoIterator<Item = Write>,
+        cause: &Cause,
+    ) -> Vec<Outcome> {
+        writes.into_iter().map(|w| self.apply(w, cause)).collect()
+    }
+
+    fn apply_locked(
+        &self,
+        shard: &mut Shard,
+        write: Write,
+        cause: &Cause,
+        seen: Option<Timestamp>,
+    ) -> Outcome {
+        let Write { id, version, data } = write;
+        let outcome = match shard.get_mut(&id) {
+            None => {
+                self.record_change(ChangeKind::Inserted, &id, &version, Some(&data), cause);
+                shard.insert(
+                    id,
+                    Entry {
+                        version,
+                        data: Some(data),
+                        seen,
+                    },
+                );
+                Outcome::Inserted
+            }
+            Some(entry) => {
+                if let Some(seen) = seen {
+                    entry.seen = entry.seen.max(Some(seen));
+                }
+                match &entry.data {
+                    None if entry.version >= version => Outcome::Stale,
+                    None => {
+                        self.record_change(ChangeKind::Inserted, &id, &version, Some(&data), cause);
+                        entry.version = version;
+                        entry.data = Some(data);
+                        Outcome::Inserted
+                    }
+                    Some(stored) if *stored == data => {
+                        if version > entry.version {
+                            entry.version = version;
+                        }
+                        Outcome::Unchanged
+                    }
+                    Some(_) if version <= entry.version => Outcome::Stale,
+                    Some(_) => {
+                        self.record_change(ChangeKind::Updated, &id, &version, Some(&data), cause);
+                        entry.version = version;
+                        entry.data = Some(data);
+                        Outcome::Updated
+                    }
+                }
+            }
+        };
+        if outcome == Outcome::Inserted {
+            self.counters.live.fetch_add(1, Ordering::Relaxed);
+        }
+        self.count(outcome);
+        outcome
+    }
+
+    fn record_change(
+        &self,
+        kind: ChangeKind,
+        id: &RecordId,
+        version: &Version,
+        data: Option<&Data>,
+        cause: &Cause,
+    ) {
+        self.log.append(
+            &self.name,
+            id.clone(),
+            kind,
+            version.clone(),
+            data.cloned(),
+            cause,
+        );
+    }
+
+    /// Deletes `id` as of `at`: a tombstone at `at` unless something newer
+    /// is stored.
+    pub fn delete(&self, id: &RecordId, at: Timestamp, cause: &Cause) -> Outcome {
+        let mut shard = self.shard(id.as_str());
+        self.delete_locked(&mut shard, id, Version::delete(at), cause)
+    }
+
+    fn delete_locked(
+        &self,
+        shard: &mut Shard,
+        id: &RecordId,
+        version: Version,
+        cause: &Cause,
+    ) -> Outcome {
+        let outcome = match shard.get_mut(id) {
+            None => {
+                shard.insert(
+                    id.clone(),
+                    Entry {
+                        version,
+                        data: None,
+                        seen: None,
+                    },
+                );
+                Outcome::Absent
+            }
+            Some(entry) if entry.data.is_none() => {
+                if version < entry.version {
+                    Outcome::Stale
+                } else {
+                    entry.version = version;
+                    Outcome::Absent
+                }
+            }
+            Some(entry) if version < entry.version => Outcome::Stale,
+            Some(entry) => {
+                self.record_change(ChangeKind::Deleted, id, &version, None, cause);
+                entry.version = version;
+                entry.data = None;
+                self.counters.live.fetch_sub(1, Ordering::Relaxed);
+                Outcome::Deleted
+            }
+        };
+        if outcome != Outcome::Absent {
+            self.count(outcome);
+        }
+        outcome
+    }
+
+    /// Full-set reconciliation: `writes` are the complete set as of `as_of`.
+    ///
+    /// Each is applied and marked seen at `as_of`; then every live record
+    /// neither seen at or after `as_of` nor versioned at or after `as_of` is
+    /// deleted with version `as_of`. A reconciliation older than one already
+    /// applied therefore deletes nothing newer.
+    pub fn reconcile(&self, as_of: Timestamp, writes: Vec<Write>, cause: &Cause) -> Reconciliation {
+        let mut report = Reconciliation {
+            as_of: Some(as_of),
+            ..Default::default()
+        };
+        for write in writes {
+            let mut shard = self.shard(write.id.as_str());
+            match self.apply_locked(&mut shard, write, cause, Some(as_of)) {
+                Outcome::Inserted => report.inserted += 1,
+                Outcome::Updated => report.updated += 1,
+                Outcome::Unchanged => report.unchanged += 1,
+                _ => report.stale += 1,
+            }
+        }
+        let tombstone = Version::delete(as_of);
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            let unseen: Vec<RecordId> = shard
+                .iter()
+                .filter(|(_, e)| {
+                    e.data.is_some() && e.seen.is_none_or(|s| s < as_of) && e.version.at < as_of
+                })
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in unseen {
+                if self.delete_locked(&mut shard, &id, tombstone.clone(), cause) == Outcome::Deleted
+                {
+                    report.deleted.push(id);
+                }
+            }
+        }
+        report.deleted.sort();
+        report
+    }
+
+    /// The live record `id`, if any.
+    pub fn get(&self, id: &str) -> Option<Record> {
+        let shard = self.shard(id);
+        let (id, entry) = shard.get_key_value(id)?;
+        Some(Record {
+            id: id.clone(),
+            version: entry.version.clone(),
+            data: entry.data.clone()?,
+        })
+    }
+
+    /// Up to `limit` live records with ids after `after`, in id order, and
+    /// the id to continue after if there are more.
+    pub fn page(&self, after: Option<&str>, limit: usize) -> (Vec<Record>, Option<RecordId>) {
+        let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut records = Vec::new();
+        for shard in self.shards.iter() {
+            let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            records.extend(
+                shard
+                    .range::<str, _>((lower, Bound::Unbounded))
+                    .filter_map(|(id, e)| {
+                        Some(Record {
+                            id: id.clone(),
+                            version: e.version.clone(),
+                            data: e.data.clone()?,
+                        })
+                    })
+                    .take(limit + 1),
+            );
+        }
+        records.sort_by(|a, b| a.id.cmp(&b.id));
+        let more = records.len() > limit;
+        records.truncate(limit);
+        let next = if more {
+            records.last().map(|r| r.id.clone())
+        } else {
+            None
+        };
+        (records, next)
+    }
+
+    /// Live records.
+    pub fn len(&self) -> u64 {
+        self.counters.live.load(Ordering::Relaxed)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn stats(&self) -> TableStats {
+        let n = |o: Outcome| self.counters.outcomes[o as usize].load(Ordering::Relaxed);
+        TableStats {
+            inserted: n(Outcome::Inserted),
+            updated: n(Outcome::Updated),
+            unchanged: n(Outcome::Unchanged),
+            stale: n(Outcome::Stale),
+            deleted: n(Outcome::Deleted),
+        }
+    }
+
+    /// Every entry as `(id, version, data)`, tombstones included (`None`);
+    /// for tests and tools that compare whole tables.
+    pub fn snapshot(&self) -> Vec<(RecordId, Version, Option<Data>)> {
+        let mut all: Vec<_> = self
+            .shards
+            .iter()
+            .flat_map(|shard| {
+                let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+                shard
+                    .iter()
+                    .map(|(id, e)| (id.clone(), e.version.clone(), e.data.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+}

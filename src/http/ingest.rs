@@ -1,0 +1,227 @@
+//! `POST`, `PUT` and `DELETE /raw/{kind}`: the only way data gets in.
+//!
+//! A request is checked whole before anything is written: the content
+//! type, the JSON, every record's envelope, the precondition, and the
+//! pipeline's backlog. Any failure answers a 4xx/503 and stores nothing.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, header};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::engine::log::Cause;
+use crate::engine::record::{RecordId, Timestamp};
+use crate::engine::table::{Expect, Outcome, Reconciliation};
+use crate::media::records::{InvalidField, InvalidRecord, Kind, parse_records};
+
+use super::{ApiError, AppState, Query, RequestId};
+
+#[derive(Serialize)]
+pub struct IngestResult {
+    id: RecordId,
+    outcome: Outcome,
+}
+
+#[derive(Serialize)]
+pub struct IngestResponse {
+    results: Vec<IngestResult>,
+}
+
+pub(super) fn kind(name: &str) -> Result<Kind, ApiError> {
+    Kind::parse(name).ok_or_else(|| {
+        ApiError::NotFound(format!(
+            "unknown kind `{name}`; expected one of actors, movies, series, episodes, videos"
+        ))
+    })
+}
+
+/// The body must be declared as JSON (`application/json` or `+json`).
+fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    if essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
+    {
+        Ok(())
+    } else if content_type.is_empty() {
+        Err(ApiError::UnsupportedMediaType(
+            "the body must be JSON: send Content-Type: application/json".into(),
+        ))
+    } else {
+        Err(ApiError::UnsupportedMediaType(format!(
+            "the body must be JSON, not `{content_type}`: send Content-Type: application/json"
+        )))
+    }
+}
+
+fn parse_json(body: &[u8]) -> Result<Value, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::BadRequest(
+            "the body is empty; expected JSON".into(),
+        ));
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("the body is not valid JSON: {e}")))
+}
+
+/// `If-Match: "<version>"` or `If-Match: *`.
+fn if_match(headers: &HeaderMap) -> Result<Option<Expect>, ApiError> {
+    let Some(value) = headers.get(header::IF_MATCH) else {
+        return Ok(None);
+    };
+    let text = value
+        .to_str()
+        .map_err(|_| ApiError::BadRequest("If-Match must be a quoted version".into()))?
+        .trim();
+    if text == "*" {
+        return Ok(Some(Expect::Exists));
+    }
+    let unquoted = text.strip_prefix("W/").unwrap_or(text).trim_matches('"');
+    Timestamp::parse(unquoted)
+        .map(|t| Some(Expect::Version(t)))
+        .map_err(|_| {
+            ApiError::BadRequest(format!(
+                "If-Match must be a quoted version such as \"2024-05-01T12:00:00Z\", got `{text}`"
+            ))
+        })
+}
+
+/// `POST /raw/{kind}`: one record or an array of records.
+pub async fn post(
+    State(state): State<AppState>,
+    Path(kind_name): Path<String>,
+    RequestId(request): RequestId,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<IngestResponse>, ApiError> {
+    let kind = kind(&kind_name)?;
+    require_json(&headers)?;
+    let (values, single) = match parse_json(&body)? {
+        Value::Array(values) => (values, false),
+        value @ Value::Object(_) => (vec![value], true),
+        _ => {
+            return Err(ApiError::BadRequest(
+                "the body must be a record object or an array of records".into(),
+            ));
+        }
+    };
+    let writes = parse_records(values, Timestamp::now(), kind)?;
+    let expect = if_match(&headers)?;
+    if expect.is_some() && !single {
+        return Err(ApiError::BadRequest(
+            "If-Match applies to a single record, not an array".into(),
+        ));
+    }
+    let pipeline = state.pipeline();
+    pipeline.admit()?;
+    let cause = Cause::request(request);
+    let results = match (expect, writes.len()) {
+        (Some(expect), 1) => writes
+            .into_iter()
+            .map(|write| {
+                let id = write.id.clone();
+                let outcome = pipeline.ingest_if(kind, write, expect, &cause)?;
+                Ok(IngestResult { id, outcome })
+            })
+            .collect::<Result<_, ApiError>>()?,
+        _ => pipeline
+            .ingest(kind, writes, &cause)
+            .into_iter()
+            .map(|(id, outcome)| IngestResult { id, outcome })
+            .collect(),
+    };
+    Ok(Json(IngestResponse { results }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReconcileBody {
+    #[serde(default)]
+    as_of: Option<Value>,
+    records: Vec<Value>,
+}
+
+/// `PUT /raw/{kind}`: the complete set as of `as_of`.
+pub async fn put(
+    State(state): State<AppState>,
+    Path(kind_name): Path<String>,
+    RequestId(request): RequestId,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Reconciliation>, ApiError> {
+    let kind = kind(&kind_name)?;
+    require_json(&headers)?;
+    let body: ReconcileBody = serde_json::from_value(parse_json(&body)?).map_err(|e| {
+        ApiError::BadRequest(format!(
+            "the body must be {{\"as_of\": \"<timestamp>\", \"records\": [...]}}: {e}"
+        ))
+    })?;
+    let as_of = match body.as_of {
+        None | Some(Value::Null) => Timestamp::now(),
+        Some(Value::String(text)) => Timestamp::parse(&text).map_err(|e| invalid("as_of", e))?,
+        Some(_) => return Err(invalid("as_of", "must be an RFC 3339 timestamp string")),
+    };
+    // Records without their own `updated_at` are versioned at `as_of`.
+    let writes = parse_records(body.records, as_of, kind).map_err(|e| InvalidRecord {
+        index: e.index,
+        error: InvalidField {
+            field: format!("records[{}].{}", e.index, e.error.field)
+                .trim_end_matches('.')
+                .to_string(),
+            reason: e.error.reason,
+        },
+    })?;
+    let pipeline = state.pipeline();
+    pipeline.admit()?;
+    Ok(Json(pipeline.reconcile(
+        kind,
+        as_of,
+        writes,
+        &Cause::request(request),
+    )))
+}
+
+fn invalid(field: &str, reason: impl std::fmt::Display) -> ApiError {
+    ApiError::BadRequest(format!("`{field}` {reason}"))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteQuery {
+    version: Option<String>,
+}
+
+#[derive(Serialize)]
+pub struct DeleteResponse {
+    id: RecordId,
+    outcome: Outcome,
+}
+
+/// `DELETE /raw/{kind}/{id}?version=<timestamp>`.
+pub async fn delete(
+    State(state): State<AppState>,
+    Path((kind_name, id)): Path<(String, String)>,
+    RequestId(request): RequestId,
+    Query(query): Query<DeleteQuery>,
+) -> Result<Json<DeleteResponse>, ApiError> {
+    let kind = kind(&kind_name)?;
+    let id = RecordId::parse(&id).map_err(|e| invalid("id", e))?;
+    let at = match query.version {
+        None => Timestamp::now(),
+        Some(text) => Timestamp::parse(&text).map_err(|e| invalid("version", e))?,
+    };
+    let pipeline = state.pipeline();
+    pipeline.admit()?;
+    let outcome = pipeline.delete(kind, &id, at, &Cause::request(request));
+    Ok(Json(DeleteResponse { id, outcome }))
+}

@@ -1,0 +1,140 @@
+//! Errors as `application/problem+json` (RFC 9457), mapped in one place.
+//!
+//! Handlers return [`ApiError`]; responses that other layers produce
+//! (axum's extractor rejections, 404 for unknown routes, 405, 413 from the
+//! body limit) are rewritten by [`problem_responses`], so every error a
+//! client sees has the same shape. A 5xx body never carries internal detail.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Map, Value, json};
+
+use crate::engine::log::Gone;
+use crate::engine::table::PreconditionFailed;
+use crate::media::pipeline::Overloaded;
+use crate::media::records::InvalidRecord;
+
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
+/// Every way a request can fail.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error(transparent)]
+    InvalidRecord(#[from] InvalidRecord),
+    #[error(transparent)]
+    PreconditionFailed(#[from] PreconditionFailed),
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    #[error(transparent)]
+    Overloaded(#[from] Overloaded),
+    #[error(transparent)]
+    Gone(#[from] Gone),
+    #[error(
+        "the pipeline did not settle within {timeout_ms} ms ({outstanding} events outstanding)"
+    )]
+    NotSettled { timeout_ms: u64, outstanding: u64 },
+}
+
+impl ApiError {
+    fn status(&self) -> StatusCode {
+        match self {
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::BadRequest(_) | ApiError::InvalidRecord(_) => StatusCode::BAD_REQUEST,
+            ApiError::PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::Overloaded(_) | ApiError::NotSettled { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ApiError::Gone(_) => StatusCode::GONE,
+        }
+    }
+
+    /// Extension members that help a client act on the error.
+    fn extensions(&self) -> Map<String, Value> {
+        let value = match self {
+            ApiError::InvalidRecord(e) => json!({ "index": e.index, "field": e.error.field }),
+            ApiError::PreconditionFailed(e) => json!({ "current_version": e.current }),
+            ApiError::Overloaded(e) => json!({ "backlog": e.backlog, "limit": e.limit }),
+            ApiError::Gone(e) => json!({ "oldest": e.oldest }),
+            ApiError::NotSettled { outstanding, .. } => {
+                json!({ "settled": false, "outstanding": outstanding })
+            }
+            _ => json!({}),
+        };
+        match value {
+            Value::Object(map) => map,
+            _ => Map::new(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = problem(self.status(), &self.to_string(), self.extensions());
+        if matches!(self, ApiError::Overloaded(_)) {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+/// A problem+json response.
+pub fn problem(status: StatusCode, detail: &str, extensions: Map<String, Value>) -> Response {
+    let title = status.canonical_reason().unwrap_or("Error");
+    let slug = title.to_ascii_lowercase().replace([' ', '\''], "-");
+    let mut body = Map::new();
+    body.insert("type".into(), json!(format!("urn:eventsys:problem:{slug}")));
+    body.insert("title".into(), json!(title));
+    body.insert("status".into(), json!(status.as_u16()));
+    body.insert("detail".into(), json!(detail));
+    body.extend(extensions);
+    let mut response = (status, Value::Object(body).to_string()).into_response();
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+    response
+}
+
+/// Rewrites any error response that is not yet problem+json.
+pub async fn problem_responses(response: Response) -> Response {
+    let status = response.status();
+    let is_problem = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(PROBLEM_JSON.as_bytes()));
+    if !(status.is_client_error() || status.is_server_error()) || is_problem {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let detail = if status.is_server_error() {
+        tracing::error!(%status, "internal error");
+        "internal error; see the server log".to_string()
+    } else {
+        let bytes = axum::body::to_bytes(body, 64 * 1024)
+            .await
+            .unwrap_or_default();
+        let text = String::from_utf8_lossy(&bytes).trim().to_string();
+        match (text.is_empty(), status) {
+            (true, StatusCode::NOT_FOUND) => "no such route".to_string(),
+            (true, StatusCode::METHOD_NOT_ALLOWED) => {
+                "method not allowed on this route".to_string()
+            }
+            (true, StatusCode::PAYLOAD_TOO_LARGE) => "request body too large".to_string(),
+            (true, _) => status.canonical_reason().unwrap_or("error").to_string(),
+            (false, _) => text,
+        }
+    };
+    let mut rewritten = problem(status, &detail, Map::new());
+    for (name, value) in parts.headers.iter() {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            rewritten.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    rewritten
+}

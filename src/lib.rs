@@ -1,0 +1,87 @@
+//! eventsys: see, learn and prototype event-driven pipelines.
+//!
+//! # Layout
+//!
+//! - [`engine`]: Tables (versioned maps that drop stale and no-op writes),
+//!   the change log (the outbox every change goes through), Queues (bounded
+//!   streams that deliver every event) and Handlers (worker pools with
+//!   retry, dead letters, a circuit breaker and injectable faults). It knows
+//!   nothing about movies.
+//! - [`media`]: the media catalog built on the engine: record kinds,
+//!   standardisation, `raw_handler`, `encode_handler`, and the one topology
+//!   that holds all four scenarios. It knows nothing about HTTP.
+//! - [`http`]: the HTTP contract, translating requests into pipeline calls
+//!   and errors into `application/problem+json`.
+//! - [`config`]: flags and environment.
+//!
+//! [`App`] ties them together; [`serve`] runs it until a shutdown signal and
+//! then drains the pipeline. `main.rs` is a thin shell around both, so tests
+//! drive the same code on port 0.
+
+pub mod config;
+pub mod engine;
+pub mod http;
+pub mod media;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::Router;
+use tokio::net::TcpListener;
+
+pub use config::Config;
+use media::pipeline::Pipeline;
+
+/// A running eventsys: the pipeline and its HTTP routes.
+#[derive(Clone)]
+pub struct App {
+    state: http::AppState,
+}
+
+impl App {
+    /// Builds and starts the pipeline on the current tokio runtime.
+    pub fn start(config: Config) -> Self {
+        let pipeline = Pipeline::start(config.pipeline());
+        Self {
+            state: http::AppState::new(pipeline, config),
+        }
+    }
+
+    pub fn router(&self) -> Router {
+        http::router(self.state.clone())
+    }
+
+    pub fn pipeline(&self) -> &Arc<Pipeline> {
+        self.state.pipeline()
+    }
+
+    /// Drains the pipeline for up to the configured shutdown timeout, then
+    /// stops its tasks. Returns how many events were left unfinished.
+    pub async fn shutdown(&self) -> u64 {
+        let timeout = self.state.config().shutdown_timeout();
+        self.pipeline().engine.shutdown(timeout).await
+    }
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves, then stops taking
+/// requests, ends live streams, and drains the pipeline. Returns how many
+/// events were left unfinished.
+pub async fn serve(
+    listener: TcpListener,
+    app: App,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<u64> {
+    let stopping = app.state.stopping();
+    let signalled = stopping.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        signalled.cancel();
+    });
+    axum::serve(listener, app.router())
+        .with_graceful_shutdown(async move {
+            stopping.cancelled().await;
+            tracing::info!("shutting down: no new requests");
+        })
+        .await?;
+    Ok(app.shutdown().await)
+}

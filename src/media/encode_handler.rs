@@ -1,0 +1,97 @@
+//! `encode_handler`: the slow secondary work of scenario 3.
+//!
+//! Each job encodes one rendition of a video (simulated by a delay) and
+//! writes the `encodes` record `{video_id}:{rendition_id}` with the video's
+//! version, so a job from an outdated video version is stale on arrival.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde::ser::SerializeMap;
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::engine::handler::{Failure, Process};
+use crate::engine::log::Cause;
+use crate::engine::queue::QueueItem;
+use crate::engine::record::{Data, RecordId, Version};
+use crate::engine::table::{Table, Write};
+
+use super::raw_handler::encode_id;
+use super::records::Rendition;
+
+/// One rendition of one video to encode.
+#[derive(Clone, Debug)]
+pub struct EncodeJob {
+    pub id: Uuid,
+    pub video_id: RecordId,
+    pub rendition: Rendition,
+    /// The video's version.
+    pub version: Version,
+    /// The raw video change that asked for it.
+    pub cause: Cause,
+}
+
+impl QueueItem for EncodeJob {
+    fn event_id(&self) -> Uuid {
+        self.id
+    }
+}
+
+/// Shown as a CloudEvent, like the changes on `raw_queue`.
+impl Serialize for EncodeJob {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(None)?;
+        map.serialize_entry("specversion", "1.0")?;
+        map.serialize_entry("id", &self.id)?;
+        map.serialize_entry("source", "/handlers/raw_handler")?;
+        map.serialize_entry("type", "eventsys.encode.requested")?;
+        map.serialize_entry("subject", &encode_id(&self.video_id, &self.rendition.id))?;
+        map.serialize_entry("recordversion", &self.version.at)?;
+        map.serialize_entry("correlationid", &*self.cause.correlation)?;
+        if let Some(causation) = &self.cause.causation {
+            map.serialize_entry("causationid", causation)?;
+        }
+        map.serialize_entry("datacontenttype", "application/json")?;
+        map.serialize_entry(
+            "data",
+            &json!({ "video_id": self.video_id, "rendition": self.rendition }),
+        )?;
+        map.end()
+    }
+}
+
+pub struct EncodeHandler {
+    pub(crate) encodes: Arc<Table>,
+    /// Simulated time of one encode.
+    pub(crate) delay: Duration,
+}
+
+impl Process<EncodeJob> for EncodeHandler {
+    async fn process(&self, job: &EncodeJob) -> Result<(), Failure> {
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
+        }
+        let id = encode_id(&job.video_id, &job.rendition.id);
+        let data = Data::canonical(&json!({
+            "id": id,
+            "video_id": job.video_id,
+            "rendition_id": job.rendition.id,
+            "codec": job.rendition.codec,
+            "height": job.rendition.height,
+            "status": "encoded",
+        }))
+        .map_err(|e| Failure::Permanent(e.to_string()))?;
+        // The encode's causation is the raw video change, which is in the log.
+        self.encodes.apply(
+            Write {
+                id,
+                version: job.version.clone(),
+                data,
+            },
+            &job.cause,
+        );
+        Ok(())
+    }
+}
