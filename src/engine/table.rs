@@ -471,3 +471,289 @@ impl Table {
         all
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::settle::Activity;
+    use serde_json::json;
+
+    fn table() -> (Table, Arc<ChangeLog>) {
+        let log = Arc::new(ChangeLog::new(1000, Activity::default()));
+        (Table::new("t", TableKind::Raw, log.clone()), log)
+    }
+
+    fn at(text: &str) -> Timestamp {
+        Timestamp::parse(&format!("2024-01-01T{text}Z")).unwrap()
+    }
+
+    fn write(id: &str, time: &str, data: serde_json::Value) -> Write {
+        let data = Data::canonical(&data).unwrap();
+        Write {
+            id: RecordId::parse(id).unwrap(),
+            version: Version::write(at(time), data.clone()),
+            data,
+        }
+    }
+
+    fn cause() -> Cause {
+        Cause::request("test")
+    }
+
+    fn id(s: &str) -> RecordId {
+        RecordId::parse(s).unwrap()
+    }
+
+    #[test]
+    fn first_write_is_inserted_and_emitted() {
+        let (t, log) = table();
+        assert_eq!(
+            t.apply(write("a", "00:00:01", json!({"x": 1})), &cause()),
+            Outcome::Inserted
+        );
+        assert_eq!(t.len(), 1);
+        assert_eq!(log.len(), 1);
+        assert_eq!(t.get("a").unwrap().data.as_str(), r#"{"x":1}"#);
+    }
+
+    #[test]
+    fn newer_different_data_is_updated() {
+        let (t, log) = table();
+        t.apply(write("a", "00:00:01", json!({"x": 1})), &cause());
+        assert_eq!(
+            t.apply(write("a", "00:00:02", json!({"x": 2})), &cause()),
+            Outcome::Updated
+        );
+        assert_eq!(t.get("a").unwrap().version.at, at("00:00:02"));
+        assert_eq!(log.len(), 2);
+    }
+
+    #[test]
+    fn older_or_equal_version_with_other_data_is_stale() {
+        let (t, log) = table();
+        t.apply(write("a", "00:00:02", json!({"x": 2})), &cause());
+        assert_eq!(
+            t.apply(write("a", "00:00:01", json!({"x": 1})), &cause()),
+            Outcome::Stale
+        );
+        // Same instant, smaller tie-break key ({"x":0} < {"x":2}): stale.
+        assert_eq!(
+            t.apply(write("a", "00:00:02", json!({"x": 0})), &cause()),
+            Outcome::Stale
+        );
+        assert_eq!(t.get("a").unwrap().data.as_str(), r#"{"x":2}"#);
+        assert_eq!(log.len(), 1);
+        assert_eq!(t.stats().stale, 2);
+    }
+
+    #[test]
+    fn equal_instants_are_broken_by_the_greater_canonical_data() {
+        let (t, _) = table();
+        t.apply(write("a", "00:00:01", json!({"x": 1})), &cause());
+        assert_eq!(
+            t.apply(write("a", "00:00:01", json!({"x": 9})), &cause()),
+            Outcome::Updated
+        );
+        let (u, _) = table();
+        u.apply(write("a", "00:00:01", json!({"x": 9})), &cause());
+        assert_eq!(
+            u.apply(write("a", "00:00:01", json!({"x": 1})), &cause()),
+            Outcome::Stale
+        );
+        assert_eq!(t.get("a").unwrap().data, u.get("a").unwrap().data);
+    }
+
+    #[test]
+    fn equal_data_is_unchanged_and_a_newer_version_is_still_recorded() {
+        let (t, log) = table();
+        t.apply(write("a", "00:00:01", json!({"x": 1})), &cause());
+        assert_eq!(
+            t.apply(write("a", "00:00:03", json!({"x": 1})), &cause()),
+            Outcome::Unchanged
+        );
+        assert_eq!(log.len(), 1, "a no-op emits nothing");
+        assert_eq!(t.get("a").unwrap().version.at, at("00:00:03"));
+        // A write between the two versions is now stale.
+        assert_eq!(
+            t.apply(write("a", "00:00:02", json!({"x": 2})), &cause()),
+            Outcome::Stale
+        );
+        // An older write of the same data is unchanged, and does not lower the version.
+        assert_eq!(
+            t.apply(write("a", "00:00:00", json!({"x": 1})), &cause()),
+            Outcome::Unchanged
+        );
+        assert_eq!(t.get("a").unwrap().version.at, at("00:00:03"));
+    }
+
+    #[test]
+    fn delete_leaves_a_tombstone_that_makes_older_writes_stale() {
+        let (t, log) = table();
+        t.apply(write("a", "00:00:01", json!({"x": 1})), &cause());
+        assert_eq!(
+            t.delete(&id("a"), at("00:00:05"), &cause()),
+            Outcome::Deleted
+        );
+        assert!(t.get("a").is_none());
+        assert_eq!(t.len(), 0);
+        assert_eq!(
+            t.apply(write("a", "00:00:04", json!({"x": 2})), &cause()),
+            Outcome::Stale
+        );
+        // At the tombstone's own instant a delete wins.
+        assert_eq!(
+            t.apply(write("a", "00:00:05", json!({"x": 2})), &cause()),
+            Outcome::Stale
+        );
+        // Even the same data as before the delete is stale, not unchanged.
+        assert_eq!(
+            t.apply(write("a", "00:00:02", json!({"x": 1})), &cause()),
+            Outcome::Stale
+        );
+        assert_eq!(
+            t.apply(write("a", "00:00:06", json!({"x": 3})), &cause()),
+            Outcome::Inserted
+        );
+        let kinds: Vec<_> = log
+            .read(0, 10, |_| true)
+            .unwrap()
+            .events
+            .iter()
+            .map(|c| c.kind)
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                ChangeKind::Inserted,
+                ChangeKind::Deleted,
+                ChangeKind::Inserted
+            ]
+        );
+    }
+
+    #[test]
+    fn delete_wins_at_an_equal_version_and_loses_to_a_newer_one() {
+        let (t, _) = table();
+        t.apply(write("a", "00:00:05", json!({"x": 1})), &cause());
+        assert_eq!(t.delete(&id("a"), at("00:00:04"), &cause()), Outcome::Stale);
+        assert!(t.get("a").is_some());
+        assert_eq!(
+            t.delete(&id("a"), at("00:00:05"), &cause()),
+            Outcome::Deleted
+        );
+        assert!(t.get("a").is_none());
+    }
+
+    #[test]
+    fn deleting_what_is_not_live_is_absent_but_remembered() {
+        let (t, log) = table();
+        assert_eq!(
+            t.delete(&id("a"), at("00:00:05"), &cause()),
+            Outcome::Absent
+        );
+        assert_eq!(
+            t.apply(write("a", "00:00:04", json!({"x": 1})), &cause()),
+            Outcome::Stale
+        );
+        assert_eq!(
+            t.delete(&id("a"), at("00:00:06"), &cause()),
+            Outcome::Absent
+        );
+        assert_eq!(t.delete(&id("a"), at("00:00:01"), &cause()), Outcome::Stale);
+        assert!(log.is_empty());
+    }
+
+    #[test]
+    fn if_match_writes_only_over_the_expected_version() {
+        let (t, _) = table();
+        let miss = t.apply_if(
+            write("a", "00:00:01", json!({"x": 1})),
+            Expect::Exists,
+            &cause(),
+        );
+        assert_eq!(miss, Err(PreconditionFailed { current: None }));
+        assert!(
+            t.get("a").is_none(),
+            "nothing stored on a failed precondition"
+        );
+        t.apply(write("a", "00:00:01", json!({"x": 1})), &cause());
+        let wrong = t.apply_if(
+            write("a", "00:00:02", json!({"x": 2})),
+            Expect::Version(at("00:00:09")),
+            &cause(),
+        );
+        assert_eq!(
+            wrong,
+            Err(PreconditionFailed {
+                current: Some(at("00:00:01"))
+            })
+        );
+        let right = t.apply_if(
+            write("a", "00:00:02", json!({"x": 2})),
+            Expect::Version(at("00:00:01")),
+            &cause(),
+        );
+        assert_eq!(right, Ok(Outcome::Updated));
+    }
+
+    #[test]
+    fn reconcile_deletes_exactly_the_unseen_older_records() {
+        let (t, _) = table();
+        t.apply(write("keep", "00:00:01", json!({"v": 1})), &cause());
+        t.apply(write("gone", "00:00:01", json!({"v": 1})), &cause());
+        t.apply(write("newer", "00:00:09", json!({"v": 1})), &cause());
+        let report = t.reconcile(
+            at("00:00:05"),
+            vec![
+                write("keep", "00:00:01", json!({"v": 1})),
+                write("added", "00:00:02", json!({"v": 2})),
+            ],
+            &cause(),
+        );
+        assert_eq!(
+            (
+                report.inserted,
+                report.unchanged,
+                report.updated,
+                report.stale
+            ),
+            (1, 1, 0, 0)
+        );
+        assert_eq!(report.deleted, vec![id("gone")]);
+        let live: Vec<_> = t
+            .page(None, 10)
+            .0
+            .into_iter()
+            .map(|r| r.id.to_string())
+            .collect();
+        assert_eq!(live, ["added", "keep", "newer"]);
+        // An older reconciliation deletes nothing newer than itself.
+        let old = t.reconcile(at("00:00:03"), vec![], &cause());
+        assert!(old.deleted.is_empty(), "{:?}", old.deleted);
+    }
+
+    #[test]
+    fn pages_are_in_id_order_across_shards() {
+        let (t, _) = table();
+        for i in (0..250).rev() {
+            t.apply(
+                write(&format!("r{i:03}"), "00:00:01", json!({"i": i})),
+                &cause(),
+            );
+        }
+        t.delete(&id("r001"), at("00:00:02"), &cause());
+        let (first, next) = t.page(None, 100);
+        assert_eq!(first.len(), 100);
+        assert_eq!(first[0].id.as_str(), "r000");
+        assert_eq!(first[1].id.as_str(), "r002");
+        let mut seen: Vec<_> = first.iter().map(|r| r.id.clone()).collect();
+        let mut after = next;
+        while let Some(cursor) = after {
+            let (page, next) = t.page(Some(cursor.as_str()), 100);
+            seen.extend(page.iter().map(|r| r.id.clone()));
+            after = next;
+        }
+        assert_eq!(seen.len(), 249);
+        assert!(seen.windows(2).all(|w| w[0] < w[1]));
+    }
+}

@@ -138,25 +138,21 @@ impl RawHandler {
     }
 
     fn delete_children(&self, kind: Kind, parent: &RecordId, at: Timestamp, cause: &Cause) {
-        let (sets, delete): (&ChildSets, Box<dyn Fn(&RecordId)>) = match kind {
-            Kind::Series => (
-                &self.episodes_of,
-                Box::new(|e| {
-                    self.raw_episodes.delete(e, at, cause);
-                }),
-            ),
-            Kind::Videos => (
-                &self.renditions_of,
-                Box::new(|r| {
-                    self.encodes.delete(&encode_id(parent, r), at, cause);
-                }),
-            ),
+        let sets = match kind {
+            Kind::Series => &self.episodes_of,
+            Kind::Videos => &self.renditions_of,
             _ => return,
         };
-        if let Replaced::Current { removed } =
+        let Replaced::Current { removed } =
             sets.replace(parent, Version::delete(at), BTreeSet::new())
-        {
-            removed.iter().for_each(delete);
+        else {
+            return;
+        };
+        for child in &removed {
+            match kind {
+                Kind::Series => self.raw_episodes.delete(child, at, cause),
+                _ => self.encodes.delete(&encode_id(parent, child), at, cause),
+            };
         }
     }
 }

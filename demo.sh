@@ -1,0 +1,538 @@
+#!/usr/bin/env bash
+# demo.sh: a guided tour of eventsys, the first thing to run.
+#
+#   ./demo.sh                                  # builds and starts a server on :8080 if none answers
+#   EVENTSYS_URL=http://127.0.0.1:9000 ./demo.sh   # or use a server that is already running
+#
+# It walks through the four scenarios of the pipeline (mixed schemas on one
+# queue, recursive breakdown, async secondary work, full-set reconciliation)
+# and then faults, retries and dead letters. Every step shows the curl call
+# it makes, prints what came back and checks it; the script exits non-zero
+# if any check failed. Needs only bash, curl and jq (and cargo to build).
+#
+# The ids it writes carry a suffix unique to the run, so it can be re-run
+# against the same server. Note that part 4 reconciles the whole `actors`
+# kind, so actors that earlier runs (or you) posted to that server are
+# deleted by it, which is what a full-set PUT means.
+
+set -euo pipefail
+
+URL=${EVENTSYS_URL:-http://127.0.0.1:8080}
+URL=${URL%/}
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+RUN="d$(date +%s)-$$"   # every id written by this run starts with "$RUN-"
+SETTLE_MS=30000
+
+# ---------------------------------------------------------------- output ----
+
+if [[ -t 1 ]]; then
+  BOLD=$'\e[1m' DIM=$'\e[2m' RED=$'\e[31m' GREEN=$'\e[32m' YELLOW=$'\e[33m' CYAN=$'\e[36m' RESET=$'\e[0m'
+else
+  BOLD='' DIM='' RED='' GREEN='' YELLOW='' CYAN='' RESET=''
+fi
+
+for tool in curl jq; do
+  command -v "$tool" >/dev/null 2>&1 || { echo "demo.sh needs '$tool' on the PATH" >&2; exit 1; }
+done
+
+part() { printf '\n%s%s━━ %s ━━%s\n' "$BOLD" "$CYAN" "$*" "$RESET"; }
+STEP="start-up"
+step() { STEP=$1; printf '\n%s▸ %s%s\n' "$BOLD" "$1" "$RESET"; }
+say() { printf '  %s\n' "$@"; }
+note() { printf '  %s%s%s\n' "$YELLOW" "$*" "$RESET"; }
+
+# ----------------------------------------------------------------- state ----
+
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/eventsys-demo.XXXXXX")
+BODY_FILE=$TMP/body HDR_FILE=$TMP/headers ERR_FILE=$TMP/curl-error
+SERVER_PID='' SERVER_LOG='' FAULT_SET=''
+
+cleanup() {
+  local rc=$?
+  trap - EXIT
+  if [[ -n $FAULT_SET ]]; then
+    # Never leave an injected fault behind on someone's server.
+    curl -sS -o /dev/null --max-time 5 -X DELETE "$URL/faults/encode_handler" || true
+  fi
+  if [[ -n $SERVER_PID ]]; then
+    kill "$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
+    if [[ $rc -eq 0 ]]; then
+      rm -f "$SERVER_LOG"
+    else
+      echo "The server's log is kept in $SERVER_LOG" >&2
+    fi
+  fi
+  rm -rf "$TMP"
+  exit "$rc"
+}
+trap cleanup EXIT
+
+log_tail() {
+  if [[ -n $SERVER_LOG && -f $SERVER_LOG ]]; then
+    echo "${DIM}--- last lines of the server log ($SERVER_LOG) ---${RESET}" >&2
+    tail -n 20 "$SERVER_LOG" >&2
+  fi
+}
+
+die() {
+  printf '\n%s✗ %s%s\n' "$RED$BOLD" "$1" "$RESET" >&2
+  shift
+  local line
+  for line in "$@"; do printf '  %s\n' "$line" >&2; done
+  log_tail
+  exit 1
+}
+
+# ------------------------------------------------------------------ HTTP ----
+
+# Quotes a word for display as a shell argument.
+shq() {
+  if [[ $1 =~ ^[A-Za-z0-9_./:=?\&%@+,-]+$ ]]; then
+    printf '%s' "$1"
+  else
+    printf "'%s'" "${1//\'/\'\\\'\'}"
+  fi
+}
+
+# req EXPECTED_STATUS METHOD PATH [BODY [HEADER...]]
+# Shows the call as a dimmed `$ curl ...` line, runs it and leaves the status
+# in CODE, the body in RESP and the headers in $HDR_FILE. Any other status
+# than the expected one (or a failed connection) stops the tour, naming the
+# step and showing the body.
+req() {
+  local expected=$1 method=$2 path=$3 body=${4-}
+  shift 3
+  [[ $# -gt 0 ]] && shift
+  local -a args=(-sS --max-time 90 -o "$BODY_FILE" -D "$HDR_FILE" -w '%{http_code}' -X "$method")
+  local shown="curl"
+  [[ $method != GET ]] && shown+=" -X $method"
+  shown+=" $(shq "$URL$path")"
+  local header
+  for header in "$@"; do
+    args+=(-H "$header")
+    shown+=" -H $(shq "$header")"
+  done
+  if [[ -n $body ]]; then
+    args+=(-H 'Content-Type: application/json' --data-binary "$body")
+    shown+=" -H 'Content-Type: application/json' -d $(shq "$body")"
+  fi
+  printf '  %s$ %s%s\n' "$DIM" "$shown" "$RESET"
+  if ! CODE=$(curl "${args[@]}" "$URL$path" 2>"$ERR_FILE"); then
+    die "Step \"$STEP\": $method $path failed: could not talk to $URL" "$(cat "$ERR_FILE")"
+  fi
+  RESP=$(cat "$BODY_FILE")
+  if [[ $CODE != "$expected" ]]; then
+    local pretty
+    pretty=$(jq . <<<"$RESP" 2>/dev/null || printf '%s' "$RESP")
+    die "Step \"$STEP\": $method $path answered HTTP $CODE, expected $expected. Body:" "$pretty"
+  fi
+}
+
+# show [JQ_FILTER]: prints RESP through jq, compact, one value per line.
+show() { jq -c "${1:-.}" <<<"$RESP" | sed 's/^/  /'; }
+# get JQ_FILTER: one raw value from RESP.
+get() { jq -r "$1" <<<"$RESP"; }
+# header NAME: a response header's value.
+header() { tr -d '\r' <"$HDR_FILE" | awk -v n="$(tr '[:upper:]' '[:lower:]' <<<"$1")" \
+  'BEGIN{FS=": "} tolower($1)==n {sub(/^[^:]*: /, ""); print; exit}'; }
+
+settle() {
+  req 200 GET "/settle?timeout_ms=$SETTLE_MS"
+  show
+}
+
+# run_records TABLE: this run's records of TABLE, in id order (ids start with "$RUN-").
+run_records() {
+  req 200 GET "/tables/$1?after=$RUN-&limit=1000"
+  RESP=$(jq -c --arg p "$RUN-" '[.records[] | select(.id | startswith($p))]' <<<"$RESP")
+}
+
+# ---------------------------------------------------------------- checks ----
+
+CHECKS=0
+FAILED=()
+pass() { CHECKS=$((CHECKS + 1)); printf '  %s✓ %s%s\n' "$GREEN" "$1" "$RESET"; }
+fail() {
+  CHECKS=$((CHECKS + 1))
+  FAILED+=("[$STEP] $1")
+  printf '  %s✗ %s%s\n' "$RED$BOLD" "$1" "$RESET"
+  [[ -n ${2-} ]] && printf '    %s\n' "$2"
+  return 0
+}
+# check DESCRIPTION COMMAND...: passes when the command succeeds.
+check() { local desc=$1; shift; if "$@" >/dev/null 2>&1; then pass "$desc"; else fail "$desc"; fi; }
+# check_eq DESCRIPTION ACTUAL EXPECTED
+check_eq() {
+  if [[ $2 == "$3" ]]; then pass "$1"; else fail "$1" "expected: $3   got: $2"; fi
+}
+# check_jq DESCRIPTION JQ_EXPRESSION: passes when the expression is true of RESP.
+check_jq() {
+  if [[ $(jq -r "$2" <<<"$RESP" 2>/dev/null) == true ]]; then pass "$1"
+  else fail "$1" "not true of the response: $2"; fi
+}
+
+# ---------------------------------------------------------------- server ----
+
+healthy() { curl -fsS -o /dev/null --max-time 2 "$URL/healthz" 2>/dev/null; }
+
+start_server() {
+  local hostport=${URL#*://}
+  hostport=${hostport%%/*}
+  [[ $hostport == *:* ]] || hostport+=":80"
+  local host=${hostport%:*} port=${hostport##*:}
+  [[ $host == localhost ]] && host=127.0.0.1
+  local addr="$host:$port"
+
+  command -v cargo >/dev/null 2>&1 \
+    || die "No server answers at $URL and cargo is not installed to build one." \
+      "Start eventsys yourself and set EVENTSYS_URL, or install Rust (https://rustup.rs)."
+  echo "No server answers at $URL, so the tour starts its own."
+  echo "Building the release binary first (cargo build --release; the first build takes a minute or two)..."
+  (cd "$SCRIPT_DIR" && cargo build --release --quiet) || die "cargo build --release failed (see above)."
+
+  local bin
+  bin=${CARGO_TARGET_DIR:-$SCRIPT_DIR/target}/release/eventsys
+  [[ $bin == /* ]] || bin=$SCRIPT_DIR/$bin
+  SERVER_LOG=$(mktemp "${TMPDIR:-/tmp}/eventsys-demo-server.XXXXXX")
+  echo "Starting: $bin --addr $addr --encode-delay-ms 100   (log: $SERVER_LOG)"
+  "$bin" --addr "$addr" --encode-delay-ms 100 >"$SERVER_LOG" 2>&1 &
+  SERVER_PID=$!
+
+  local i
+  for ((i = 0; i < 300; i++)); do   # up to ~30 s
+    healthy && { echo "Server is up (pid $SERVER_PID); it will be stopped when the tour ends."; return; }
+    if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+      wait "$SERVER_PID" 2>/dev/null || true
+      SERVER_PID=''
+      die "The server exited during start-up (is $addr already in use?)."
+    fi
+    sleep 0.1
+  done
+  die "The server did not answer GET $URL/healthz within 30 s."
+}
+
+printf '%seventsys guided tour%s\n' "$BOLD" "$RESET"
+if healthy; then
+  echo "Using the server already running at $URL (it is left running afterwards)."
+else
+  start_server
+fi
+echo "Ids written by this run start with ${BOLD}$RUN-${RESET}, so re-runs against the same server stay exact."
+
+# ==================================================================== 1 ======
+
+part "Part 1 · Overloaded queue: mixed schemas on one raw_queue"
+say "Every raw table (actors, movies, series, episodes, videos) feeds the one raw_queue;" \
+    "raw_handler turns each raw record into the standard record of its kind."
+
+A1="$RUN-keanu" A2="$RUN-carrie" A3="$RUN-hugo" A4="$RUN-laurence"
+M1="$RUN-matrix" M2="$RUN-heat" M3="$RUN-untitled"
+
+ACTOR1=$(jq -nc --arg id "$A1" '{id:$id, name:"Keanu Reeves", birth_date:"1964-09-02", vendor_rating:4.7}')
+ACTOR2=$(jq -nc --arg id "$A2" '{id:$id, name:"  Carrie-Anne Moss  ", birth_date:"1967-08-21"}')
+ACTOR3=$(jq -nc --arg id "$A3" '{id:$id, name:"Hugo Weaving"}')
+
+step "Post three actors (one batch)"
+say "Vendors send what they like: an unknown field (vendor_rating) is kept in the raw table," \
+    "and raw_handler trims the padded name when it standardises it."
+BODY=$(jq -c '[.[] | . + {updated_at:"2024-05-01T00:00:00Z"}]' <<<"[$ACTOR1,$ACTOR2,$ACTOR3]")
+req 200 POST /raw/actors "$BODY"
+show '.results[]'
+check_eq "all three actors are inserted" "$(get '[.results[].outcome] | join(",")')" "inserted,inserted,inserted"
+
+step "Post five movie writes in one batch"
+say "The same movie three times: a first version (May), an out-of-order OLDER write (April)" \
+    "that must lose, and a re-send of the May data stamped June, which is a no-op." \
+    "Plus a movie with an empty title, which ingest accepts (its envelope is fine) but raw_handler cannot standardise."
+BODY=$(jq -nc --arg m1 "$M1" --arg m2 "$M2" --arg m3 "$M3" --arg a1 "$A1" --arg a2 "$A2" --arg a3 "$A3" '[
+  {id:$m1, title:"The Matrix", year:1999, actor_ids:[$a1,$a2,$a3], updated_at:"2024-05-01T12:00:00Z"},
+  {id:$m2, title:"Heat", year:1995, updated_at:"2024-05-01T12:00:00Z"},
+  {id:$m1, title:"The Matrix (workprint)", year:1998, actor_ids:[$a1], updated_at:"2024-04-01T12:00:00Z"},
+  {id:$m1, title:"The Matrix", year:1999, actor_ids:[$a1,$a2,$a3], updated_at:"2024-06-01T12:00:00Z"},
+  {id:$m3, title:"", year:2001, updated_at:"2024-05-01T12:00:00Z"}]')
+req 200 POST /raw/movies "$BODY"
+show '.results[]'
+check_eq "outcomes in input order: inserted, inserted, stale (older), unchanged (same data, newer stamp), inserted" \
+  "$(get '[.results[].outcome] | join(",")')" "inserted,inserted,stale,unchanged,inserted"
+
+step "Wait for the pipeline to settle"
+say "GET /settle returns once every queue is empty and nothing is in flight or waiting to retry."
+settle
+
+step "Table statistics"
+say "Each table counts the outcome of every write it has taken (since the server started)."
+req 200 GET /tables
+show '.tables[] | {name, kind, count, stats}'
+check_jq "raw_movies has counted stale and unchanged writes" \
+  '.tables[] | select(.name == "raw_movies") | .stats.stale >= 1 and .stats.unchanged >= 1'
+
+step "The standard movies and actors of this run"
+say "The May version of the movie won: the April write was stale and the June re-send changed nothing." \
+    "The untitled movie is in raw_movies but not in movies."
+run_records movies
+show '.[]'
+check_eq "movies holds the matrix and heat (not the untitled one)" "$(get '[.[].id] | join(",")')" "$M2,$M1"
+check_eq "the matrix kept its May title" \
+  "$(jq -r --arg x "$M1" '.[] | select(.id == $x) | .data.title' <<<"$RESP")" "The Matrix"
+run_records raw_movies
+check_eq "raw_movies holds all three movies as sent" "$(get '[.[].id] | join(",")')" "$M2,$M1,$M3"
+run_records actors
+show '.[]'
+check_eq "the padded name is trimmed in actors" \
+  "$(jq -r --arg x "$A2" '.[] | select(.id == $x) | .data.name' <<<"$RESP")" "Carrie-Anne Moss"
+check_eq "standard actors drop the unknown vendor field" \
+  "$(jq -r --arg x "$A1" '.[] | select(.id == $x) | .data | has("vendor_rating")' <<<"$RESP")" "false"
+
+step "The record raw_handler could not standardise is a dead letter"
+say "A permanent failure is not retried: it goes straight to raw_queue's dead letters, with an error naming the field."
+req 200 GET /queues/raw_queue/dead-letters
+RESP=$(jq -c --arg x "$M3" '[.dead_letters[] | select(.event.subject == $x)]' <<<"$RESP")
+show '.[] | {subject: .event.subject, source: .event.source, error, attempts}'
+check_eq "one dead letter for the untitled movie" "$(get 'length')" "1"
+check_jq "its error names \`title\`" '.[0].error | test("title")'
+
+step "Read one record with its ETag, then update it with If-Match"
+say "GET /tables/{table}/{id} returns the record's version as an ETag. Sending it back as If-Match" \
+    "makes the write conditional: it only applies if nobody changed the record in between."
+req 200 GET "/tables/movies/$M2"
+show
+ETAG=$(header etag)
+say "ETag: $ETAG"
+check_eq "the ETag is the record's version" "$ETAG" "\"$(get .version)\""
+BODY=$(jq -nc --arg id "$M2" '{id:$id, title:"Heat", year:1995, actor_ids:[]}')
+req 200 POST /raw/movies "$BODY" "If-Match: $ETAG"
+show
+check_eq "the first conditional update succeeds" "$(get '.results[0].outcome')" "updated"
+say "A second writer still holding the old ETag is refused with 412, and told the current version:"
+BODY=$(jq -nc --arg id "$M2" '{id:$id, title:"Heat (1995 film)", year:1995}')
+req 412 POST /raw/movies "$BODY" "If-Match: $ETAG"
+show
+check_eq "the update with the old ETag gets 412" "$CODE" "412"
+settle
+req 200 GET "/tables/movies/$M2"
+show
+check "the movie now has a newer ETag" test "$(header etag)" != "$ETAG"
+check_eq "the stale writer's title was not applied" "$(get .data.title)" "Heat"
+
+# ==================================================================== 2 ======
+
+part "Part 2 · Recursive breakdown: a series splits into episodes"
+say "raw_handler writes the series record, and writes each listed episode into raw_episodes;" \
+    "those changes come back through raw_queue and become standard episodes."
+
+S1="$RUN-bb" E1="$RUN-bb-s1e1" E2="$RUN-bb-s1e2" E3="$RUN-bb-s1e3"
+
+step "Post a series with three episodes"
+BODY=$(jq -nc --arg s "$S1" --arg e1 "$E1" --arg e2 "$E2" --arg e3 "$E3" '{
+  id:$s, title:"Breaking Bad", updated_at:"2024-05-01T00:00:00Z",
+  episodes:[{id:$e1, title:"Pilot", season:1, number:1},
+            {id:$e2, title:"Cat in the Bag", season:1, number:2},
+            {id:$e3, title:"And the Bag is in the River", season:1, number:3}]}')
+req 200 POST /raw/series "$BODY"
+show '.results[]'
+settle
+
+step "The episodes went round the loop"
+say "raw_episodes holds them with series_id set (written by raw_handler), and episodes holds the standard records."
+run_records raw_episodes
+show '.[]'
+check_eq "raw_episodes holds the three episodes" "$(get '[.[].id] | join(",")')" "$E1,$E2,$E3"
+check_eq "each raw episode carries the series_id" \
+  "$(jq -r --arg s "$S1" 'all(.[]; .data.series_id == $s)' <<<"$RESP")" "true"
+run_records episodes
+show '.[]'
+check_eq "episodes holds the three standard episodes" "$(get '[.[].id] | join(",")')" "$E1,$E2,$E3"
+req 200 GET "/tables/series/$S1"
+show
+check_eq "series holds the series (without its episode list)" "$(get '.data | has("episodes")')" "false"
+
+step "Post a newer version of the series that lists only two episodes"
+say "A series' episode list is its complete set: the episode it no longer lists is deleted, downstream too."
+BODY=$(jq -nc --arg s "$S1" --arg e1 "$E1" --arg e2 "$E2" '{
+  id:$s, title:"Breaking Bad", updated_at:"2024-06-01T00:00:00Z",
+  episodes:[{id:$e1, title:"Pilot", season:1, number:1},
+            {id:$e2, title:"Cat in the Bag", season:1, number:2}]}')
+req 200 POST /raw/series "$BODY"
+show '.results[]'
+check_eq "the series is updated" "$(get '.results[0].outcome')" "updated"
+settle
+run_records episodes
+show '.[]'
+check_eq "episodes now holds only the two listed" "$(get '[.[].id] | join(",")')" "$E1,$E2"
+run_records raw_episodes
+check_eq "raw_episodes too" "$(get '[.[].id] | join(",")')" "$E1,$E2"
+req 404 GET "/tables/episodes/$E3"
+show
+check_eq "the dropped episode is gone (404)" "$CODE" "404"
+
+# ==================================================================== 3 ======
+
+part "Part 3 · Async secondary work: a video and its slow encodes"
+say "raw_handler writes the video at once and puts one job per rendition on encode_queue;" \
+    "the slow encode_handler fills the encodes table later."
+
+V1="$RUN-trailer"
+
+step "Post a video with three renditions"
+BODY=$(jq -nc --arg v "$V1" '{id:$v, title:"The Matrix (trailer)", duration_s:150.5, renditions:[
+  {id:"1080p", codec:"h264", height:1080, bitrate_kbps:6000},
+  {id:"720p", codec:"h264", height:720, bitrate_kbps:3000},
+  {id:"480p", codec:"h264", height:480, bitrate_kbps:1200}]}')
+req 200 POST /raw/videos "$BODY"
+show '.results[]'
+
+step "The video is visible long before its encodes are done"
+say "Poll GET /tables/videos/$V1 until it exists (the raw_handler step is quick)..."
+printf '  %s$ curl %s   (repeated every 50 ms until 200)%s\n' "$DIM" "$(shq "$URL/tables/videos/$V1")" "$RESET"
+polls=0
+until [[ $(curl -sS -o /dev/null -w '%{http_code}' --max-time 5 "$URL/tables/videos/$V1" 2>/dev/null) == 200 ]]; do
+  polls=$((polls + 1))
+  ((polls < 200)) || die "Step \"$STEP\": the video $V1 did not appear in videos within ~10 s."
+  sleep 0.05
+done
+say "visible after $polls extra poll(s). Right now, its encodes are:"
+run_records encodes
+RESP=$(jq -c --arg v "$V1" '[.[] | select(.data.video_id == $v)]' <<<"$RESP")
+ENCODES_EARLY=$(get 'length')
+show '.[]'
+say "($ENCODES_EARLY of 3 encodes exist)"
+check "fewer than 3 encodes exist when the video first appears (each encode takes ≥ 100 ms)" \
+  test "$ENCODES_EARLY" -lt 3
+req 200 GET /queues
+show '.queues[] | select(.name == "encode_queue") | {name, depth, in_flight, processed}'
+
+step "Settle, then every rendition is encoded"
+settle
+run_records encodes
+RESP=$(jq -c --arg v "$V1" '[.[] | select(.data.video_id == $v)]' <<<"$RESP")
+show '.[]'
+check_eq "3 encodes, all with status encoded" \
+  "$(get '[.[] | select(.data.status == "encoded")] | length')" "3"
+
+# ==================================================================== 4 ======
+
+part "Part 4 · Fan-out reconciliation: PUT a complete set"
+say "PUT /raw/actors says \"this is every actor as of now\": records in the set are written as usual," \
+    "and every actor it does not contain is deleted. Deletes flow downstream like any other change."
+note "This reconciles the server's WHOLE actors kind: actors from earlier runs are deleted too (correctly)."
+
+step "Keep one actor, change one, add one, omit one"
+ACTOR2B=$(jq -nc --arg id "$A2" '{id:$id, name:"Carrie-Anne Moss", birth_date:"1967-08-21", agency:"CAA"}')
+ACTOR4=$(jq -nc --arg id "$A4" '{id:$id, name:"Laurence Fishburne", birth_date:"1961-07-30"}')
+BODY=$(jq -nc --argjson a "$ACTOR1" --argjson b "$ACTOR2B" --argjson d "$ACTOR4" '{records:[$a,$b,$d]}')
+say "$A1 is re-sent as is, $A2 changes, $A4 is new and $A3 is left out."
+req 200 PUT /raw/actors "$BODY"
+show
+check_eq "inserted 1, updated 1, unchanged 1, stale 0" \
+  "$(get '"inserted \(.inserted), updated \(.updated), unchanged \(.unchanged), stale \(.stale)"')" \
+  "inserted 1, updated 1, unchanged 1, stale 0"
+check_eq "the omitted actor is among the deleted" \
+  "$(jq -r --arg x "$A3" '.deleted | index($x) != null' <<<"$RESP")" "true"
+check_eq "no actor of the set is deleted" \
+  "$(jq -r --arg a "$A1" --arg b "$A2" --arg d "$A4" '[.deleted[] | select(. == $a or . == $b or . == $d)] | length' <<<"$RESP")" "0"
+OTHERS=$(jq -r --arg p "$RUN-" '[.deleted[] | select(startswith($p) | not)] | length' <<<"$RESP")
+[[ $OTHERS -gt 0 ]] && say "($OTHERS other actor(s) already on this server were deleted as well.)"
+
+step "After settling, the delete has reached the standard actors table"
+settle
+run_records actors
+show '.[]'
+check_eq "actors holds this run's kept, changed and new actors" "$(get '[.[].id] | join(",")')" \
+  "$(printf '%s\n' "$A2" "$A1" "$A4" | sort | paste -sd, -)"
+check_eq "the changed actor shows its new data" \
+  "$(jq -r --arg x "$A2" '.[] | select(.id == $x) | .data.name' <<<"$RESP")" "Carrie-Anne Moss"
+req 404 GET "/tables/actors/$A3"
+show
+check_eq "the omitted actor is gone from actors (404)" "$CODE" "404"
+req 404 GET "/tables/raw_actors/$A3"
+check_eq "and from raw_actors (404)" "$CODE" "404"
+
+# ==================================================================== 5 ======
+
+part "Part 5 · Faults, retries and dead letters"
+say "Handlers retry transient failures with exponential backoff and jitter; permanent failures," \
+    "and events that fail every attempt, go to the queue's dead letters, from where they can be redriven."
+
+V2="$RUN-teaser" V3="$RUN-clip"
+
+step "Make every encode fail permanently"
+FAULT_SET=1
+req 200 PUT /faults/encode_handler '{"failure_rate":1.0,"permanent":true}'
+show
+BODY=$(jq -nc --arg v "$V2" '{id:$v, title:"Teaser", duration_s:30, renditions:[
+  {id:"1080p", codec:"av1", height:1080}, {id:"360p", codec:"h264", height:360}]}')
+req 200 POST /raw/videos "$BODY"
+show '.results[]'
+settle
+req 200 GET /queues/encode_queue/dead-letters
+RESP=$(jq -c --arg v "$V2" '[.dead_letters[] | select(.event.data.video_id == $v)]' <<<"$RESP")
+show '.[] | {subject: .event.subject, error, attempts, failed_at}'
+check_eq "both encode jobs are dead letters" "$(get 'length')" "2"
+check_jq "each after 1 attempt (a permanent failure is not retried)" 'length > 0 and all(.[]; .attempts == 1)'
+check_jq "each error says injected fault" 'length > 0 and all(.[]; .error | test("injected fault"))'
+run_records encodes
+check_eq "no encode of the teaser exists yet" \
+  "$(jq -r --arg v "$V2" '[.[] | select(.data.video_id == $v)] | length' <<<"$RESP")" "0"
+
+step "Now make half of the attempts fail, transiently"
+say "Each failed attempt is retried after a backoff (100 ms, then 200 ms, ...); the queue counts them as retried."
+req 200 GET /queues
+RETRIED_BEFORE=$(get '.queues[] | select(.name == "encode_queue") | .retried')
+req 200 PUT /faults/encode_handler '{"failure_rate":0.5,"permanent":false}'
+show
+BODY=$(jq -nc --arg v "$V3" '{id:$v, title:"Clip", duration_s:12, renditions:[
+  {id:"2160p", codec:"hevc", height:2160}, {id:"1080p", codec:"h264", height:1080},
+  {id:"720p", codec:"h264", height:720}, {id:"480p", codec:"h264", height:480}]}')
+req 200 POST /raw/videos "$BODY"
+show '.results[]'
+settle
+req 200 GET /queues
+show '.queues[] | select(.name == "encode_queue")'
+RETRIED_AFTER=$(get '.queues[] | select(.name == "encode_queue") | .retried')
+say "encode_queue retried $((RETRIED_AFTER - RETRIED_BEFORE)) attempt(s) for these 4 jobs (random: usually a few," \
+    "and a job that fails all 5 attempts becomes a dead letter; the redrive below picks it up)."
+req 200 GET /handlers
+show '.handlers[] | select(.name == "encode_handler")'
+
+step "Clear the fault and redrive the dead letters"
+req 200 DELETE /faults/encode_handler
+show
+FAULT_SET=''
+req 200 POST /queues/encode_queue/dead-letters/redrive
+show
+check_jq "at least the teaser's 2 jobs are redriven" '.redriven >= 2'
+settle
+run_records encodes
+RESP=$(jq -c --arg a "$V2" --arg b "$V3" '[.[] | select(.data.video_id == $a or .data.video_id == $b)]' <<<"$RESP")
+show '.[]'
+check_eq "the teaser's 2 encodes are encoded" \
+  "$(jq -r --arg v "$V2" '[.[] | select(.data.video_id == $v and .data.status == "encoded")] | length' <<<"$RESP")" "2"
+check_eq "the clip's 4 encodes are encoded" \
+  "$(jq -r --arg v "$V3" '[.[] | select(.data.video_id == $v and .data.status == "encoded")] | length' <<<"$RESP")" "4"
+req 200 GET /queues/encode_queue/dead-letters
+show
+check_eq "encode_queue has no dead letters left" "$(get '.dead_letters | length')" "0"
+
+# ================================================================ summary ===
+
+part "Summary"
+if [[ ${#FAILED[@]} -gt 0 ]]; then
+  printf '%s✗ %d of %d checks failed:%s\n' "$RED$BOLD" "${#FAILED[@]}" "$CHECKS" "$RESET"
+  printf '  - %s\n' "${FAILED[@]}"
+  log_tail
+  exit 1
+fi
+printf '%s✓ All %d checks passed.%s\n' "$GREEN$BOLD" "$CHECKS" "$RESET"
+cat <<EOF
+
+Where to go next:
+  curl -s $URL/topology | jq     # the tables, queues and handlers, and which scenario uses each edge
+  open $URL/ in a browser        # the live dashboard
+  curl -s '$URL/events?limit=5' | jq   # the change log, as CloudEvents
+  cargo test                     # the test suite (in $SCRIPT_DIR)
+EOF
+if [[ -n $SERVER_PID ]]; then
+  echo
+  echo "(The server this tour started is stopped now. Run target/release/eventsys to keep one up.)"
+fi

@@ -1,0 +1,5 @@
+//! The HTTP contract of API.md, end to end through the router.
+
+mod contract;
+mod helpers;
+mod scenarios;

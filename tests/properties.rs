@@ -1,0 +1,176 @@
+//! The laws the tables keep, checked on generated inputs.
+//!
+//! - Convergence: any permutation and duplication of a set of versioned
+//!   writes and deletes gives the same final table, equal to a simple model.
+//! - Reconciliation: after a full set as of T, exactly the records neither
+//!   in the set nor written at or after T are gone.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use chrono::DateTime;
+use proptest::prelude::*;
+use serde_json::json;
+
+use eventsys::engine::log::{Cause, ChangeLog};
+use eventsys::engine::record::{Data, RecordId, Timestamp, Version};
+use eventsys::engine::settle::Activity;
+use eventsys::engine::table::{Table, TableKind, Write};
+
+#[derive(Clone, Debug)]
+enum Op {
+    Write { id: u8, at: i64, value: u8 },
+    Delete { id: u8, at: i64 },
+}
+
+fn ts(secs: i64) -> Timestamp {
+    Timestamp::from_datetime(DateTime::from_timestamp(1_700_000_000 + secs, 0).unwrap())
+}
+
+fn rid(id: u8) -> RecordId {
+    RecordId::parse(&format!("r{id}")).unwrap()
+}
+
+fn data(value: u8) -> Data {
+    Data::canonical(&json!({ "value": value })).unwrap()
+}
+
+fn new_table() -> Table {
+    Table::new(
+        "t",
+        TableKind::Raw,
+        Arc::new(ChangeLog::new(1_000_000, Activity::default())),
+    )
+}
+
+fn apply(table: &Table, op: &Op) {
+    let cause = Cause::request("prop");
+    match *op {
+        Op::Write { id, at, value } => {
+            table.apply(
+                Write {
+                    id: rid(id),
+                    version: Version::write(ts(at), data(value)),
+                    data: data(value),
+                },
+                &cause,
+            );
+        }
+        Op::Delete { id, at } => {
+            table.delete(&rid(id), ts(at), &cause);
+        }
+    }
+}
+
+/// The final state by definition: per id, the greatest write by (time,
+/// canonical data), unless a delete at or after its time exists, in which
+/// case a tombstone at the latest delete.
+fn model(ops: &[Op]) -> Vec<(RecordId, Version, Option<Data>)> {
+    let mut writes: BTreeMap<u8, Version> = BTreeMap::new();
+    let mut deletes: BTreeMap<u8, i64> = BTreeMap::new();
+    for op in ops {
+        match *op {
+            Op::Write { id, at, value } => {
+                let v = Version::write(ts(at), data(value));
+                let best = writes.entry(id).or_insert_with(|| v.clone());
+                if v > *best {
+                    *best = v;
+                }
+            }
+            Op::Delete { id, at } => {
+                let best = deletes.entry(id).or_insert(at);
+                *best = (*best).max(at);
+            }
+        }
+    }
+    let ids: BTreeSet<u8> = writes.keys().chain(deletes.keys()).copied().collect();
+    let mut state: Vec<_> = ids
+        .into_iter()
+        .map(|id| match (writes.get(&id), deletes.get(&id)) {
+            (Some(w), Some(&d)) if ts(d) >= w.at => (rid(id), Version::delete(ts(d)), None),
+            (Some(w), _) => {
+                let eventsys::engine::record::Tie::Key(key) = &w.tie else {
+                    unreachable!()
+                };
+                (rid(id), w.clone(), Some(key.clone()))
+            }
+            (None, Some(&d)) => (rid(id), Version::delete(ts(d)), None),
+            (None, None) => unreachable!(),
+        })
+        .collect();
+    state.sort_by(|a, b| a.0.cmp(&b.0));
+    state
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0..4u8, 0..6i64, 0..3u8).prop_map(|(id, at, value)| Op::Write { id, at, value }),
+        1 => (0..4u8, 0..6i64).prop_map(|(id, at)| Op::Delete { id, at }),
+    ]
+}
+
+/// A set of operations, and an arrival order that permutes and duplicates it.
+fn ops_and_arrival() -> impl Strategy<Value = (Vec<Op>, Vec<Op>)> {
+    prop::collection::vec(op(), 1..24)
+        .prop_flat_map(|ops| {
+            let n = ops.len();
+            (Just(ops), prop::collection::vec(0..n, n..n * 3))
+        })
+        .prop_flat_map(|(ops, extra)| {
+            let mut arrival: Vec<Op> = ops.clone();
+            arrival.extend(extra.into_iter().map(|i| ops[i].clone()));
+            (Just(ops), Just(arrival).prop_shuffle())
+        })
+}
+
+proptest! {
+    #[test]
+    fn any_order_and_duplication_converges_to_the_model((ops, arrival) in ops_and_arrival()) {
+        let in_order = new_table();
+        ops.iter().for_each(|op| apply(&in_order, op));
+        let shuffled = new_table();
+        arrival.iter().for_each(|op| apply(&shuffled, op));
+        let expected = model(&ops);
+        prop_assert_eq!(&in_order.snapshot(), &expected);
+        prop_assert_eq!(&shuffled.snapshot(), &expected);
+        let live = expected.iter().filter(|e| e.2.is_some()).count() as u64;
+        prop_assert_eq!(shuffled.len(), live);
+    }
+
+    #[test]
+    fn reconciliation_deletes_exactly_the_unseen_and_older(
+        before in prop::collection::btree_map(0..12u8, (0..10i64, 0..3u8), 0..12),
+        set in prop::collection::btree_map(0..12u8, (0..10i64, 0..3u8), 0..12),
+        as_of in 0..10i64,
+    ) {
+        let table = new_table();
+        for (&id, &(at, value)) in &before {
+            apply(&table, &Op::Write { id, at, value });
+        }
+        let writes = set
+            .iter()
+            .map(|(&id, &(at, value))| Write { id: rid(id), version: Version::write(ts(at), data(value)), data: data(value) })
+            .collect();
+        let report = table.reconcile(ts(as_of), writes, &Cause::request("prop"));
+
+        let mut expected_deleted: Vec<RecordId> = before
+            .iter()
+            .filter(|(id, (at, _))| !set.contains_key(id) && *at < as_of)
+            .map(|(&id, _)| rid(id))
+            .collect();
+        expected_deleted.sort();
+        prop_assert_eq!(&report.deleted, &expected_deleted);
+        let live: BTreeSet<RecordId> = table.page(None, 1000).0.into_iter().map(|r| r.id).collect();
+        let expected_live: BTreeSet<RecordId> = before
+            .keys()
+            .chain(set.keys())
+            .map(|&id| rid(id))
+            .filter(|id| !expected_deleted.contains(id))
+            .collect();
+        prop_assert_eq!(live, expected_live);
+
+        // An older reconciliation deletes nothing newer than itself.
+        let older = table.reconcile(ts(as_of - 1), Vec::new(), &Cause::request("prop"));
+        prop_assert!(older.deleted.is_empty(), "older reconciliation deleted {:?}", older.deleted);
+    }
+}
