@@ -3,6 +3,7 @@
 //! pipeline.
 
 mod dashboard;
+mod events;
 mod ingest;
 pub mod problem;
 mod queues;
@@ -71,6 +72,8 @@ pub fn router(state: AppState) -> Router {
         .route("/topology", get(system::topology))
         .route("/raw/{kind}", post(ingest::post).put(ingest::put))
         .route("/raw/{kind}/{id}", axum::routing::delete(ingest::delete))
+        .route("/events", get(events::list))
+        .route("/events/stream", get(events::stream))
         .route("/tables", get(tables::list))
         .route("/tables/{table}", get(tables::page))
         .route("/tables/{table}/{id}", get(tables::record))
