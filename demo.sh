@@ -46,6 +46,8 @@ note() { printf '  %s%s%s\n' "$YELLOW" "$*" "$RESET"; }
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/eventsys-demo.XXXXXX")
 BODY_FILE=$TMP/body HDR_FILE=$TMP/headers ERR_FILE=$TMP/curl-error
 SERVER_PID='' SERVER_LOG='' FAULT_SET=''
+CHECKS=0
+FAILED=()
 
 cleanup() {
   local rc=$?
@@ -78,9 +80,13 @@ log_tail() {
 die() {
   printf '\n%s✗ %s%s\n' "$RED$BOLD" "$1" "$RESET" >&2
   shift
-  local line
-  for line in "$@"; do printf '  %s\n' "$line" >&2; done
+  [[ $# -gt 0 ]] && printf '%s\n' "$@" | sed 's/^/    /' >&2
+  if [[ ${#FAILED[@]} -gt 0 ]]; then
+    printf 'Checks that had already failed:\n' >&2
+    printf '  - %s\n' "${FAILED[@]}" >&2
+  fi
   log_tail
+  echo "${RED}The tour stopped early.${RESET}" >&2
   exit 1
 }
 
@@ -88,7 +94,7 @@ die() {
 
 # Quotes a word for display as a shell argument.
 shq() {
-  if [[ $1 =~ ^[A-Za-z0-9_./:=?\&%@+,-]+$ ]]; then
+  if [[ $1 =~ ^[A-Za-z0-9_./:=%@+,-]+$ ]]; then
     printf '%s' "$1"
   else
     printf "'%s'" "${1//\'/\'\\\'\'}"
@@ -150,8 +156,6 @@ run_records() {
 
 # ---------------------------------------------------------------- checks ----
 
-CHECKS=0
-FAILED=()
 pass() { CHECKS=$((CHECKS + 1)); printf '  %s✓ %s%s\n' "$GREEN" "$1" "$RESET"; }
 fail() {
   CHECKS=$((CHECKS + 1))
@@ -292,6 +296,10 @@ show '.[] | {subject: .event.subject, source: .event.source, error, attempts}'
 check_eq "one dead letter for the untitled movie" "$(get 'length')" "1"
 check_jq "its error names \`title\`" '.[0].error | test("title")'
 
+# This uses heat, whose history is simple. For matrix, the June re-send was
+# `unchanged`: raw_movies recorded the June version but nothing flowed
+# downstream, so movies still shows May, and an If-Match built from
+# /tables/movies/matrix's ETag would get 412 from POST /raw/movies.
 step "Read one record with its ETag, then update it with If-Match"
 say "GET /tables/{table}/{id} returns the record's version as an ETag. Sending it back as If-Match" \
     "makes the write conditional: it only applies if nobody changed the record in between."
@@ -300,12 +308,13 @@ show
 ETAG=$(header etag)
 say "ETag: $ETAG"
 check_eq "the ETag is the record's version" "$ETAG" "\"$(get .version)\""
-BODY=$(jq -nc --arg id "$M2" '{id:$id, title:"Heat", year:1995, actor_ids:[]}')
+say "A first writer renames the movie, sending the ETag it read:"
+BODY=$(jq -nc --arg id "$M2" '{id:$id, title:"Heat (1995)", year:1995}')
 req 200 POST /raw/movies "$BODY" "If-Match: $ETAG"
 show
 check_eq "the first conditional update succeeds" "$(get '.results[0].outcome')" "updated"
 say "A second writer still holding the old ETag is refused with 412, and told the current version:"
-BODY=$(jq -nc --arg id "$M2" '{id:$id, title:"Heat (1995 film)", year:1995}')
+BODY=$(jq -nc --arg id "$M2" '{id:$id, title:"Heat (director cut)", year:1995}')
 req 412 POST /raw/movies "$BODY" "If-Match: $ETAG"
 show
 check_eq "the update with the old ETag gets 412" "$CODE" "412"
@@ -313,7 +322,7 @@ settle
 req 200 GET "/tables/movies/$M2"
 show
 check "the movie now has a newer ETag" test "$(header etag)" != "$ETAG"
-check_eq "the stale writer's title was not applied" "$(get .data.title)" "Heat"
+check_eq "the movies table shows the first writer's title, not the refused one" "$(get .data.title)" "Heat (1995)"
 
 # ==================================================================== 2 ======
 
@@ -534,5 +543,5 @@ Where to go next:
 EOF
 if [[ -n $SERVER_PID ]]; then
   echo
-  echo "(The server this tour started is stopped now. Run target/release/eventsys to keep one up.)"
+  echo "(The server this tour started is being stopped. Run target/release/eventsys to keep one up.)"
 fi

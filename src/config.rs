@@ -132,6 +132,7 @@ impl Config {
             event_retention: usize::try_from(self.event_retention).unwrap_or(usize::MAX),
             max_dead_letters: usize::try_from(self.max_dead_letters).unwrap_or(usize::MAX),
             ingest_backlog_limit: self.ingest_backlog_limit,
+            dedup_window: self.dedup_window,
         }
     }
 }

@@ -311,9 +311,31 @@ impl ChangeLog {
         limit: usize,
         keep: impl Fn(&Change) -> bool,
     ) -> Result<Page, Gone> {
+        self.read_from(after, limit, keep, after == 0)
+    }
+
+    /// Like [`ChangeLog::read`], but `after = 0` means "from sequence 1": a
+    /// reader that must not miss anything (a live stream) is told `Gone`
+    /// rather than silently moved to the oldest retained event.
+    pub fn read_strict(
+        &self,
+        after: u64,
+        limit: usize,
+        keep: impl Fn(&Change) -> bool,
+    ) -> Result<Page, Gone> {
+        self.read_from(after, limit, keep, false)
+    }
+
+    fn read_from(
+        &self,
+        after: u64,
+        limit: usize,
+        keep: impl Fn(&Change) -> bool,
+        from_oldest: bool,
+    ) -> Result<Page, Gone> {
         let inner = self.lock();
         let first = inner.events.front().map_or(inner.next_seq, |e| e.seq);
-        if after != 0 && after + 1 < first {
+        if !from_oldest && after + 1 < first {
             return Err(Gone {
                 after,
                 oldest: first,

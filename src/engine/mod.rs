@@ -12,6 +12,7 @@
 //! - [`topology`]: the shape of a pipeline, for display.
 
 pub mod children;
+pub mod dedup;
 pub mod handler;
 pub mod log;
 pub mod queue;
@@ -108,13 +109,19 @@ impl<T: QueueItem> QueueView for RegisteredQueue<T> {
         let letters = self.queue.take_dead_letters();
         let count = letters.len();
         let queue = self.queue.clone();
-        // Sent from a task: the queue may be full, and the client should
-        // not wait for room. Settle waits for them like any other event.
+        // Counted now, sent from a task: the queue may be full, and the
+        // client should not wait for room, yet settle must wait for them.
+        queue.owe(count as u64);
         self.tasks.spawn(async move {
+            let mut left = count as u64;
             for letter in letters {
-                if queue.send(letter.event).await.is_err() {
+                if queue.deliver(letter.event).await.is_err() {
                     break;
                 }
+                left -= 1;
+            }
+            if left > 0 {
+                queue.forgive(left);
             }
         });
         count

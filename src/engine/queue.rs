@@ -123,6 +123,18 @@ impl<T: QueueItem> Queue<T> {
         result
     }
 
+    /// Counts `n` events as outstanding before they are put on the queue
+    /// with [`Queue::deliver`] (from a task that may run later), so settle
+    /// cannot report idle in between.
+    pub fn owe(&self, n: u64) {
+        self.activity.begin(n);
+    }
+
+    /// Gives up on `n` owed events that could not be delivered.
+    pub fn forgive(&self, n: u64) {
+        self.activity.end(n);
+    }
+
     /// Puts an event on the queue whose outstanding work is already counted
     /// (the change log counts it when appending).
     pub async fn deliver(&self, item: T) -> Result<(), Closed> {

@@ -190,7 +190,7 @@ fn changes(
         };
         loop {
             appended.borrow_and_update();
-            match log.read(cursor, STREAM_BATCH, |c| filter.keeps(c)) {
+            match log.read_strict(cursor, STREAM_BATCH, |c| filter.keeps(c)) {
                 Err(gone) => return Some((vec![lagged(gone)], Reader::Done)),
                 Ok(page) => {
                     let caught_up = page.next == cursor;

@@ -14,14 +14,17 @@ use serde_json::Value;
 use crate::engine::log::Cause;
 use crate::engine::record::{RecordId, Timestamp};
 use crate::engine::table::{Expect, Outcome, Reconciliation};
-use crate::media::records::{InvalidField, InvalidRecord, Kind, parse_records};
+use crate::media::records::{InvalidField, InvalidRecord, Kind, parse_record, parse_records};
+
+use super::cloudevents::{self, Mode};
 
 use super::{ApiError, AppState, Query, RequestId};
 
 #[derive(Serialize)]
 pub struct IngestResult {
     id: RecordId,
-    outcome: Outcome,
+    /// A write [`Outcome`], or `duplicate` for a CloudEvent already applied.
+    outcome: &'static str,
 }
 
 #[derive(Serialize)]
@@ -37,29 +40,35 @@ pub(super) fn kind(name: &str) -> Result<Kind, ApiError> {
     })
 }
 
-/// The body must be declared as JSON (`application/json` or `+json`).
-fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
+/// The media type of the body without parameters, lower-cased.
+fn essence(headers: &HeaderMap) -> Result<String, ApiError> {
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    let essence = content_type
+    if content_type.is_empty() {
+        return Err(ApiError::UnsupportedMediaType(
+            "the body must be JSON: send Content-Type: application/json".into(),
+        ));
+    }
+    Ok(content_type
         .split(';')
         .next()
         .unwrap_or("")
         .trim()
-        .to_ascii_lowercase();
+        .to_ascii_lowercase())
+}
+
+/// The body must be declared as JSON (`application/json` or `+json`).
+fn require_json(essence: &str) -> Result<(), ApiError> {
     if essence == "application/json"
         || (essence.starts_with("application/") && essence.ends_with("+json"))
     {
         Ok(())
-    } else if content_type.is_empty() {
-        Err(ApiError::UnsupportedMediaType(
-            "the body must be JSON: send Content-Type: application/json".into(),
-        ))
     } else {
         Err(ApiError::UnsupportedMediaType(format!(
-            "the body must be JSON, not `{content_type}`: send Content-Type: application/json"
+            "the body must be JSON, not `{essence}`: send Content-Type: application/json \
+             (or application/cloudevents+json, application/cloudevents-batch+json)"
         )))
     }
 }
@@ -96,7 +105,8 @@ fn if_match(headers: &HeaderMap) -> Result<Option<Expect>, ApiError> {
         })
 }
 
-/// `POST /raw/{kind}`: one record or an array of records.
+/// `POST /raw/{kind}`: one record or an array of records, or CloudEvents
+/// carrying them (structured, batch or binary mode).
 pub async fn post(
     State(state): State<AppState>,
     Path(kind_name): Path<String>,
@@ -105,39 +115,80 @@ pub async fn post(
     body: Bytes,
 ) -> Result<Json<IngestResponse>, ApiError> {
     let kind = kind(&kind_name)?;
-    require_json(&headers)?;
-    let (values, single) = match parse_json(&body)? {
-        Value::Array(values) => (values, false),
-        value @ Value::Object(_) => (vec![value], true),
-        _ => {
-            return Err(ApiError::BadRequest(
-                "the body must be a record object or an array of records".into(),
-            ));
+    let essence = essence(&headers)?;
+    require_json(&essence)?;
+    let now = Timestamp::now();
+    let (writes, keys, single) = match cloudevents::mode(&essence, &headers) {
+        Mode::Plain => {
+            let (values, single) = match parse_json(&body)? {
+                Value::Array(values) => (values, false),
+                value @ Value::Object(_) => (vec![value], true),
+                _ => {
+                    return Err(ApiError::BadRequest(
+                        "the body must be a record object or an array of records".into(),
+                    ));
+                }
+            };
+            (parse_records(values, now, kind)?, None, single)
+        }
+        mode => {
+            let envelopes = match mode {
+                Mode::Batch => cloudevents::batch(parse_json(&body)?)?,
+                Mode::Binary => vec![cloudevents::binary(&headers, parse_json(&body)?)?],
+                _ => vec![cloudevents::structured(parse_json(&body)?, None)?],
+            };
+            let mut writes = Vec::with_capacity(envelopes.len());
+            let mut keys = Vec::with_capacity(envelopes.len());
+            for (index, envelope) in envelopes.into_iter().enumerate() {
+                let write = parse_record(envelope.record, envelope.time.unwrap_or(now), kind)
+                    .map_err(|error| InvalidRecord { index, error })?;
+                writes.push(write);
+                keys.push(envelope.key);
+            }
+            (writes, Some(keys), false)
         }
     };
-    let writes = parse_records(values, Timestamp::now(), kind)?;
     let expect = if_match(&headers)?;
     if expect.is_some() && !single {
         return Err(ApiError::BadRequest(
-            "If-Match applies to a single record, not an array".into(),
+            "If-Match applies to a single plain JSON record".into(),
         ));
     }
     let pipeline = state.pipeline();
     pipeline.admit()?;
     let cause = Cause::request(request);
-    let results = match (expect, writes.len()) {
-        (Some(expect), 1) => writes
+    let results = match (expect, keys) {
+        (Some(expect), _) => writes
             .into_iter()
             .map(|write| {
                 let id = write.id.clone();
                 let outcome = pipeline.ingest_if(kind, write, expect, &cause)?;
-                Ok(IngestResult { id, outcome })
+                Ok(IngestResult {
+                    id,
+                    outcome: outcome.as_str(),
+                })
             })
             .collect::<Result<_, ApiError>>()?,
-        _ => pipeline
+        (None, None) => pipeline
             .ingest(kind, writes, &cause)
             .into_iter()
-            .map(|(id, outcome)| IngestResult { id, outcome })
+            .map(|(id, outcome)| IngestResult {
+                id,
+                outcome: outcome.as_str(),
+            })
+            .collect(),
+        (None, Some(keys)) => writes
+            .into_iter()
+            .zip(keys)
+            .map(|(write, key)| {
+                let id = write.id.clone();
+                let outcome = if pipeline.dedup.first_time(&key) {
+                    pipeline.raw_table(kind).apply(write, &cause).as_str()
+                } else {
+                    "duplicate"
+                };
+                IngestResult { id, outcome }
+            })
             .collect(),
     };
     Ok(Json(IngestResponse { results }))
@@ -160,7 +211,7 @@ pub async fn put(
     body: Bytes,
 ) -> Result<Json<Reconciliation>, ApiError> {
     let kind = kind(&kind_name)?;
-    require_json(&headers)?;
+    require_json(&essence(&headers)?)?;
     let body: ReconcileBody = serde_json::from_value(parse_json(&body)?).map_err(|e| {
         ApiError::BadRequest(format!(
             "the body must be {{\"as_of\": \"<timestamp>\", \"records\": [...]}}: {e}"

@@ -2,6 +2,7 @@
 //! resource has its own module; they only translate between HTTP and the
 //! pipeline.
 
+mod cloudevents;
 mod dashboard;
 mod events;
 mod ingest;

@@ -14,6 +14,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::engine::dedup::DedupWindow;
 use crate::engine::handler::{BreakerPolicy, HandlerConfig, RetryPolicy};
 use crate::engine::log::{Cause, Change, SubscriberId};
 use crate::engine::queue::Queue;
@@ -41,6 +42,8 @@ pub struct PipelineConfig {
     pub max_dead_letters: usize,
     /// Raw changes waiting for `raw_queue` above which ingest is refused.
     pub ingest_backlog_limit: u64,
+    /// CloudEvent `source`+`id` pairs remembered for duplicate detection.
+    pub dedup_window: usize,
 }
 
 impl Default for PipelineConfig {
@@ -62,6 +65,7 @@ impl Default for PipelineConfig {
             event_retention: 1_000_000,
             max_dead_letters: 10_000,
             ingest_backlog_limit: 100_000,
+            dedup_window: 100_000,
         }
     }
 }
@@ -81,6 +85,8 @@ pub struct Pipeline {
     raw_feed: SubscriberId,
     pub raw_queue: Arc<Queue<Arc<Change>>>,
     pub encode_queue: Arc<Queue<EncodeJob>>,
+    /// Events already applied, by CloudEvent `source` + `id`.
+    pub dedup: DedupWindow,
     config: PipelineConfig,
 }
 
@@ -143,6 +149,7 @@ impl Pipeline {
             raw_feed,
             raw_queue,
             encode_queue,
+            dedup: DedupWindow::new(config.dedup_window),
             config,
         }
     }
