@@ -472,6 +472,47 @@ mod tests {
         }
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn the_breaker_opens_holds_probes_once_and_closes() {
+        let breaker = Arc::new(Breaker::new(
+            "h".into(),
+            BreakerPolicy {
+                threshold: 3,
+                cool_down: Duration::from_secs(10),
+            },
+        ));
+        breaker.failed();
+        breaker.failed();
+        assert_eq!(breaker.circuit(), Circuit::Closed, "below the threshold");
+        breaker.succeeded();
+        breaker.failed();
+        breaker.failed();
+        assert_eq!(breaker.circuit(), Circuit::Closed, "a success resets the run");
+        breaker.failed();
+        assert_eq!(breaker.circuit(), Circuit::Open);
+
+        // A worker is held for the cool-down, then let through as the probe.
+        let opened = Instant::now();
+        breaker.admit().await;
+        assert!(opened.elapsed() >= Duration::from_secs(10));
+        assert_eq!(breaker.circuit(), Circuit::HalfOpen);
+        // A second worker waits while the probe is out.
+        let second = tokio::spawn({
+            let breaker = breaker.clone();
+            async move { breaker.admit().await }
+        });
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(!second.is_finished(), "only one probe at a time");
+        // The probe fails: open again for another cool-down.
+        breaker.failed();
+        assert_eq!(breaker.circuit(), Circuit::Open);
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        second.await.unwrap();
+        assert_eq!(breaker.circuit(), Circuit::HalfOpen);
+        breaker.succeeded();
+        assert_eq!(breaker.circuit(), Circuit::Closed);
+    }
+
     #[test]
     fn faults_are_validated() {
         assert!(

@@ -57,18 +57,20 @@ impl Filter {
                     .table(&name)
                     .map(|t| t.name().clone())
                     .ok_or_else(|| {
-                        ApiError::BadRequest(format!(
-                            "`table`: no table named `{name}`; GET /tables lists them"
-                        ))
+                        ApiError::invalid(
+                            "table",
+                            format_args!("names no table: `{name}`; GET /tables lists them"),
+                        )
                     })?,
             ),
         };
         let kind = match kind {
             None => None,
             Some(text) => Some(ChangeKind::parse_event_type(&text).ok_or_else(|| {
-                ApiError::BadRequest(format!(
-                    "`type` must be eventsys.record.inserted, .updated or .deleted (or inserted, updated, deleted), got `{text}`"
-                ))
+                ApiError::invalid(
+                    "type",
+                    format_args!("must be eventsys.record.inserted, .updated or .deleted (or inserted, updated, deleted), got `{text}`"),
+                )
             })?),
         };
         Ok(Self { table, kind })
@@ -93,7 +95,7 @@ pub async fn list(
 ) -> Result<Json<EventsPage>, ApiError> {
     let limit = match query.limit {
         None => DEFAULT_LIMIT,
-        Some(0) => return Err(ApiError::BadRequest("`limit` must be at least 1".into())),
+        Some(0) => return Err(ApiError::invalid("limit", "must be at least 1")),
         Some(n) => n.min(MAX_LIMIT),
     };
     let filter = Filter::parse(&state, query.table, query.kind)?;
@@ -137,7 +139,7 @@ pub async fn stream(
                 .ok()
                 .and_then(|s| s.trim().parse::<u64>().ok())
                 .ok_or_else(|| {
-                    ApiError::BadRequest("Last-Event-ID must be an event sequence number".into())
+                    ApiError::invalid("Last-Event-ID", "must be an event sequence number")
                 })
         })
         .transpose()?;

@@ -41,7 +41,7 @@ pub(super) fn kind(name: &str) -> Result<Kind, ApiError> {
 }
 
 /// The media type of the body without parameters, lower-cased.
-fn essence(headers: &HeaderMap) -> Result<String, ApiError> {
+pub(super) fn essence(headers: &HeaderMap) -> Result<String, ApiError> {
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -60,7 +60,7 @@ fn essence(headers: &HeaderMap) -> Result<String, ApiError> {
 }
 
 /// The body must be declared as JSON (`application/json` or `+json`).
-fn require_json(essence: &str) -> Result<(), ApiError> {
+pub(super) fn require_json(essence: &str) -> Result<(), ApiError> {
     if essence == "application/json"
         || (essence.starts_with("application/") && essence.ends_with("+json"))
     {
@@ -90,7 +90,7 @@ fn if_match(headers: &HeaderMap) -> Result<Option<Expect>, ApiError> {
     };
     let text = value
         .to_str()
-        .map_err(|_| ApiError::BadRequest("If-Match must be a quoted version".into()))?
+        .map_err(|_| ApiError::invalid("If-Match", "must be a quoted version"))?
         .trim();
     if text == "*" {
         return Ok(Some(Expect::Exists));
@@ -99,9 +99,10 @@ fn if_match(headers: &HeaderMap) -> Result<Option<Expect>, ApiError> {
     Timestamp::parse(unquoted)
         .map(|t| Some(Expect::Version(t)))
         .map_err(|_| {
-            ApiError::BadRequest(format!(
-                "If-Match must be a quoted version such as \"2024-05-01T12:00:00Z\", got `{text}`"
-            ))
+            ApiError::invalid(
+                "If-Match",
+                format_args!("must be a quoted version such as \"2024-05-01T12:00:00Z\", got `{text}`"),
+            )
         })
 }
 
@@ -243,7 +244,7 @@ pub async fn put(
 }
 
 fn invalid(field: &str, reason: impl std::fmt::Display) -> ApiError {
-    ApiError::BadRequest(format!("`{field}` {reason}"))
+    ApiError::invalid(field, reason)
 }
 
 #[derive(Deserialize)]

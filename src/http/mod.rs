@@ -22,6 +22,7 @@ use axum::response::Response;
 use axum::routing::{get, post};
 use tokio_util::sync::CancellationToken;
 use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::config::Config;
@@ -97,8 +98,9 @@ pub fn router(state: AppState) -> Router {
         )
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(RequestBodyLimitLayer::new(body_limit))
         .layer(CatchPanicLayer::new())
-        .layer(middleware::map_response(problem::problem_responses))
+        .layer(middleware::map_response_with_state(body_limit, problem::problem_responses))
         .layer(TraceLayer::new_for_http())
         .layer(middleware::from_fn(request_id))
         .with_state(state)

@@ -5,6 +5,7 @@
 //! body limit) are rewritten by [`problem_responses`], so every error a
 //! client sees has the same shape. A 5xx body never carries internal detail.
 
+use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
@@ -23,6 +24,9 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     BadRequest(String),
+    /// A parameter, header or field outside a record is wrong.
+    #[error("`{field}` {reason}")]
+    Invalid { field: String, reason: String },
     #[error(transparent)]
     InvalidRecord(#[from] InvalidRecord),
     #[error(transparent)]
@@ -43,7 +47,7 @@ impl ApiError {
     fn status(&self) -> StatusCode {
         match self {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::BadRequest(_) | ApiError::InvalidRecord(_) => StatusCode::BAD_REQUEST,
+            ApiError::BadRequest(_) | ApiError::Invalid { .. } | ApiError::InvalidRecord(_) => StatusCode::BAD_REQUEST,
             ApiError::PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Overloaded(_) | ApiError::NotSettled { .. } => {
@@ -57,6 +61,7 @@ impl ApiError {
     fn extensions(&self) -> Map<String, Value> {
         let value = match self {
             ApiError::InvalidRecord(e) => json!({ "index": e.index, "field": e.error.field }),
+            ApiError::Invalid { field, .. } => json!({ "field": field }),
             ApiError::PreconditionFailed(e) => json!({ "current_version": e.current }),
             ApiError::Overloaded(e) => json!({ "backlog": e.backlog, "limit": e.limit }),
             ApiError::Gone(e) => json!({ "oldest": e.oldest }),
@@ -68,6 +73,16 @@ impl ApiError {
         match value {
             Value::Object(map) => map,
             _ => Map::new(),
+        }
+    }
+}
+
+impl ApiError {
+    /// A 400 naming the parameter, header or field that is wrong.
+    pub fn invalid(field: &str, reason: impl std::fmt::Display) -> Self {
+        ApiError::Invalid {
+            field: field.to_string(),
+            reason: reason.to_string(),
         }
     }
 }
@@ -101,8 +116,9 @@ pub fn problem(status: StatusCode, detail: &str, extensions: Map<String, Value>)
     response
 }
 
-/// Rewrites any error response that is not yet problem+json.
-pub async fn problem_responses(response: Response) -> Response {
+/// Rewrites any error response that is not yet problem+json; `body_limit`
+/// is the configured limit, for a 413 that says what it is.
+pub async fn problem_responses(State(body_limit): State<usize>, response: Response) -> Response {
     let status = response.status();
     let is_problem = response
         .headers()
@@ -121,11 +137,14 @@ pub async fn problem_responses(response: Response) -> Response {
             .unwrap_or_default();
         let text = String::from_utf8_lossy(&bytes).trim().to_string();
         match (text.is_empty(), status) {
+            (_, StatusCode::PAYLOAD_TOO_LARGE) => {
+                format!("the request body is larger than the limit of {body_limit} bytes (--body-limit-bytes)")
+            }
             (true, StatusCode::NOT_FOUND) => "no such route".to_string(),
             (true, StatusCode::METHOD_NOT_ALLOWED) => {
                 "method not allowed on this route".to_string()
             }
-            (true, StatusCode::PAYLOAD_TOO_LARGE) => "request body too large".to_string(),
+
             (true, _) => status.canonical_reason().unwrap_or("error").to_string(),
             (false, _) => text,
         }

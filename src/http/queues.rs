@@ -127,10 +127,19 @@ pub async fn fault(
 pub async fn set_fault(
     State(state): State<AppState>,
     Path(name): Path<String>,
+    headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Result<Json<FaultView>, ApiError> {
     let h = handler(&state, &name)?;
-    let fault: Fault = serde_json::from_slice(&body).map_err(|e| {
+    super::ingest::require_json(&super::ingest::essence(&headers)?)?;
+    let value: serde_json::Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("the body is not valid JSON: {e}")))?;
+    if !value.is_object() {
+        return Err(ApiError::BadRequest(
+            "the body must be an object: {\"failure_rate\": 0..1, \"permanent\": bool, \"delay_ms\": int}".into(),
+        ));
+    }
+    let fault: Fault = serde_json::from_value(value).map_err(|e| {
         ApiError::BadRequest(format!(
             "the body must be {{\"failure_rate\": 0..1, \"permanent\": bool, \"delay_ms\": int}}: {e}"
         ))

@@ -92,7 +92,7 @@ pub async fn page(
     let table = table(&state, &name)?;
     let limit = match query.limit {
         None => 100,
-        Some(0) => return Err(ApiError::BadRequest("`limit` must be at least 1".into())),
+        Some(0) => return Err(ApiError::invalid("limit", "must be at least 1")),
         Some(n) => n.min(MAX_PAGE),
     };
     let (records, next) = table.page(query.after.as_deref(), limit);

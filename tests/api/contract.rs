@@ -166,7 +166,8 @@ async fn bodies_over_the_limit_are_413() {
     let big: Vec<_> = (0..100)
         .map(|i| json!({"id": format!("m{i}"), "title": "A title long enough"}))
         .collect();
-    app.post("/raw/movies", json!(big)).await.problem(413);
+    let too_big = app.post("/raw/movies", json!(big)).await;
+    assert!(too_big.problem(413)["detail"].as_str().unwrap().contains("1024 bytes"), "{}", too_big.text);
     app.put("/raw/movies", json!({"records": big}))
         .await
         .problem(413);

@@ -3,4 +3,5 @@
 mod contract;
 mod events;
 mod helpers;
+mod reliability;
 mod scenarios;
