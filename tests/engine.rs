@@ -8,9 +8,11 @@ use serde::Serialize;
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use eventsys::engine::handler::{BreakerPolicy, Failure, Fault, HandlerConfig, Process, RetryPolicy};
+use eventsys::engine::handler::{
+    BreakerPolicy, Failure, Fault, HandlerConfig, Process, RetryPolicy,
+};
 use eventsys::engine::queue::QueueItem;
-use eventsys::engine::{Engine, EngineConfig, QueueView};
+use eventsys::engine::{Engine, EngineConfig};
 
 #[derive(Clone, Debug, Serialize)]
 struct Job(u32);
@@ -43,7 +45,10 @@ impl Process<Job> for Succeeds {
 }
 
 fn engine() -> Engine {
-    Engine::new(EngineConfig { event_retention: 1000, max_dead_letters: 1000 })
+    Engine::new(EngineConfig {
+        event_retention: 1000,
+        max_dead_letters: 1000,
+    })
 }
 
 fn config(workers: usize, retry: RetryPolicy) -> HandlerConfig {
@@ -51,13 +56,20 @@ fn config(workers: usize, retry: RetryPolicy) -> HandlerConfig {
         workers,
         batch: 4,
         retry,
-        breaker: BreakerPolicy { threshold: u32::MAX, cool_down: Duration::from_secs(1) },
+        breaker: BreakerPolicy {
+            threshold: u32::MAX,
+            cool_down: Duration::from_secs(1),
+        },
     }
 }
 
 #[tokio::test(start_paused = true)]
 async fn retries_back_off_exponentially_within_the_jitter_bounds() {
-    let policy = RetryPolicy { max_attempts: 6, base: Duration::from_millis(100), cap: Duration::from_millis(1_000) };
+    let policy = RetryPolicy {
+        max_attempts: 6,
+        base: Duration::from_millis(100),
+        cap: Duration::from_millis(1_000),
+    };
     let mut engine = engine();
     let queue = engine.add_queue::<Job>("q", 8);
     let process = AlwaysFails::default();
@@ -72,7 +84,11 @@ async fn retries_back_off_exponentially_within_the_jitter_bounds() {
     for (i, pair) in times.windows(2).enumerate() {
         let waited = pair[1] - pair[0];
         let (low, high) = policy.bounds(i as u32 + 1);
-        assert!(low <= waited && waited <= high + Duration::from_millis(1), "retry {} waited {waited:?}, policy {low:?}..{high:?}", i + 1);
+        assert!(
+            low <= waited && waited <= high + Duration::from_millis(1),
+            "retry {} waited {waited:?}, policy {low:?}..{high:?}",
+            i + 1
+        );
     }
     let view = engine.queue("q").unwrap();
     let dead = view.dead_letters();
@@ -80,16 +96,32 @@ async fn retries_back_off_exponentially_within_the_jitter_bounds() {
     assert_eq!(dead[0].attempts, 6);
     assert_eq!(dead[0].error, "downstream unavailable");
     let counts = view.snapshot().counts;
-    assert_eq!((counts.failed, counts.retried, counts.dead_lettered, counts.processed), (6, 5, 1, 0));
+    assert_eq!(
+        (
+            counts.failed,
+            counts.retried,
+            counts.dead_lettered,
+            counts.processed
+        ),
+        (6, 5, 1, 0)
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_waiting_retry_does_not_block_other_events() {
-    let policy = RetryPolicy { max_attempts: 2, base: Duration::from_secs(600), cap: Duration::from_secs(600) };
+    let policy = RetryPolicy {
+        max_attempts: 2,
+        base: Duration::from_secs(600),
+        cap: Duration::from_secs(600),
+    };
     let mut engine = engine();
     let queue = engine.add_queue::<Job>("q", 8);
     let handler = engine.add_handler("h", &queue, Succeeds, config(1, policy));
-    handler.set_fault(Some(Fault { failure_rate: 1.0, permanent: false, delay_ms: 0 }));
+    handler.set_fault(Some(Fault {
+        failure_rate: 1.0,
+        permanent: false,
+        delay_ms: 0,
+    }));
     queue.send(Job(1)).await.unwrap();
     // Let the first attempt fail, then stop failing.
     while queue.counts().retrying == 0 {
@@ -101,18 +133,29 @@ async fn a_waiting_retry_does_not_block_other_events() {
     while queue.counts().processed == 0 {
         tokio::task::yield_now().await;
     }
-    assert!(started.elapsed() < Duration::from_secs(1), "job 2 ran while job 1 waited out its retry");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "job 2 ran while job 1 waited out its retry"
+    );
     assert!(engine.settle(Duration::from_secs(3600)).await);
     assert_eq!(queue.counts().processed, 2);
 }
 
 #[tokio::test(start_paused = true)]
 async fn permanent_failures_skip_retries_and_redrive_puts_them_back() {
-    let policy = RetryPolicy { max_attempts: 5, base: Duration::from_millis(10), cap: Duration::from_millis(10) };
+    let policy = RetryPolicy {
+        max_attempts: 5,
+        base: Duration::from_millis(10),
+        cap: Duration::from_millis(10),
+    };
     let mut engine = engine();
     let queue = engine.add_queue::<Job>("q", 2);
     let handler = engine.add_handler("h", &queue, Succeeds, config(2, policy));
-    handler.set_fault(Some(Fault { failure_rate: 1.0, permanent: true, delay_ms: 0 }));
+    handler.set_fault(Some(Fault {
+        failure_rate: 1.0,
+        permanent: true,
+        delay_ms: 0,
+    }));
     for i in 0..5 {
         queue.send(Job(i)).await.unwrap();
     }
@@ -124,12 +167,22 @@ async fn permanent_failures_skip_retries_and_redrive_puts_them_back() {
 
     handler.set_fault(None);
     assert_eq!(view.redrive(), 5);
-    assert!(engine.settle(Duration::from_secs(60)).await, "settle waits for redriven events");
+    assert!(
+        engine.settle(Duration::from_secs(60)).await,
+        "settle waits for redriven events"
+    );
     let counts = view.snapshot().counts;
-    assert_eq!((counts.enqueued, counts.processed, counts.dead_lettered), (10, 5, 5));
+    assert_eq!(
+        (counts.enqueued, counts.processed, counts.dead_lettered),
+        (10, 5, 5)
+    );
     assert!(view.dead_letters().is_empty());
 
-    handler.set_fault(Some(Fault { failure_rate: 1.0, permanent: true, delay_ms: 0 }));
+    handler.set_fault(Some(Fault {
+        failure_rate: 1.0,
+        permanent: true,
+        delay_ms: 0,
+    }));
     queue.send(Job(9)).await.unwrap();
     assert!(engine.settle(Duration::from_secs(60)).await);
     assert_eq!(view.discard(), 1);
@@ -141,11 +194,19 @@ async fn permanent_failures_skip_retries_and_redrive_puts_them_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn counters_add_up_at_every_observation_under_transient_failures() {
     for (capacity, workers) in [(1, 1), (4, 3), (64, 2)] {
-        let policy = RetryPolicy { max_attempts: 4, base: Duration::from_micros(100), cap: Duration::from_millis(2) };
+        let policy = RetryPolicy {
+            max_attempts: 4,
+            base: Duration::from_micros(100),
+            cap: Duration::from_millis(2),
+        };
         let mut engine = engine();
         let queue = engine.add_queue::<Job>("q", capacity);
         let handler = engine.add_handler("h", &queue, Succeeds, config(workers, policy));
-        handler.set_fault(Some(Fault { failure_rate: 0.3, permanent: false, delay_ms: 0 }));
+        handler.set_fault(Some(Fault {
+            failure_rate: 0.3,
+            permanent: false,
+            delay_ms: 0,
+        }));
         let view = engine.queue("q").unwrap().clone();
 
         let observer = tokio::spawn({
@@ -174,9 +235,17 @@ async fn counters_add_up_at_every_observation_under_transient_failures() {
         let observations = observer.await.unwrap();
         assert!(observations > 10, "observed while running ({observations})");
         let c = view.snapshot().counts;
-        assert_eq!(c.processed + c.dead_lettered, 3000, "every event ended: {c:?}");
+        assert_eq!(
+            c.processed + c.dead_lettered,
+            3000,
+            "every event ended: {c:?}"
+        );
         assert_eq!(view.dead_letters().len() as u64, c.dead_lettered);
         assert!(c.retried > 0 && c.failed >= c.retried);
-        assert_eq!(c.failed, c.retried + c.dead_lettered, "each failure was retried or ended the event");
+        assert_eq!(
+            c.failed,
+            c.retried + c.dead_lettered,
+            "each failure was retried or ended the event"
+        );
     }
 }

@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use prometheus_client::metrics::histogram::Histogram;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -286,6 +287,8 @@ pub struct Handler<T, P> {
     fault: Mutex<Option<Fault>>,
     processed: AtomicU64,
     failed: AtomicU64,
+    /// Seconds each attempt took.
+    duration: Histogram,
     tasks: TaskTracker,
     cancel: CancellationToken,
 }
@@ -297,6 +300,7 @@ impl<T: QueueItem, P: Process<T>> Handler<T, P> {
         queue: Arc<Queue<T>>,
         process: P,
         config: HandlerConfig,
+        duration: Histogram,
         tasks: TaskTracker,
         cancel: CancellationToken,
     ) -> Arc<Self> {
@@ -310,6 +314,7 @@ impl<T: QueueItem, P: Process<T>> Handler<T, P> {
             fault: Mutex::new(None),
             processed: AtomicU64::new(0),
             failed: AtomicU64::new(0),
+            duration,
             tasks: tasks.clone(),
             cancel,
         });
@@ -373,6 +378,7 @@ impl<T: QueueItem, P: Process<T>> Handler<T, P> {
         let span = tracing::debug_span!("handle", handler = %self.name, queue = %self.queue.name(),
             event = %envelope.item.event_id(), attempt = envelope.attempts);
         let fault = self.fault();
+        let started = Instant::now();
         let result = async {
             if let Some(fault) = fault {
                 fault.strike().await?;
@@ -381,6 +387,7 @@ impl<T: QueueItem, P: Process<T>> Handler<T, P> {
         }
         .instrument(span.clone())
         .await;
+        self.duration.observe(started.elapsed().as_secs_f64());
         match result {
             Ok(()) => {
                 self.breaker.succeeded();
@@ -487,7 +494,11 @@ mod tests {
         breaker.succeeded();
         breaker.failed();
         breaker.failed();
-        assert_eq!(breaker.circuit(), Circuit::Closed, "a success resets the run");
+        assert_eq!(
+            breaker.circuit(),
+            Circuit::Closed,
+            "a success resets the run"
+        );
         breaker.failed();
         assert_eq!(breaker.circuit(), Circuit::Open);
 

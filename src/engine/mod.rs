@@ -15,6 +15,7 @@ pub mod children;
 pub mod dedup;
 pub mod handler;
 pub mod log;
+pub mod metrics;
 pub mod queue;
 pub mod record;
 pub mod settle;
@@ -70,6 +71,8 @@ pub struct QueueSnapshot {
     pub counts: QueueCounts,
     /// Changes recorded for this queue and not yet put on it.
     pub backlog: u64,
+    /// Events now in the dead-letter list.
+    pub dead_letters: usize,
 }
 
 struct RegisteredQueue<T> {
@@ -89,6 +92,7 @@ impl<T: QueueItem> QueueView for RegisteredQueue<T> {
             capacity: self.queue.capacity(),
             counts: self.queue.counts(),
             backlog: self.feed.as_ref().map_or(0, |(log, sub)| log.backlog(*sub)),
+            dead_letters: self.queue.dead_letter_count(),
         }
     }
 
@@ -164,6 +168,7 @@ pub struct Engine {
     pub log: Arc<ChangeLog>,
     pub activity: Activity,
     pub topology: Topology,
+    pub metrics: metrics::EngineMetrics,
     config: EngineConfig,
     tasks: TaskTracker,
     cancel: CancellationToken,
@@ -179,6 +184,7 @@ impl Engine {
             log: Arc::new(ChangeLog::new(config.event_retention, activity.clone())),
             activity,
             topology: Topology::default(),
+            metrics: Default::default(),
             config,
             tasks: TaskTracker::new(),
             cancel: CancellationToken::new(),
@@ -249,11 +255,19 @@ impl Engine {
         process: P,
         config: HandlerConfig,
     ) -> Arc<Handler<T, P>> {
+        let duration = self
+            .metrics
+            .handler_duration
+            .get_or_create(&metrics::HandlerLabel {
+                handler: name.to_string(),
+            })
+            .clone();
         let handler = Handler::start(
             name,
             queue.clone(),
             process,
             config,
+            duration,
             self.tasks.clone(),
             self.cancel.clone(),
         );

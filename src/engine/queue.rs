@@ -229,6 +229,10 @@ impl<T: QueueItem> Queue<T> {
         self.activity.end(1);
     }
 
+    pub fn dead_letter_count(&self) -> usize {
+        self.dead.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
     pub fn dead_letters(&self) -> Vec<DeadLetter<T>> {
         self.dead
             .lock()

@@ -101,7 +101,9 @@ fn if_match(headers: &HeaderMap) -> Result<Option<Expect>, ApiError> {
         .map_err(|_| {
             ApiError::invalid(
                 "If-Match",
-                format_args!("must be a quoted version such as \"2024-05-01T12:00:00Z\", got `{text}`"),
+                format_args!(
+                    "must be a quoted version such as \"2024-05-01T12:00:00Z\", got `{text}`"
+                ),
             )
         })
 }

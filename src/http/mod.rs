@@ -6,6 +6,7 @@ mod cloudevents;
 mod dashboard;
 mod events;
 mod ingest;
+mod metrics;
 pub mod problem;
 mod queues;
 mod system;
@@ -23,7 +24,6 @@ use axum::routing::{get, post};
 use tokio_util::sync::CancellationToken;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::limit::RequestBodyLimitLayer;
-use tower_http::trace::TraceLayer;
 
 use crate::config::Config;
 use crate::media::pipeline::Pipeline;
@@ -37,6 +37,9 @@ pub struct AppState(Arc<Inner>);
 struct Inner {
     pipeline: Arc<Pipeline>,
     config: Config,
+    /// What `/metrics` serves; kept per app so parallel tests don't share.
+    registry: prometheus_client::registry::Registry,
+    http_metrics: metrics::HttpMetrics,
     /// Cancelled when shutdown begins: live streams end on it so that the
     /// server's graceful shutdown does not wait for them.
     stopping: CancellationToken,
@@ -44,9 +47,13 @@ struct Inner {
 
 impl AppState {
     pub fn new(pipeline: Pipeline, config: Config) -> Self {
+        let pipeline = Arc::new(pipeline);
+        let (registry, http_metrics) = metrics::registry(&pipeline);
         Self(Arc::new(Inner {
-            pipeline: Arc::new(pipeline),
+            pipeline,
             config,
+            registry,
+            http_metrics,
             stopping: CancellationToken::new(),
         }))
     }
@@ -57,6 +64,14 @@ impl AppState {
 
     pub fn config(&self) -> &Config {
         &self.0.config
+    }
+
+    pub fn registry(&self) -> &prometheus_client::registry::Registry {
+        &self.0.registry
+    }
+
+    fn http_metrics(&self) -> &metrics::HttpMetrics {
+        &self.0.http_metrics
     }
 
     pub fn stopping(&self) -> CancellationToken {
@@ -72,6 +87,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(system::healthz))
         .route("/settle", get(system::settle))
         .route("/topology", get(system::topology))
+        .route("/metrics", get(metrics::scrape))
         .route("/raw/{kind}", post(ingest::post).put(ingest::put))
         .route("/raw/{kind}/{id}", axum::routing::delete(ingest::delete))
         .route("/events", get(events::list))
@@ -100,8 +116,14 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(RequestBodyLimitLayer::new(body_limit))
         .layer(CatchPanicLayer::new())
-        .layer(middleware::map_response_with_state(body_limit, problem::problem_responses))
-        .layer(TraceLayer::new_for_http())
+        .layer(middleware::map_response_with_state(
+            body_limit,
+            problem::problem_responses,
+        ))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            metrics::observe,
+        ))
         .layer(middleware::from_fn(request_id))
         .with_state(state)
 }

@@ -47,7 +47,9 @@ impl ApiError {
     fn status(&self) -> StatusCode {
         match self {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::BadRequest(_) | ApiError::Invalid { .. } | ApiError::InvalidRecord(_) => StatusCode::BAD_REQUEST,
+            ApiError::BadRequest(_) | ApiError::Invalid { .. } | ApiError::InvalidRecord(_) => {
+                StatusCode::BAD_REQUEST
+            }
             ApiError::PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Overloaded(_) | ApiError::NotSettled { .. } => {
@@ -138,7 +140,9 @@ pub async fn problem_responses(State(body_limit): State<usize>, response: Respon
         let text = String::from_utf8_lossy(&bytes).trim().to_string();
         match (text.is_empty(), status) {
             (_, StatusCode::PAYLOAD_TOO_LARGE) => {
-                format!("the request body is larger than the limit of {body_limit} bytes (--body-limit-bytes)")
+                format!(
+                    "the request body is larger than the limit of {body_limit} bytes (--body-limit-bytes)"
+                )
             }
             (true, StatusCode::NOT_FOUND) => "no such route".to_string(),
             (true, StatusCode::METHOD_NOT_ALLOWED) => {

@@ -32,7 +32,10 @@ pub async fn settle(
 ) -> Result<Json<Value>, ApiError> {
     let timeout_ms = query.timeout_ms.unwrap_or(5_000);
     if timeout_ms > MAX_SETTLE_MS {
-        return Err(ApiError::invalid("timeout_ms", format_args!("must be at most {MAX_SETTLE_MS}")));
+        return Err(ApiError::invalid(
+            "timeout_ms",
+            format_args!("must be at most {MAX_SETTLE_MS}"),
+        ));
     }
     let engine = &state.pipeline().engine;
     if engine.settle(Duration::from_millis(timeout_ms)).await {

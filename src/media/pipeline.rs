@@ -17,6 +17,7 @@ use std::time::Duration;
 use crate::engine::dedup::DedupWindow;
 use crate::engine::handler::{BreakerPolicy, HandlerConfig, RetryPolicy};
 use crate::engine::log::{Cause, Change, SubscriberId};
+use crate::engine::metrics::latency_histogram;
 use crate::engine::queue::Queue;
 use crate::engine::record::{RecordId, Timestamp};
 use crate::engine::table::{
@@ -24,6 +25,7 @@ use crate::engine::table::{
 };
 use crate::engine::topology::Topology;
 use crate::engine::{Engine, EngineConfig};
+use prometheus_client::metrics::histogram::Histogram;
 
 use super::encode_handler::{EncodeHandler, EncodeJob};
 use super::raw_handler::RawHandler;
@@ -85,6 +87,8 @@ pub struct Pipeline {
     raw_feed: SubscriberId,
     pub raw_queue: Arc<Queue<Arc<Change>>>,
     pub encode_queue: Arc<Queue<EncodeJob>>,
+    /// Seconds from a raw write to the standard write it caused.
+    pub ingest_to_visible: Histogram,
     /// Events already applied, by CloudEvent `source` + `id`.
     pub dedup: DedupWindow,
     config: PipelineConfig,
@@ -105,6 +109,7 @@ impl Pipeline {
         let (raw_queue, raw_feed) =
             engine.add_fed_queue("raw_queue", config.queue_capacity, &raw_refs);
         let encode_queue = engine.add_queue::<EncodeJob>("encode_queue", config.queue_capacity);
+        let ingest_to_visible = latency_histogram();
         let raw_episodes = raw[Kind::ALL
             .iter()
             .position(|k| *k == Kind::Episodes)
@@ -120,6 +125,7 @@ impl Pipeline {
                 encode_queue: encode_queue.clone(),
                 episodes_of: Default::default(),
                 renditions_of: Default::default(),
+                visible: ingest_to_visible.clone(),
             },
             HandlerConfig {
                 workers: config.raw_workers,
@@ -149,6 +155,7 @@ impl Pipeline {
             raw_feed,
             raw_queue,
             encode_queue,
+            ingest_to_visible,
             dedup: DedupWindow::new(config.dedup_window),
             config,
         }

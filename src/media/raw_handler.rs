@@ -23,7 +23,8 @@ use crate::engine::handler::{Failure, Process};
 use crate::engine::log::{Cause, Change, ChangeKind};
 use crate::engine::queue::Queue;
 use crate::engine::record::{RecordId, Timestamp, Version};
-use crate::engine::table::Table;
+use crate::engine::table::{Outcome, Table};
+use prometheus_client::metrics::histogram::Histogram;
 
 use super::encode_handler::EncodeJob;
 use super::records::{Kind, Standard, standardise};
@@ -38,6 +39,9 @@ pub struct RawHandler {
     pub(crate) episodes_of: ChildSets,
     /// Which renditions each video listed last.
     pub(crate) renditions_of: ChildSets,
+    /// Seconds from a raw change being recorded to the standard write it
+    /// caused.
+    pub(crate) visible: Histogram,
 }
 
 fn standard_index(kind: Kind) -> usize {
@@ -53,7 +57,9 @@ impl Process<Arc<Change>> for RawHandler {
         let table = &self.standard[standard_index(kind)];
         match (&change.kind, &change.data) {
             (ChangeKind::Deleted, _) | (_, None) => {
-                table.delete(&change.key, change.version.at, &cause);
+                if table.delete(&change.key, change.version.at, &cause) == Outcome::Deleted {
+                    self.became_visible(change);
+                }
                 self.delete_children(kind, &change.key, change.version.at, &cause);
                 Ok(())
             }
@@ -65,7 +71,7 @@ impl Process<Arc<Change>> for RawHandler {
                             change.key
                         ))
                     })?;
-                table.apply(
+                let outcome = table.apply(
                     crate::engine::table::Write {
                         id: change.key.clone(),
                         version: change.version.clone(),
@@ -73,6 +79,9 @@ impl Process<Arc<Change>> for RawHandler {
                     },
                     &cause,
                 );
+                if matches!(outcome, Outcome::Inserted | Outcome::Updated) {
+                    self.became_visible(change);
+                }
                 self.write_children(change, standard, &cause).await
             }
         }
@@ -80,6 +89,12 @@ impl Process<Arc<Change>> for RawHandler {
 }
 
 impl RawHandler {
+    fn became_visible(&self, change: &Change) {
+        let elapsed = chrono::Utc::now() - change.time.as_datetime();
+        self.visible
+            .observe(elapsed.to_std().unwrap_or_default().as_secs_f64());
+    }
+
     async fn write_children(
         &self,
         change: &Change,

@@ -167,7 +167,14 @@ async fn bodies_over_the_limit_are_413() {
         .map(|i| json!({"id": format!("m{i}"), "title": "A title long enough"}))
         .collect();
     let too_big = app.post("/raw/movies", json!(big)).await;
-    assert!(too_big.problem(413)["detail"].as_str().unwrap().contains("1024 bytes"), "{}", too_big.text);
+    assert!(
+        too_big.problem(413)["detail"]
+            .as_str()
+            .unwrap()
+            .contains("1024 bytes"),
+        "{}",
+        too_big.text
+    );
     app.put("/raw/movies", json!({"records": big}))
         .await
         .problem(413);

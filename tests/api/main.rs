@@ -3,5 +3,6 @@
 mod contract;
 mod events;
 mod helpers;
+mod observability;
 mod reliability;
 mod scenarios;

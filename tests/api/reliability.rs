@@ -12,10 +12,24 @@ use crate::helpers::TestApp;
 #[tokio::test]
 async fn faults_are_set_listed_validated_and_cleared() {
     let app = TestApp::start();
-    assert_eq!(app.get("/faults").await.ok()["faults"], json!({"raw_handler": null, "encode_handler": null}));
-    let set = app.put("/faults/encode_handler", json!({"failure_rate": 0.25, "delay_ms": 5})).await;
-    assert_eq!(set.ok()["fault"], json!({"failure_rate": 0.25, "permanent": false, "delay_ms": 5}));
-    assert_eq!(app.get("/faults/encode_handler").await.ok()["fault"]["failure_rate"], 0.25);
+    assert_eq!(
+        app.get("/faults").await.ok()["faults"],
+        json!({"raw_handler": null, "encode_handler": null})
+    );
+    let set = app
+        .put(
+            "/faults/encode_handler",
+            json!({"failure_rate": 0.25, "delay_ms": 5}),
+        )
+        .await;
+    assert_eq!(
+        set.ok()["fault"],
+        json!({"failure_rate": 0.25, "permanent": false, "delay_ms": 5})
+    );
+    assert_eq!(
+        app.get("/faults/encode_handler").await.ok()["fault"]["failure_rate"],
+        0.25
+    );
 
     for bad in [
         json!({"failure_rate": 1.5}),
@@ -28,41 +42,99 @@ async fn faults_are_set_listed_validated_and_cleared() {
     ] {
         app.put("/faults/encode_handler", bad).await.problem(400);
     }
-    app.put("/faults/nobody", json!({"failure_rate": 0.5})).await.problem(404);
-    assert_eq!(app.get("/faults/encode_handler").await.body["fault"]["failure_rate"], 0.25, "a refused fault changes nothing");
+    app.put("/faults/nobody", json!({"failure_rate": 0.5}))
+        .await
+        .problem(404);
+    assert_eq!(
+        app.get("/faults/encode_handler").await.body["fault"]["failure_rate"],
+        0.25,
+        "a refused fault changes nothing"
+    );
     app.delete("/faults/encode_handler").await.ok();
-    assert_eq!(app.get("/faults/encode_handler").await.body["fault"], json!(null));
+    assert_eq!(
+        app.get("/faults/encode_handler").await.body["fault"],
+        json!(null)
+    );
 }
 
 #[tokio::test]
 async fn dead_letters_can_be_redriven_once_the_fault_is_gone() {
     let app = TestApp::start();
-    app.put("/faults/encode_handler", json!({"failure_rate": 1.0, "permanent": true})).await.ok();
-    app.post("/raw/videos", json!({"id": "v", "title": "V", "renditions": [
-        {"id": "a", "codec": "h264", "height": 1}, {"id": "b", "codec": "h264", "height": 2}]})).await.ok();
+    app.put(
+        "/faults/encode_handler",
+        json!({"failure_rate": 1.0, "permanent": true}),
+    )
+    .await
+    .ok();
+    app.post(
+        "/raw/videos",
+        json!({"id": "v", "title": "V", "renditions": [
+        {"id": "a", "codec": "h264", "height": 1}, {"id": "b", "codec": "h264", "height": 2}]}),
+    )
+    .await
+    .ok();
     app.settle().await;
     let letters = app.get("/queues/encode_queue/dead-letters").await;
     let letters = letters.ok()["dead_letters"].as_array().unwrap().clone();
     assert_eq!(letters.len(), 2);
-    assert!(letters.iter().all(|l| l["attempts"] == 1 && l["error"] == "injected fault" && l["failed_at"].is_string()));
+    assert!(letters.iter().all(|l| l["attempts"] == 1
+        && l["error"] == "injected fault"
+        && l["failed_at"].is_string()));
     assert_eq!(letters[0]["event"]["type"], "eventsys.encode.requested");
     assert!(app.ids("encodes").await.is_empty());
-    assert_eq!(app.record("videos", "v").await.unwrap()["rendition_ids"], json!(["a", "b"]), "the video itself is there");
+    assert_eq!(
+        app.record("videos", "v").await.unwrap()["rendition_ids"],
+        json!(["a", "b"]),
+        "the video itself is there"
+    );
 
     app.delete("/faults/encode_handler").await.ok();
-    let redrive = app.call(axum::http::Method::POST, "/queues/encode_queue/dead-letters/redrive", None).await;
+    let redrive = app
+        .call(
+            axum::http::Method::POST,
+            "/queues/encode_queue/dead-letters/redrive",
+            None,
+        )
+        .await;
     assert_eq!(redrive.ok()["redriven"], 2);
     app.settle().await;
     assert_eq!(app.ids("encodes").await, ["v:a", "v:b"]);
     let queue = app.queue("encode_queue").await;
-    assert_eq!((queue["enqueued"].as_u64(), queue["processed"].as_u64(), queue["dead_lettered"].as_u64()), (Some(4), Some(2), Some(2)));
-    assert!(app.get("/queues/encode_queue/dead-letters").await.body["dead_letters"].as_array().unwrap().is_empty());
+    assert_eq!(
+        (
+            queue["enqueued"].as_u64(),
+            queue["processed"].as_u64(),
+            queue["dead_lettered"].as_u64()
+        ),
+        (Some(4), Some(2), Some(2))
+    );
+    assert!(
+        app.get("/queues/encode_queue/dead-letters").await.body["dead_letters"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
 
-    app.put("/faults/raw_handler", json!({"failure_rate": 1.0, "permanent": true})).await.ok();
-    app.post("/raw/actors", json!({"id": "a", "name": "A"})).await.ok();
+    app.put(
+        "/faults/raw_handler",
+        json!({"failure_rate": 1.0, "permanent": true}),
+    )
+    .await
+    .ok();
+    app.post("/raw/actors", json!({"id": "a", "name": "A"}))
+        .await
+        .ok();
     app.settle().await;
-    assert_eq!(app.delete("/queues/raw_queue/dead-letters").await.ok()["discarded"], 1);
-    assert!(app.get("/queues/raw_queue/dead-letters").await.body["dead_letters"].as_array().unwrap().is_empty());
+    assert_eq!(
+        app.delete("/queues/raw_queue/dead-letters").await.ok()["discarded"],
+        1
+    );
+    assert!(
+        app.get("/queues/raw_queue/dead-letters").await.body["dead_letters"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -74,9 +146,21 @@ async fn an_open_circuit_holds_events_instead_of_dead_lettering_them() {
         c.retry_base_ms = 1;
         c.retry_max_ms = 5;
     });
-    app.put("/faults/raw_handler", json!({"failure_rate": 1.0})).await.ok();
-    app.post("/raw/movies", json!([{"id": "m1", "title": "A"}, {"id": "m2", "title": "B"}, {"id": "m3", "title": "C"}])).await.ok();
-    let circuit = || async { app.get("/handlers").await.body["handlers"][0]["circuit"].as_str().unwrap().to_string() };
+    app.put("/faults/raw_handler", json!({"failure_rate": 1.0}))
+        .await
+        .ok();
+    app.post(
+        "/raw/movies",
+        json!([{"id": "m1", "title": "A"}, {"id": "m2", "title": "B"}, {"id": "m3", "title": "C"}]),
+    )
+    .await
+    .ok();
+    let circuit = || async {
+        app.get("/handlers").await.body["handlers"][0]["circuit"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
     while circuit().await != "open" {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
@@ -85,8 +169,13 @@ async fn an_open_circuit_holds_events_instead_of_dead_lettering_them() {
     let queue = app.queue("raw_queue").await;
     assert_eq!(queue["dead_lettered"], 0);
     assert_eq!(queue["processed"], 0);
-    let failed = app.get("/handlers").await.body["handlers"][0]["failed"].as_u64().unwrap();
-    assert!(failed < 20, "an open circuit stops the attempts ({failed} failures)");
+    let failed = app.get("/handlers").await.body["handlers"][0]["failed"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        failed < 20,
+        "an open circuit stops the attempts ({failed} failures)"
+    );
 
     app.delete("/faults/raw_handler").await.ok();
     app.settle().await;
@@ -102,19 +191,30 @@ async fn an_overloaded_pipeline_refuses_ingest_with_503_and_stores_nothing_of_it
         c.raw_workers = Some(1);
         c.ingest_backlog_limit = 5;
     });
-    app.put("/faults/raw_handler", json!({"delay_ms": 1000})).await.ok();
-    let batch: Vec<_> = (0..10).map(|i| json!({"id": format!("m{i}"), "title": "T"})).collect();
+    app.put("/faults/raw_handler", json!({"delay_ms": 1000}))
+        .await
+        .ok();
+    let batch: Vec<_> = (0..10)
+        .map(|i| json!({"id": format!("m{i}"), "title": "T"}))
+        .collect();
     app.post("/raw/movies", json!(batch)).await.ok();
-    let refused = app.post("/raw/movies", json!({"id": "late", "title": "T"})).await;
+    let refused = app
+        .post("/raw/movies", json!({"id": "late", "title": "T"}))
+        .await;
     let problem = refused.problem(503);
     assert_eq!(refused.headers[header::RETRY_AFTER], "1");
     assert!(problem["backlog"].as_u64().unwrap() > 5);
-    app.put("/raw/movies", json!({"records": []})).await.problem(503);
+    app.put("/raw/movies", json!({"records": []}))
+        .await
+        .problem(503);
     app.delete("/raw/movies/m1").await.problem(503);
     app.delete("/faults/raw_handler").await.ok();
     app.settle().await;
     assert_eq!(app.count("raw_movies").await, 10);
-    assert!(app.record("raw_movies", "late").await.is_none(), "nothing of a refused request is stored");
+    assert!(
+        app.record("raw_movies", "late").await.is_none(),
+        "nothing of a refused request is stored"
+    );
     assert_eq!(app.count("movies").await, 10);
 }
 
@@ -134,7 +234,9 @@ async fn backpressure_never_refuses_handler_writes_nor_deadlocks() {
         let (app, refused) = (app.clone(), refused.clone());
         clients.spawn(async move {
             for s in (client..500).step_by(4) {
-                let episodes: Vec<_> = (0..100).map(|e| json!({"id": format!("s{s}e{e}"), "title": "t", "number": e})).collect();
+                let episodes: Vec<_> = (0..100)
+                    .map(|e| json!({"id": format!("s{s}e{e}"), "title": "t", "number": e}))
+                    .collect();
                 let body = json!({"id": format!("s{s}"), "title": "Series", "episodes": episodes});
                 loop {
                     let reply = app.post("/raw/series", body.clone()).await;
@@ -142,7 +244,11 @@ async fn backpressure_never_refuses_handler_writes_nor_deadlocks() {
                         StatusCode::OK => break,
                         StatusCode::SERVICE_UNAVAILABLE => {
                             refused.fetch_add(1, Ordering::Relaxed);
-                            let wait: u64 = reply.headers[header::RETRY_AFTER].to_str().unwrap().parse().unwrap();
+                            let wait: u64 = reply.headers[header::RETRY_AFTER]
+                                .to_str()
+                                .unwrap()
+                                .parse()
+                                .unwrap();
                             tokio::time::sleep(Duration::from_secs(wait)).await;
                         }
                         other => panic!("unexpected {other}: {}", reply.text),
@@ -172,5 +278,8 @@ async fn fault_bodies_must_be_json_objects() {
         .body(axum::body::Body::from(r#"{"failure_rate": 0.5}"#))
         .unwrap();
     app.send(text).await.problem(415);
-    assert_eq!(app.get("/faults/raw_handler").await.body["fault"], json!(null));
+    assert_eq!(
+        app.get("/faults/raw_handler").await.body["fault"],
+        json!(null)
+    );
 }
