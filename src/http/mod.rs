@@ -83,7 +83,7 @@ impl AppState {
 pub fn router(state: AppState) -> Router {
     let body_limit = state.config().body_limit_bytes;
     Router::new()
-        .route("/", get(dashboard::index))
+        .merge(dashboard::routes())
         .route("/healthz", get(system::healthz))
         .route("/settle", get(system::settle))
         .route("/topology", get(system::topology))
