@@ -5,8 +5,10 @@
 #   EVENTSYS_URL=http://127.0.0.1:9000 ./demo.sh   # or use a server that is already running
 #
 # It walks through the four scenarios of the pipeline (mixed schemas on one
-# queue, recursive breakdown, async secondary work, full-set reconciliation)
-# and then faults, retries and dead letters. Every step shows the curl call
+# queue, recursive breakdown, async secondary work, full-set reconciliation),
+# then faults, retries and dead letters, and finally the change log: a live
+# SSE tail, a causation chain, CloudEvents ingest with duplicates, and
+# /metrics. Every step shows the curl call
 # it makes, prints what came back and checks it; the script exits non-zero
 # if any check failed. Needs only bash, curl and jq (and cargo to build).
 #
@@ -45,13 +47,17 @@ note() { printf '  %s%s%s\n' "$YELLOW" "$*" "$RESET"; }
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/eventsys-demo.XXXXXX")
 BODY_FILE=$TMP/body HDR_FILE=$TMP/headers ERR_FILE=$TMP/curl-error
-SERVER_PID='' SERVER_LOG='' FAULT_SET=''
+SERVER_PID='' SERVER_LOG='' FAULT_SET='' TAIL_PID=''
 CHECKS=0
 FAILED=()
 
 cleanup() {
   local rc=$?
   trap - EXIT
+  if [[ -n $TAIL_PID ]]; then
+    kill "$TAIL_PID" 2>/dev/null || true
+    wait "$TAIL_PID" 2>/dev/null || true
+  fi
   if [[ -n $FAULT_SET ]]; then
     # Never leave an injected fault behind on someone's server.
     curl -sS -o /dev/null --max-time 5 -X DELETE "$URL/faults/encode_handler" || true
@@ -114,14 +120,20 @@ req() {
   local shown="curl"
   [[ $method != GET ]] && shown+=" -X $method"
   shown+=" $(shq "$URL$path")"
-  local header
+  local header typed=''
   for header in "$@"; do
     args+=(-H "$header")
     shown+=" -H $(shq "$header")"
+    if [[ ${header,,} == content-type:* ]]; then typed=1; fi
   done
   if [[ -n $body ]]; then
-    args+=(-H 'Content-Type: application/json' --data-binary "$body")
-    shown+=" -H 'Content-Type: application/json' -d $(shq "$body")"
+    # The body is JSON unless the caller passed its own Content-Type.
+    if [[ -z $typed ]]; then
+      args+=(-H 'Content-Type: application/json')
+      shown+=" -H 'Content-Type: application/json'"
+    fi
+    args+=(--data-binary "$body")
+    shown+=" -d $(shq "$body")"
   fi
   printf '  %s$ %s%s\n' "$DIM" "$shown" "$RESET"
   if ! CODE=$(curl "${args[@]}" "$URL$path" 2>"$ERR_FILE"); then
@@ -152,6 +164,61 @@ settle() {
 run_records() {
   req 200 GET "/tables/$1?after=$RUN-&limit=1000"
   RESP=$(jq -c --arg p "$RUN-" '[.records[] | select(.id | startswith($p))]' <<<"$RESP")
+}
+
+# ------------------------------------------------------------------- SSE ----
+
+# tail_stream FILE PATH [HEADER...]: starts `curl -sN` on an SSE endpoint in
+# the background, writing to FILE (stopped by stop_tail or when the tour ends).
+tail_stream() {
+  local file=$1 path=$2
+  shift 2
+  local -a args=(-sN --max-time 120)
+  local shown="curl -sN"
+  local header
+  for header in "$@"; do
+    args+=(-H "$header")
+    shown+=" -H $(shq "$header")"
+  done
+  printf '  %s$ %s %s > %s &%s\n' "$DIM" "$shown" "$(shq "$URL$path")" "$(basename "$file")" "$RESET"
+  : >"$file"
+  curl "${args[@]}" "$URL$path" >"$file" 2>/dev/null &
+  TAIL_PID=$!
+}
+
+stop_tail() {
+  if [[ -n $TAIL_PID ]]; then
+    kill "$TAIL_PID" 2>/dev/null || true
+    wait "$TAIL_PID" 2>/dev/null || true
+    TAIL_PID=''
+  fi
+}
+
+# sse_events FILE: each complete event of an SSE capture as one JSON line,
+# {"id": <the id: field>, "event": <its type, "message" by default>, "data": <the data, parsed>}.
+# An event is complete once its blank line has arrived; keep-alive comments are skipped.
+sse_events() {
+  awk '
+    /^id: /    { id = substr($0, 5) }
+    /^event: / { ev = substr($0, 8) }
+    /^data: /  { data = data substr($0, 7) }
+    /^$/ {
+      if (data != "") printf "{\"id\":\"%s\",\"event\":\"%s\",\"data\":%s}\n", id, (ev == "" ? "message" : ev), data
+      id = ""; ev = ""; data = ""
+    }' "$1" | jq -c . 2>/dev/null || true
+}
+
+# await_sse FILE COUNT JQ_CONDITION [JQ_ARG...]: waits (up to ~10 s, polling every 0.1 s)
+# until FILE holds COUNT complete events for which the condition is true.
+# The stream delivers asynchronously, so this is a bounded wait, not a sleep.
+await_sse() {
+  local i n
+  for ((i = 0; i < 100; i++)); do
+    n=$(sse_events "$1" | jq -s "${@:4}" "[.[] | select($3)] | length")
+    if ((n >= $2)); then return 0; fi
+    sleep 0.1
+  done
+  return 1
 }
 
 # ---------------------------------------------------------------- checks ----
@@ -523,6 +590,150 @@ req 200 GET /queues/encode_queue/dead-letters
 show
 check_eq "encode_queue has no dead letters left" "$(get '.dead_letters | length')" "0"
 
+# ==================================================================== 6 ======
+
+part "Part 6 · The change log: live stream, causation, CloudEvents"
+say "Every real change (inserted, updated, deleted) of every table is appended to one change log" \
+    "as a CloudEvent with a global sequence. GET /events pages it; GET /events/stream serves it live (SSE)."
+
+S2="$RUN-wire" E4="$RUN-wire-s1e1" E5="$RUN-wire-s1e2"
+CORR="demo-$RUN"          # the X-Request-Id of this part's request, and so the correlationid of its chain
+STREAM_FILE=$TMP/stream.txt
+
+step "Tail the live stream while a series with two episodes is posted"
+say "A stream resumes after a cursor (?after=<sequence> or a Last-Event-ID header). Starting it at the" \
+    "latest sequence, which /metrics reports as eventsys_log_sequence, shows exactly what follows," \
+    "however late the tail connects."
+req 200 GET /metrics
+CURSOR=$(awk '$1 == "eventsys_log_sequence" {print $2}' <<<"$RESP")
+MOVIES_INSERTED_BEFORE=$(awk '$1 == "eventsys_table_writes_total{table=\"raw_movies\",outcome=\"inserted\"}" {print $2}' <<<"$RESP")
+VISIBLE_BEFORE=$(awk '$1 == "eventsys_ingest_to_visible_seconds_count" {print $2}' <<<"$RESP")
+[[ $CURSOR =~ ^[0-9]+$ ]] || die "Step \"$STEP\": GET /metrics has no eventsys_log_sequence sample."
+say "eventsys_log_sequence $CURSOR"
+tail_stream "$STREAM_FILE" "/events/stream?after=$CURSOR"
+say "The POST carries X-Request-Id: $CORR; every change it leads to will carry it as correlationid."
+BODY=$(jq -nc --arg s "$S2" --arg e1 "$E4" --arg e2 "$E5" '{
+  id:$s, title:"The Wire", updated_at:"2024-05-01T00:00:00Z",
+  episodes:[{id:$e1, title:"The Target", season:1, number:1},
+            {id:$e2, title:"The Detail", season:1, number:2}]}')
+req 200 POST /raw/series "$BODY" "X-Request-Id: $CORR"
+show '.results[]'
+check_eq "the response echoes the X-Request-Id" "$(header x-request-id)" "$CORR"
+settle
+say "Waiting (at most ~10 s) for the tail to have received the 6 changes, then stopping it."
+OURS='.data.correlationid == $c'
+if await_sse "$STREAM_FILE" 6 "$OURS" --arg c "$CORR"; then STREAM_OK=1; else STREAM_OK=''; fi
+stop_tail
+say "Everything this request caused, as the stream delivered it (id: is the sequence):"
+# One line per event: id, type, source, subject.
+SSE_LINE='.[] | "    id: \(.id)  \(.data.type | ltrimstr("eventsys.record.") | . + " " * (9 - length))"
+  + "\(.data.source | . + " " * (20 - length))  \(.data.subject)"'
+STREAM=$(sse_events "$STREAM_FILE" | jq -sc --arg c "$CORR" '[.[] | select(.data.correlationid == $c)]')
+jq -r "$SSE_LINE" <<<"$STREAM"
+OTHER=$(sse_events "$STREAM_FILE" | jq -s --arg c "$CORR" '[.[] | select(.data.correlationid != $c)] | length')
+[[ $OTHER -gt 0 ]] && say "($OTHER change(s) made meanwhile by other clients of this server are not shown.)"
+say "On the wire, each is an SSE frame: id: the sequence, data: the CloudEvent (shortened here):"
+awk -v c="\"correlationid\":\"$CORR\"" '/^id: / {id = $0; next}
+  /^data: / && index($0, c) {print id; print substr($0, 1, 110) "..."; exit}' "$STREAM_FILE" |
+  sed "s/^/    $DIM/; s/\$/$RESET/"
+check "the stream delivered all 6 changes within 10 s" test -n "$STREAM_OK"
+check_eq "a raw series insert, 2 raw_episodes inserts, the standard series and 2 standard episodes" \
+  "$(jq -r '[.[].data | "\(.type | ltrimstr("eventsys.record.")) \(.source) \(.subject)"] | sort | join(", ")' <<<"$STREAM")" \
+  "$(printf '%s\n' "inserted /tables/episodes $E4" "inserted /tables/episodes $E5" \
+      "inserted /tables/raw_episodes $E4" "inserted /tables/raw_episodes $E5" \
+      "inserted /tables/raw_series $S2" "inserted /tables/series $S2" | LC_ALL=C sort | paste -sd, - | sed 's/,/, /g')"
+check_eq "each SSE id: is the event's sequence, and they increase" \
+  "$(jq -r 'length > 0 and all(.[]; .id == .data.sequence)
+    and ([.[].id | tonumber] | . == sort and (. | unique | length) == length)' <<<"$STREAM")" "true"
+check_eq "the raw series change comes before its episodes' changes" \
+  "$(jq -r --arg s "$S2" 'map(.data.source) | index("/tables/raw_series") < index("/tables/raw_episodes")' <<<"$STREAM")" "true"
+
+step "Resume: reconnect with Last-Event-ID, filtered to one table"
+SERIES_SEQ=$(jq -r '[.[] | select(.data.source == "/tables/raw_series")][0].id // empty' <<<"$STREAM")
+[[ -n $SERIES_SEQ ]] || SERIES_SEQ=$CURSOR
+say "A client that saw up to id: $SERIES_SEQ (the raw series) and lost its connection sends it back" \
+    "as Last-Event-ID; the stream replays what followed. ?table=episodes keeps only that table."
+tail_stream "$STREAM_FILE" "/events/stream?table=episodes" "Last-Event-ID: $SERIES_SEQ"
+if await_sse "$STREAM_FILE" 2 "$OURS" --arg c "$CORR"; then RESUME_OK=1; else RESUME_OK=''; fi
+stop_tail
+RESUMED=$(sse_events "$STREAM_FILE" | jq -sc --arg c "$CORR" '[.[] | select(.data.correlationid == $c)]')
+jq -r "$SSE_LINE" <<<"$RESUMED"
+check "the resumed stream replayed the 2 standard episodes" test -n "$RESUME_OK"
+check_eq "all of them from the episodes table, after the Last-Event-ID" \
+  "$(jq -r --argjson after "$SERIES_SEQ" 'length > 0 and all(.[]; .data.source == "/tables/episodes" and (.id | tonumber) > $after)' <<<"$RESUMED")" "true"
+
+step "Follow one episode's causation chain back to the request"
+say "A change written by a handler carries causationid, the id of the change that caused it." \
+    "Start at the standard episode $E4 in GET /events and follow causationid hop by hop."
+HOPS=()
+req 200 GET "/events?after=$CURSOR&table=episodes&limit=1000"
+HOP=$(jq -c --arg s "$E4" '[.events[] | select(.subject == $s)][0]' <<<"$RESP")
+HOPS+=("$HOP")
+show_hop() { jq -r '"    \(.source) \(.subject): \(.type | ltrimstr("eventsys.record.")), id \(.id)\n      causationid \(.causationid // "(none: written by the request itself)"), correlationid \(.correlationid)"' <<<"$1"; }
+show_hop "$HOP"
+req 200 GET "/events?after=$CURSOR&table=raw_episodes&limit=1000"
+HOP=$(jq -c --arg id "$(jq -r '.causationid' <<<"$HOP")" '[.events[] | select(.id == $id)][0]' <<<"$RESP")
+HOPS+=("$HOP")
+show_hop "$HOP"
+req 200 GET "/events?after=$CURSOR&table=raw_series&limit=1000"
+HOP=$(jq -c --arg id "$(jq -r '.causationid' <<<"$HOP")" '[.events[] | select(.id == $id)][0]' <<<"$RESP")
+HOPS+=("$HOP")
+show_hop "$HOP"
+CHAIN=$(printf '%s\n' "${HOPS[@]}" | jq -sc .)
+check_eq "episodes ← raw_episodes ← raw_series, all for this run's records" \
+  "$(jq -r 'map(if . == null then "missing" else "\(.source) \(.subject)" end) | join(" ← ")' <<<"$CHAIN")" \
+  "/tables/episodes $E4 ← /tables/raw_episodes $E4 ← /tables/raw_series $S2"
+check_eq "the chain starts at the request: the raw series change has no causationid" \
+  "$(jq -r '.[2] | if . == null then "missing" else has("causationid") end' <<<"$CHAIN")" "false"
+check_eq "every hop has correlationid = the X-Request-Id sent ($CORR)" \
+  "$(jq -r --arg c "$CORR" 'all(.[]; . != null and .correlationid == $c)' <<<"$CHAIN")" "true"
+
+step "Ingest CloudEvents: structured, batch and binary mode"
+say "POST /raw/{kind} also takes CloudEvents 1.0 with the record as data. An event's source + id is" \
+    "its identity: one that was already applied is answered \`duplicate\` and not applied again," \
+    "so a vendor can safely re-deliver. (The duplicates below carry changed data, to show it is ignored.)"
+SRC="/demo/$RUN/vendor" M4="$RUN-thief" M5="$RUN-manhunter"
+BODY=$(jq -nc --arg src "$SRC" --arg m "$M4" '{specversion:"1.0", id:"evt-1", source:$src, type:"com.example.movie",
+  time:"2024-09-01T00:00:00Z", data:{id:$m, title:"Thief", year:1981}}')
+say "Structured mode: the whole event is the body. Its time versions a record without updated_at."
+req 200 POST /raw/movies "$BODY" 'Content-Type: application/cloudevents+json'
+show '.results[]'
+check_eq "the structured event is inserted" "$(get '[.results[].outcome] | join(",")')" "inserted"
+say "Batch mode: an array of events. The first repeats evt-1 from the same source."
+BODY=$(jq -nc --arg src "$SRC" --arg m4 "$M4" --arg m5 "$M5" '[
+  {specversion:"1.0", id:"evt-1", source:$src, type:"com.example.movie", data:{id:$m4, title:"Thief (re-sent)", year:1981}},
+  {specversion:"1.0", id:"evt-2", source:$src, type:"com.example.movie", data:{id:$m5, title:"Manhunter", year:1986}}]')
+req 200 POST /raw/movies "$BODY" 'Content-Type: application/cloudevents-batch+json'
+show '.results[]'
+check_eq "outcomes: duplicate (evt-1 again), inserted (evt-2)" "$(get '[.results[].outcome] | join(",")')" "duplicate,inserted"
+say "Binary mode: the attributes travel as ce-* headers and the body is the record. evt-2 again:"
+BODY=$(jq -nc --arg m5 "$M5" '{id:$m5, title:"Manhunter (director cut)", year:1986}')
+req 200 POST /raw/movies "$BODY" 'ce-specversion: 1.0' 'ce-id: evt-2' "ce-source: $SRC" 'ce-type: com.example.movie'
+show '.results[]'
+check_eq "the binary re-delivery of evt-2 is a duplicate" "$(get '[.results[].outcome] | join(",")')" "duplicate"
+settle
+req 200 GET "/tables/movies/$M4"
+show
+check_eq "movies shows evt-1's title, not the duplicate's" "$(get .data.title)" "Thief"
+check_eq "versioned by evt-1's time" "$(get .version)" "2024-09-01T00:00:00Z"
+req 200 GET "/tables/movies/$M5"
+show
+check_eq "movies shows evt-2's title, not the binary duplicate's" "$(get .data.title)" "Manhunter"
+
+step "Metrics for Prometheus"
+say "GET /metrics serves counters, gauges and latency histograms in the Prometheus text format. A few samples:"
+req 200 GET /metrics
+grep -E '^eventsys_table_writes_total\{table="raw_movies"|^eventsys_ingest_to_visible_seconds_(count|sum)|^eventsys_queue_depth\{|^eventsys_dead_letters\{|^eventsys_log_sequence ' \
+  <<<"$RESP" | sed 's/^/    /'
+check "it answers in the Prometheus text format" grep -q '^text/plain' <<<"$(header content-type)"
+check "it has eventsys_table_writes_total samples" grep -q '^eventsys_table_writes_total{' <<<"$RESP"
+MOVIES_INSERTED_AFTER=$(awk '$1 == "eventsys_table_writes_total{table=\"raw_movies\",outcome=\"inserted\"}" {print $2}' <<<"$RESP")
+VISIBLE_AFTER=$(awk '$1 == "eventsys_ingest_to_visible_seconds_count" {print $2}' <<<"$RESP")
+check "raw_movies' inserted counter rose by at least the 2 movies above" \
+  test "$((${MOVIES_INSERTED_AFTER:-0} - ${MOVIES_INSERTED_BEFORE:-0}))" -ge 2
+check "ingest-to-visible timed at least this part's 5 standard writes (series, 2 episodes, 2 movies)" \
+  test "$((${VISIBLE_AFTER:-0} - ${VISIBLE_BEFORE:-0}))" -ge 5
+
 # ================================================================ summary ===
 
 part "Summary"
@@ -539,6 +750,8 @@ Where to go next:
   curl -s $URL/topology | jq     # the tables, queues and handlers, and which scenario uses each edge
   open $URL/ in a browser        # the live dashboard
   curl -s '$URL/events?limit=5' | jq   # the change log, as CloudEvents
+  curl -N $URL/events/stream     # ...and live, while you post records in another terminal
+  curl -s $URL/metrics           # the Prometheus metrics
   cargo test                     # the test suite (in $SCRIPT_DIR)
 EOF
 if [[ -n $SERVER_PID ]]; then

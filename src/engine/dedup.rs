@@ -36,10 +36,10 @@ impl DedupWindow {
         if inner.seen.contains(key) {
             return false;
         }
-        if inner.order.len() == self.capacity {
-            if let Some(oldest) = inner.order.pop_front() {
-                inner.seen.remove(&oldest);
-            }
+        if inner.order.len() == self.capacity
+            && let Some(oldest) = inner.order.pop_front()
+        {
+            inner.seen.remove(&oldest);
         }
         inner.seen.insert(key.into());
         inner.order.push_back(key.into());

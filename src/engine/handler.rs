@@ -72,7 +72,7 @@ impl RetryPolicy {
 }
 
 /// Faults injected into a handler, for demos and tests.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Fault {
     /// Chance in 0..=1 that an attempt fails.
@@ -130,7 +130,7 @@ pub struct BreakerPolicy {
 }
 
 /// A circuit's state as shown to users.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Circuit {
     Closed,
@@ -268,7 +268,7 @@ pub struct HandlerConfig {
 }
 
 /// A handler's counters and state as shown to users.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct HandlerStats {
     pub name: Arc<str>,
     pub queue: Arc<str>,

@@ -63,7 +63,7 @@ pub trait HandlerView: Send + Sync {
 }
 
 /// A queue's counters, capacity and change-log backlog.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct QueueSnapshot {
     pub name: String,
     pub capacity: usize,

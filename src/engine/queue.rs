@@ -33,7 +33,7 @@ pub struct Envelope<T> {
 }
 
 /// An event given up on, with why.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct DeadLetter<T> {
     pub event: T,
     pub error: String,
@@ -42,7 +42,7 @@ pub struct DeadLetter<T> {
 }
 
 /// A consistent snapshot of a queue's counters.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct QueueCounts {
     /// Events put on the queue (redriven ones count again).
     pub enqueued: u64,

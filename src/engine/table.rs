@@ -35,7 +35,7 @@ use super::record::{Data, RecordId, Timestamp, Version};
 const SHARDS: usize = 16;
 
 /// What one write or delete did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Outcome {
     Inserted,
@@ -71,7 +71,7 @@ impl Outcome {
 }
 
 /// Who writes a table: ingest (`raw`, as received) or handlers (`standard`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum TableKind {
     Raw,
@@ -111,7 +111,7 @@ pub enum Expect {
 }
 
 /// The result of a full-set reconciliation.
-#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Reconciliation {
     pub as_of: Option<Timestamp>,
     pub inserted: u64,
@@ -123,7 +123,7 @@ pub struct Reconciliation {
 }
 
 /// Counts of write outcomes since start.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct TableStats {
     pub inserted: u64,
     pub updated: u64,

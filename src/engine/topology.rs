@@ -5,7 +5,7 @@ use serde::Serialize;
 
 /// What a node is; the dashboard draws tables as cylinders, queues as
 /// parallelograms and handlers as boxes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum NodeKind {
     Table,
@@ -13,7 +13,7 @@ pub enum NodeKind {
     Handler,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct Node {
     pub id: String,
     pub kind: NodeKind,
@@ -21,7 +21,7 @@ pub struct Node {
     pub scenarios: Vec<u8>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct Edge {
     pub from: String,
     pub to: String,
@@ -30,14 +30,14 @@ pub struct Edge {
     pub scenarios: Vec<u8>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct Scenario {
     pub number: u8,
     pub name: String,
     pub summary: String,
 }
 
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, utoipa::ToSchema)]
 pub struct Topology {
     pub scenarios: Vec<Scenario>,
     pub nodes: Vec<Node>,

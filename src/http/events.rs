@@ -17,20 +17,33 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use futures_util::stream::{self, Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use utoipa::{IntoParams, ToSchema};
 
 use crate::engine::log::{Change, ChangeKind, ChangeLog, Gone};
 
+use super::problem::Problem;
 use super::{ApiError, AppState, Query};
 
 const DEFAULT_LIMIT: usize = 100;
 const MAX_LIMIT: usize = 1000;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct EventsQuery {
+    /// Read after this sequence; 0 (the default) starts at the oldest
+    /// retained event. A cursor whose next event is no longer retained
+    /// gets 410.
     after: Option<u64>,
+    /// Events per page: default 100, at most 1000 (more is capped).
+    #[param(minimum = 1)]
     limit: Option<usize>,
+    /// Only this table's changes.
     table: Option<String>,
+    /// Only changes of this record id (the CloudEvent `subject`).
+    subject: Option<String>,
+    /// Only changes of this type: `eventsys.record.inserted`, `.updated`
+    /// or `.deleted` (or just `inserted`, `updated`, `deleted`).
     #[serde(rename = "type")]
     kind: Option<String>,
 }
@@ -39,6 +52,7 @@ pub struct EventsQuery {
 #[derive(Clone)]
 struct Filter {
     table: Option<Arc<str>>,
+    subject: Option<String>,
     kind: Option<ChangeKind>,
 }
 
@@ -46,6 +60,7 @@ impl Filter {
     fn parse(
         state: &AppState,
         table: Option<String>,
+        subject: Option<String>,
         kind: Option<String>,
     ) -> Result<Self, ApiError> {
         let table = match table {
@@ -73,22 +88,46 @@ impl Filter {
                 )
             })?),
         };
-        Ok(Self { table, kind })
+        Ok(Self {
+            table,
+            subject,
+            kind,
+        })
     }
 
     fn keeps(&self, change: &Change) -> bool {
         self.table.as_ref().is_none_or(|t| *t == change.table)
             && self.kind.is_none_or(|k| k == change.kind)
+            && self
+                .subject
+                .as_deref()
+                .is_none_or(|s| s == change.key.as_str())
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct EventsPage {
+    /// In sequence order.
     events: Vec<Arc<Change>>,
+    /// The `after` of the next page.
     next: u64,
 }
 
-/// `GET /events?after=<seq>&limit=<n>&table=&type=`.
+/// A page of the retained change log, as CloudEvents.
+#[utoipa::path(
+    get,
+    path = "/events",
+    operation_id = "list_events",
+    tag = "events",
+    params(EventsQuery),
+    responses(
+        (status = 200, description = "A page of changes", body = EventsPage),
+        (status = 400, description = "A bad query parameter", body = Problem,
+            content_type = "application/problem+json"),
+        (status = 410, description = "The cursor's next event is no longer retained; the \
+            problem has `oldest`", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
 pub async fn list(
     State(state): State<AppState>,
     Query(query): Query<EventsQuery>,
@@ -98,23 +137,28 @@ pub async fn list(
         Some(0) => return Err(ApiError::invalid("limit", "must be at least 1")),
         Some(n) => n.min(MAX_LIMIT),
     };
-    let filter = Filter::parse(&state, query.table, query.kind)?;
-    let page = state
-        .pipeline()
-        .engine
-        .log
-        .read(query.after.unwrap_or(0), limit, |c| filter.keeps(c))?;
+    let filter = Filter::parse(&state, query.table, query.subject, query.kind)?;
+    let log = &state.pipeline().engine.log;
+    let after = not_ahead(log, "after", query.after.unwrap_or(0))?;
+    let page = log.read(after, limit, |c| filter.keeps(c))?;
     Ok(Json(EventsPage {
         events: page.events,
         next: page.next,
     }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct StreamQuery {
+    /// Start after this sequence (overrides `Last-Event-ID`); default: only
+    /// new changes.
     after: Option<u64>,
+    /// Only this table's changes.
     table: Option<String>,
+    /// Only changes of this record id (the CloudEvent `subject`).
+    subject: Option<String>,
+    /// Only changes of this type, as for `GET /events`.
     #[serde(rename = "type")]
     kind: Option<String>,
 }
@@ -122,15 +166,38 @@ pub struct StreamQuery {
 /// How many events a stream reads from the log at a time.
 const STREAM_BATCH: usize = 256;
 
-/// `GET /events/stream`: the backlog after the cursor, then live changes.
-/// The cursor is `?after=`, else `Last-Event-ID`, else the latest event
-/// (only new changes).
+/// The change log as Server-Sent Events, live.
+///
+/// The backlog after the cursor, then live changes. The cursor is
+/// `?after=`, else `Last-Event-ID`, else the latest event (only new
+/// changes). Each event's `id:` is its sequence and its `data:` a
+/// `ChangeEvent`; comments keep the connection alive. A client too slow to
+/// keep up gets a `lagged` event and the stream closes; it also closes
+/// when the server shuts down.
+#[utoipa::path(
+    get,
+    path = "/events/stream",
+    operation_id = "stream_events",
+    tag = "events",
+    params(
+        StreamQuery,
+        ("Last-Event-ID" = Option<u64>, Header, nullable = false, description = "Resume after this sequence"),
+    ),
+    responses(
+        (status = 200, description = "A stream of `ChangeEvent`s", body = String,
+            content_type = "text/event-stream"),
+        (status = 400, description = "A bad query parameter or `Last-Event-ID`", body = Problem,
+            content_type = "application/problem+json"),
+        (status = 410, description = "The cursor's next event is no longer retained; the \
+            problem has `oldest`", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
 pub async fn stream(
     State(state): State<AppState>,
     headers: HeaderMap,
     Query(query): Query<StreamQuery>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
-    let filter = Filter::parse(&state, query.table, query.kind)?;
+    let filter = Filter::parse(&state, query.table, query.subject, query.kind)?;
     let log = state.pipeline().engine.log.clone();
     let last_event_id = headers
         .get("last-event-id")
@@ -143,18 +210,34 @@ pub async fn stream(
                 })
         })
         .transpose()?;
-    let cursor = query
-        .after
-        .or(last_event_id)
-        .unwrap_or_else(|| log.latest());
+    let cursor = match query.after.or(last_event_id) {
+        // From the oldest retained event, fixed now: from here on the
+        // stream must not skip anything.
+        Some(0) => log.oldest().saturating_sub(1),
+        Some(after) => not_ahead(&log, "after or Last-Event-ID", after)?,
+        None => log.latest(),
+    };
     // Refuse a cursor that is already gone with a 410, like `/events`.
-    log.read(cursor, 1, |_| false)?;
+    log.read_strict(cursor, 1, |_| false)?;
     let events = changes(log, cursor, filter).take_until(state.stopping().cancelled_owned());
     Ok(Sse::new(events).keep_alive(
         KeepAlive::new()
             .interval(Duration::from_secs(15))
             .text("keep-alive"),
     ))
+}
+
+/// A cursor beyond the latest change would wait for events that are never
+/// sent (such as a `Last-Event-ID` from before a restart): refuse it.
+fn not_ahead(log: &ChangeLog, field: &str, after: u64) -> Result<u64, ApiError> {
+    let latest = log.latest();
+    if after > latest {
+        return Err(ApiError::invalid(
+            field,
+            format_args!("is {after}, beyond the latest sequence {latest}"),
+        ));
+    }
+    Ok(after)
 }
 
 enum Reader {

@@ -10,6 +10,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, header};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use utoipa::{IntoParams, ToSchema};
 
 use crate::engine::log::Cause;
 use crate::engine::record::{RecordId, Timestamp};
@@ -17,18 +18,22 @@ use crate::engine::table::{Expect, Outcome, Reconciliation};
 use crate::media::records::{InvalidField, InvalidRecord, Kind, parse_record, parse_records};
 
 use super::cloudevents::{self, Mode};
+use super::openapi::{CloudEvent, CloudEventBatch, IngestOutcome, KindName, RawRecord, RawRecords};
+use super::problem::Problem;
 
 use super::{ApiError, AppState, Query, RequestId};
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct IngestResult {
     id: RecordId,
-    /// A write [`Outcome`], or `duplicate` for a CloudEvent already applied.
+    /// A write outcome, or `duplicate` for a CloudEvent already applied.
+    #[schema(value_type = IngestOutcome)]
     outcome: &'static str,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct IngestResponse {
+    /// One per record, in input order.
     results: Vec<IngestResult>,
 }
 
@@ -108,8 +113,57 @@ fn if_match(headers: &HeaderMap) -> Result<Option<Expect>, ApiError> {
         })
 }
 
-/// `POST /raw/{kind}`: one record or an array of records, or CloudEvents
-/// carrying them (structured, batch or binary mode).
+/// Writes raw records.
+///
+/// One record or an array of records, or CloudEvents carrying them in
+/// structured, batch or binary mode (binary: the `ce-*` headers with the
+/// record as a JSON body). The request is checked whole first; if any part
+/// of it is wrong, nothing of it is stored.
+#[utoipa::path(
+    post,
+    path = "/raw/{kind}",
+    operation_id = "ingest",
+    tag = "ingest",
+    params(
+        ("kind" = inline(KindName), Path, description = "The media kind", example = "movies"),
+        ("If-Match" = Option<String>, Header, nullable = false, description = "`\"<version>\"` or `*`, on a \
+            single plain record: write only if the stored version is that (optimistic \
+            concurrency), else 412"),
+        ("ce-specversion" = Option<String>, Header, nullable = false, description = "Binary mode: `1.0`; \
+            with `ce-id`, `ce-source` and `ce-type` (required) and `ce-time` (optional)"),
+        ("ce-id" = Option<String>, Header, nullable = false, description = "Binary mode: the event id"),
+        ("ce-source" = Option<String>, Header, nullable = false, description = "Binary mode: the event source"),
+        ("ce-type" = Option<String>, Header, nullable = false, description = "Binary mode: the event type"),
+        ("ce-time" = Option<String>, Header, nullable = false, description = "Binary mode: the record's \
+            version when it has no `updated_at`"),
+    ),
+    request_body(
+        description = "Records as JSON, or CloudEvents carrying them",
+        content(
+            (RawRecords = "application/json"),
+            (CloudEvent = "application/cloudevents+json"),
+            (CloudEventBatch = "application/cloudevents-batch+json"),
+        ),
+    ),
+    responses(
+        (status = 200, description = "The outcome of each record, in input order",
+            body = IngestResponse),
+        (status = 400, description = "The body, a record (the problem names its `index` and \
+            `field`), an event or `If-Match` is invalid", body = Problem,
+            content_type = "application/problem+json"),
+        (status = 404, description = "Unknown kind", body = Problem,
+            content_type = "application/problem+json"),
+        (status = 412, description = "`If-Match` did not match; the problem has \
+            `current_version`", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "The body is over the limit (`--body-limit-bytes`)",
+            body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "The body is not declared as JSON", body = Problem,
+            content_type = "application/problem+json"),
+        (status = 503, description = "The backlog is over its bound; retry later", body = Problem,
+            content_type = "application/problem+json",
+            headers(("Retry-After" = u32, description = "Seconds to wait"))),
+    ),
+)]
 pub async fn post(
     State(state): State<AppState>,
     Path(kind_name): Path<String>,
@@ -197,15 +251,46 @@ pub async fn post(
     Ok(Json(IngestResponse { results }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ReconcileBody {
+pub struct ReconcileBody {
+    /// When the set was complete (default: now); records without
+    /// `updated_at` get this version.
     #[serde(default)]
+    #[schema(value_type = Option<Timestamp>)]
     as_of: Option<Value>,
+    /// The complete set of records as of `as_of`.
+    #[schema(value_type = Vec<RawRecord>)]
     records: Vec<Value>,
 }
 
-/// `PUT /raw/{kind}`: the complete set as of `as_of`.
+/// Reconciles a full set.
+///
+/// The records are the complete set as of `as_of`: each is written and
+/// marked seen, then every live record neither seen nor versioned at or
+/// after `as_of` is deleted with version `as_of`.
+#[utoipa::path(
+    put,
+    path = "/raw/{kind}",
+    operation_id = "reconcile",
+    tag = "ingest",
+    params(("kind" = inline(KindName), Path, description = "The media kind", example = "actors")),
+    request_body(content = ReconcileBody, content_type = "application/json"),
+    responses(
+        (status = 200, description = "What the reconciliation did", body = Reconciliation),
+        (status = 400, description = "The body, `as_of` or a record is invalid", body = Problem,
+            content_type = "application/problem+json"),
+        (status = 404, description = "Unknown kind", body = Problem,
+            content_type = "application/problem+json"),
+        (status = 413, description = "The body is over the limit (`--body-limit-bytes`)",
+            body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "The body is not declared as JSON", body = Problem,
+            content_type = "application/problem+json"),
+        (status = 503, description = "The backlog is over its bound; retry later", body = Problem,
+            content_type = "application/problem+json",
+            headers(("Retry-After" = u32, description = "Seconds to wait"))),
+    ),
+)]
 pub async fn put(
     State(state): State<AppState>,
     Path(kind_name): Path<String>,
@@ -249,19 +334,49 @@ fn invalid(field: &str, reason: impl std::fmt::Display) -> ApiError {
     ApiError::invalid(field, reason)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct DeleteQuery {
+    /// The delete's version (default: now); writes at or below it are then
+    /// stale.
+    #[param(value_type = Option<Timestamp>)]
     version: Option<String>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct DeleteResponse {
     id: RecordId,
+    /// `deleted`, `stale` (a newer version is stored) or `absent` (nothing
+    /// was live; the tombstone is kept all the same).
     outcome: Outcome,
 }
 
-/// `DELETE /raw/{kind}/{id}?version=<timestamp>`.
+/// Deletes a raw record.
+///
+/// The delete flows on to the standard table, and a series' delete to the
+/// episodes it listed.
+#[utoipa::path(
+    delete,
+    path = "/raw/{kind}/{id}",
+    operation_id = "delete_record",
+    tag = "ingest",
+    params(
+        ("kind" = inline(KindName), Path, description = "The media kind", example = "movies"),
+        ("id" = String, Path, description = "The record's id", example = "m1"),
+        DeleteQuery,
+    ),
+    responses(
+        (status = 200, description = "What the delete did", body = DeleteResponse),
+        (status = 400, description = "Invalid `id` or `version`", body = Problem,
+            content_type = "application/problem+json"),
+        (status = 404, description = "Unknown kind", body = Problem,
+            content_type = "application/problem+json"),
+        (status = 503, description = "The backlog is over its bound; retry later", body = Problem,
+            content_type = "application/problem+json",
+            headers(("Retry-After" = u32, description = "Seconds to wait"))),
+    ),
+)]
 pub async fn delete(
     State(state): State<AppState>,
     Path((kind_name, id)): Path<(String, String)>,

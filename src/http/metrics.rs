@@ -266,7 +266,19 @@ impl Collector for PipelineCollector {
     }
 }
 
-/// `GET /metrics`.
+/// Metrics in the Prometheus text format.
+///
+/// Table writes by outcome, queue depths and counters, handler durations
+/// and outcomes, dead letters, ingest-to-visible latency, and HTTP requests
+/// by route and status.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    operation_id = "metrics",
+    tag = "system",
+    responses((status = 200, description = "Prometheus text exposition format 0.0.4",
+        body = String, content_type = "text/plain; version=0.0.4; charset=utf-8")),
+)]
 pub async fn scrape(State(state): State<AppState>) -> Response {
     let mut body = String::new();
     if let Err(error) = prometheus_client::encoding::text::encode(&mut body, state.registry()) {

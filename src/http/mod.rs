@@ -1,12 +1,15 @@
 //! The HTTP contract (`API.md`): routes, shared state and middleware. Each
 //! resource has its own module; they only translate between HTTP and the
-//! pipeline.
+//! pipeline. Every API route is declared once, in [`api`], for both the
+//! router and the OpenAPI document ([`openapi()`], served at
+//! `/openapi.json`).
 
 mod cloudevents;
 mod dashboard;
 mod events;
 mod ingest;
 mod metrics;
+pub mod openapi;
 pub mod problem;
 mod queues;
 mod system;
@@ -20,10 +23,12 @@ use axum::http::request::Parts;
 use axum::http::{HeaderName, HeaderValue};
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::{get, post};
 use tokio_util::sync::CancellationToken;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::limit::RequestBodyLimitLayer;
+use utoipa::OpenApi as _;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::config::Config;
 use crate::media::pipeline::Pipeline;
@@ -79,39 +84,50 @@ impl AppState {
     }
 }
 
-/// The routes of API.md.
+/// The API routes of API.md. Each `routes!` entry registers a handler with
+/// axum under the method and path of its `#[utoipa::path]`, and adds that
+/// operation to the OpenAPI document, so the two cannot drift apart.
+/// (`routes!` takes handlers of one path at a time.)
+fn api() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .routes(routes!(system::healthz))
+        .routes(routes!(system::settle))
+        .routes(routes!(system::topology))
+        .routes(routes!(metrics::scrape))
+        .routes(routes!(openapi::document))
+        .routes(routes!(ingest::post, ingest::put))
+        .routes(routes!(ingest::delete))
+        .routes(routes!(events::list))
+        .routes(routes!(events::stream))
+        .routes(routes!(tables::list))
+        .routes(routes!(tables::page))
+        .routes(routes!(tables::record))
+        .routes(routes!(queues::list))
+        .routes(routes!(queues::dead_letters, queues::discard))
+        .routes(routes!(queues::redrive))
+        .routes(routes!(queues::handlers))
+        .routes(routes!(queues::faults))
+        .routes(routes!(
+            queues::fault,
+            queues::set_fault,
+            queues::clear_fault
+        ))
+}
+
+/// The OpenAPI 3.1 description of every API route, as `/openapi.json`
+/// serves it.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api().into_openapi()
+}
+
+/// The routes of API.md: the dashboard, and the API described by
+/// [`openapi()`].
 pub fn router(state: AppState) -> Router {
     let body_limit = state.config().body_limit_bytes;
+    let (api, _) = api().split_for_parts();
     Router::new()
         .merge(dashboard::routes())
-        .route("/healthz", get(system::healthz))
-        .route("/settle", get(system::settle))
-        .route("/topology", get(system::topology))
-        .route("/metrics", get(metrics::scrape))
-        .route("/raw/{kind}", post(ingest::post).put(ingest::put))
-        .route("/raw/{kind}/{id}", axum::routing::delete(ingest::delete))
-        .route("/events", get(events::list))
-        .route("/events/stream", get(events::stream))
-        .route("/tables", get(tables::list))
-        .route("/tables/{table}", get(tables::page))
-        .route("/tables/{table}/{id}", get(tables::record))
-        .route("/queues", get(queues::list))
-        .route(
-            "/queues/{queue}/dead-letters",
-            get(queues::dead_letters).delete(queues::discard),
-        )
-        .route(
-            "/queues/{queue}/dead-letters/redrive",
-            post(queues::redrive),
-        )
-        .route("/handlers", get(queues::handlers))
-        .route("/faults", get(queues::faults))
-        .route(
-            "/faults/{handler}",
-            get(queues::fault)
-                .put(queues::set_fault)
-                .delete(queues::clear_fault),
-        )
+        .merge(api)
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(RequestBodyLimitLayer::new(body_limit))

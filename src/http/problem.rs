@@ -8,7 +8,9 @@
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use serde::Serialize;
 use serde_json::{Map, Value, json};
+use utoipa::ToSchema;
 
 use crate::engine::log::Gone;
 use crate::engine::table::PreconditionFailed;
@@ -101,17 +103,53 @@ impl IntoResponse for ApiError {
     }
 }
 
+// `problem` serialises this, and it is also the `Problem` schema of
+// `GET /openapi.json`, so the shape documented is the one served. Its doc
+// comments are that schema's descriptions.
+/// An error, as `application/problem+json` (RFC 9457): the standard
+/// members, then extension members.
+#[derive(Serialize, ToSchema)]
+#[schema(example = json!({
+    "type": "urn:eventsys:problem:bad-request",
+    "title": "Bad Request",
+    "status": 400,
+    "detail": "record 0: `id` is required",
+    "index": 0,
+    "field": "id"
+}))]
+pub struct Problem {
+    /// `urn:eventsys:problem:` and the status's reason phrase as a slug.
+    #[serde(rename = "type")]
+    kind: String,
+    /// The status's reason phrase.
+    title: &'static str,
+    /// The HTTP status code, repeated.
+    status: u16,
+    /// What went wrong, for a person; a 500 says only that it is internal.
+    detail: String,
+    /// Members that help a client act on the error: `index` and `field`
+    /// (400, a bad record), `field` (400, a bad parameter or header),
+    /// `current_version` (412), `backlog` and `limit` (503 while
+    /// overloaded), `oldest` (410), `settled` and `outstanding` (503 from
+    /// `/settle`).
+    #[serde(flatten)]
+    extensions: Map<String, Value>,
+}
+
 /// A problem+json response.
 pub fn problem(status: StatusCode, detail: &str, extensions: Map<String, Value>) -> Response {
     let title = status.canonical_reason().unwrap_or("Error");
     let slug = title.to_ascii_lowercase().replace([' ', '\''], "-");
-    let mut body = Map::new();
-    body.insert("type".into(), json!(format!("urn:eventsys:problem:{slug}")));
-    body.insert("title".into(), json!(title));
-    body.insert("status".into(), json!(status.as_u16()));
-    body.insert("detail".into(), json!(detail));
-    body.extend(extensions);
-    let mut response = (status, Value::Object(body).to_string()).into_response();
+    let body = Problem {
+        kind: format!("urn:eventsys:problem:{slug}"),
+        title,
+        status: status.as_u16(),
+        detail: detail.to_string(),
+        extensions,
+    };
+    // Strings, numbers and a map of JSON values: serialising cannot fail.
+    let body = serde_json::to_string(&body).unwrap_or_default();
+    let mut response = (status, body).into_response();
     response
         .headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));

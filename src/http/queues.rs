@@ -3,20 +3,34 @@
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
+use std::collections::BTreeMap;
+
 use serde::Serialize;
-use serde_json::{Value, json};
+use serde_json::Value;
+use utoipa::ToSchema;
+use utoipa::openapi::schema::{Object, ObjectBuilder, OneOfBuilder, Ref, Schema, Type};
 
 use crate::engine::handler::{Fault, HandlerStats};
 use crate::engine::queue::DeadLetter;
 use crate::engine::{HandlerView, QueueSnapshot, QueueView};
 
+use super::openapi::QueuedEvent;
+use super::problem::Problem;
 use super::{ApiError, AppState};
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct QueueList {
     queues: Vec<QueueSnapshot>,
 }
 
+/// Every queue with its depth, capacity and counters.
+#[utoipa::path(
+    get,
+    path = "/queues",
+    operation_id = "list_queues",
+    tag = "queues",
+    responses((status = 200, description = "Every queue", body = QueueList)),
+)]
 pub async fn list(State(state): State<AppState>) -> Json<QueueList> {
     let queues = state
         .pipeline()
@@ -37,11 +51,27 @@ fn queue<'a>(
     })
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct DeadLetters {
+    /// Oldest first.
+    #[schema(value_type = Vec<DeadLetter<QueuedEvent>>)]
     dead_letters: Vec<DeadLetter<Value>>,
 }
 
+/// The events a queue gave up on, with why.
+#[utoipa::path(
+    get,
+    path = "/queues/{queue}/dead-letters",
+    operation_id = "list_dead_letters",
+    tag = "queues",
+    params(("queue" = String, Path, description = "A queue's name, as `GET /queues` lists",
+        example = "raw_queue")),
+    responses(
+        (status = 200, description = "The queue's dead letters", body = DeadLetters),
+        (status = 404, description = "No such queue", body = Problem,
+            content_type = "application/problem+json"),
+    ),
+)]
 pub async fn dead_letters(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -51,27 +81,77 @@ pub async fn dead_letters(
     }))
 }
 
+#[derive(Serialize, ToSchema)]
+pub struct Redriven {
+    /// Dead letters put back on the queue.
+    redriven: usize,
+}
+
+/// Puts a queue's dead letters back on it, for another round of attempts.
+#[utoipa::path(
+    post,
+    path = "/queues/{queue}/dead-letters/redrive",
+    operation_id = "redrive_dead_letters",
+    tag = "queues",
+    params(("queue" = String, Path, description = "A queue's name, as `GET /queues` lists",
+        example = "raw_queue")),
+    responses(
+        (status = 200, description = "How many were redriven", body = Redriven),
+        (status = 404, description = "No such queue", body = Problem,
+            content_type = "application/problem+json"),
+    ),
+)]
 pub async fn redrive(
     State(state): State<AppState>,
     Path(name): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    Ok(Json(json!({ "redriven": queue(&state, &name)?.redrive() })))
+) -> Result<Json<Redriven>, ApiError> {
+    Ok(Json(Redriven {
+        redriven: queue(&state, &name)?.redrive(),
+    }))
 }
 
+#[derive(Serialize, ToSchema)]
+pub struct Discarded {
+    /// Dead letters dropped.
+    discarded: usize,
+}
+
+/// Discards a queue's dead letters.
+#[utoipa::path(
+    delete,
+    path = "/queues/{queue}/dead-letters",
+    operation_id = "discard_dead_letters",
+    tag = "queues",
+    params(("queue" = String, Path, description = "A queue's name, as `GET /queues` lists",
+        example = "raw_queue")),
+    responses(
+        (status = 200, description = "How many were discarded", body = Discarded),
+        (status = 404, description = "No such queue", body = Problem,
+            content_type = "application/problem+json"),
+    ),
+)]
 pub async fn discard(
     State(state): State<AppState>,
     Path(name): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    Ok(Json(
-        json!({ "discarded": queue(&state, &name)?.discard() }),
-    ))
+) -> Result<Json<Discarded>, ApiError> {
+    Ok(Json(Discarded {
+        discarded: queue(&state, &name)?.discard(),
+    }))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct HandlerList {
     handlers: Vec<HandlerStats>,
 }
 
+/// Every handler with its workers, counters and circuit state.
+#[utoipa::path(
+    get,
+    path = "/handlers",
+    operation_id = "list_handlers",
+    tag = "queues",
+    responses((status = 200, description = "Every handler", body = HandlerList)),
+)]
 pub async fn handlers(State(state): State<AppState>) -> Json<HandlerList> {
     let handlers = state
         .pipeline()
@@ -94,24 +174,67 @@ fn handler<'a>(
     })
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct FaultView {
     handler: String,
+    /// The injected fault; null when none.
     fault: Option<Fault>,
 }
 
-/// `GET /faults`: every handler's injected fault (null when none).
-pub async fn faults(State(state): State<AppState>) -> Json<Value> {
-    let faults: serde_json::Map<String, Value> = state
+#[derive(Serialize, ToSchema)]
+pub struct FaultList {
+    /// Every handler's injected fault by handler name; null when none.
+    #[schema(schema_with = fault_or_null_by_handler)]
+    faults: BTreeMap<String, Option<Fault>>,
+}
+
+/// The schema of [`FaultList::faults`], written out because the derive
+/// cannot describe a map whose values may be null.
+fn fault_or_null_by_handler() -> Object {
+    let fault_or_null = OneOfBuilder::new()
+        .item(Ref::from_schema_name(Fault::name()))
+        .item(ObjectBuilder::new().schema_type(Type::Null))
+        .build();
+    ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .additional_properties(Some(Schema::OneOf(fault_or_null)))
+        .build()
+}
+
+const HANDLER: &str = "A handler's name, as `GET /handlers` lists";
+
+/// Every handler's injected fault.
+#[utoipa::path(
+    get,
+    path = "/faults",
+    operation_id = "list_faults",
+    tag = "queues",
+    responses((status = 200, description = "Faults by handler", body = FaultList)),
+)]
+pub async fn faults(State(state): State<AppState>) -> Json<FaultList> {
+    let faults = state
         .pipeline()
         .engine
         .handlers()
         .iter()
-        .map(|h| (h.name().to_string(), json!(h.fault())))
+        .map(|h| (h.name().to_string(), h.fault()))
         .collect();
-    Json(json!({ "faults": faults }))
+    Json(FaultList { faults })
 }
 
+/// One handler's injected fault.
+#[utoipa::path(
+    get,
+    path = "/faults/{handler}",
+    operation_id = "read_fault",
+    tag = "queues",
+    params(("handler" = String, Path, description = HANDLER, example = "raw_handler")),
+    responses(
+        (status = 200, description = "The handler's fault", body = FaultView),
+        (status = 404, description = "No such handler", body = Problem,
+            content_type = "application/problem+json"),
+    ),
+)]
 pub async fn fault(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -123,7 +246,29 @@ pub async fn fault(
     }))
 }
 
-/// `PUT /faults/{handler}` with `{"failure_rate", "permanent", "delay_ms"}`.
+/// Injects a fault into a handler, for demos and tests.
+///
+/// Transient failures are retried with backoff and may open the circuit;
+/// permanent ones go to dead letters at once.
+#[utoipa::path(
+    put,
+    path = "/faults/{handler}",
+    operation_id = "set_fault",
+    tag = "queues",
+    params(("handler" = String, Path, description = HANDLER, example = "raw_handler")),
+    request_body(content = Fault, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The fault now injected", body = FaultView),
+        (status = 400, description = "The body is not a valid fault", body = Problem,
+            content_type = "application/problem+json"),
+        (status = 404, description = "No such handler", body = Problem,
+            content_type = "application/problem+json"),
+        (status = 413, description = "The body is over the limit (`--body-limit-bytes`)",
+            body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "The body is not declared as JSON", body = Problem,
+            content_type = "application/problem+json"),
+    ),
+)]
 pub async fn set_fault(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -153,6 +298,19 @@ pub async fn set_fault(
     }))
 }
 
+/// Removes a handler's injected fault.
+#[utoipa::path(
+    delete,
+    path = "/faults/{handler}",
+    operation_id = "clear_fault",
+    tag = "queues",
+    params(("handler" = String, Path, description = HANDLER, example = "raw_handler")),
+    responses(
+        (status = 200, description = "The handler, now without a fault", body = FaultView),
+        (status = 404, description = "No such handler", body = Problem,
+            content_type = "application/problem+json"),
+    ),
+)]
 pub async fn clear_fault(
     State(state): State<AppState>,
     Path(name): Path<String>,

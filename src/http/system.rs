@@ -4,32 +4,75 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::extract::State;
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
 use crate::engine::topology::Topology;
 
+use super::problem::Problem;
 use super::{ApiError, AppState, Query};
 
-pub async fn healthz() -> Json<Value> {
-    Json(json!({ "status": "ok" }))
+#[derive(Serialize, ToSchema)]
+pub struct Health {
+    /// Always `ok`: the server answers.
+    #[schema(example = "ok")]
+    status: &'static str,
 }
 
-#[derive(Deserialize)]
+/// Whether the server is serving.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    operation_id = "healthz",
+    tag = "system",
+    responses((status = 200, description = "Serving", body = Health)),
+)]
+pub async fn healthz() -> Json<Health> {
+    Json(Health { status: "ok" })
+}
+
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct SettleQuery {
+    /// How long to wait, in milliseconds (default 5000, at most 600000).
+    #[param(maximum = 600_000)]
     timeout_ms: Option<u64>,
 }
 
 /// The longest a client may ask `/settle` to wait.
 const MAX_SETTLE_MS: u64 = 600_000;
 
-/// `GET /settle?timeout_ms=5000`: waits until every queue is empty, nothing
-/// is in flight and no retry is pending.
+#[derive(Serialize, ToSchema)]
+pub struct Settled {
+    /// Always `true`; at the timeout the answer is a 503 problem with
+    /// `"settled": false`.
+    settled: bool,
+}
+
+/// Waits until the pipeline is idle.
+///
+/// Idle means every queue is empty, nothing is in flight and no retry is
+/// pending; dead letters do not count.
+#[utoipa::path(
+    get,
+    path = "/settle",
+    operation_id = "settle",
+    tag = "system",
+    params(SettleQuery),
+    responses(
+        (status = 200, description = "The pipeline is idle", body = Settled),
+        (status = 400, description = "A bad query parameter", body = Problem,
+            content_type = "application/problem+json"),
+        (status = 503, description = "Not idle at the timeout; the problem has \
+            `\"settled\": false` and `outstanding`", body = Problem,
+            content_type = "application/problem+json"),
+    ),
+)]
 pub async fn settle(
     State(state): State<AppState>,
     Query(query): Query<SettleQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Settled>, ApiError> {
     let timeout_ms = query.timeout_ms.unwrap_or(5_000);
     if timeout_ms > MAX_SETTLE_MS {
         return Err(ApiError::invalid(
@@ -39,7 +82,7 @@ pub async fn settle(
     }
     let engine = &state.pipeline().engine;
     if engine.settle(Duration::from_millis(timeout_ms)).await {
-        Ok(Json(json!({ "settled": true })))
+        Ok(Json(Settled { settled: true }))
     } else {
         Err(ApiError::NotSettled {
             timeout_ms,
@@ -48,6 +91,15 @@ pub async fn settle(
     }
 }
 
+/// The pipeline's tables, queues and handlers as a graph, with the four
+/// scenarios each node and edge takes part in.
+#[utoipa::path(
+    get,
+    path = "/topology",
+    operation_id = "topology",
+    tag = "system",
+    responses((status = 200, description = "Nodes and edges", body = Topology)),
+)]
 pub async fn topology(State(state): State<AppState>) -> Json<Topology> {
     Json(state.pipeline().engine.topology.clone())
 }

@@ -7,25 +7,37 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
 use crate::engine::record::{Data, RecordId, Timestamp};
 use crate::engine::table::{Record, Table, TableKind, TableStats};
 
+use super::problem::Problem;
 use super::{ApiError, AppState, Query};
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct TableSummary {
     name: Arc<str>,
     kind: TableKind,
+    /// Live records.
     count: u64,
+    /// Write outcomes since start.
     stats: TableStats,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct TableList {
     tables: Vec<TableSummary>,
 }
 
+/// Every table with its count and write outcomes.
+#[utoipa::path(
+    get,
+    path = "/tables",
+    operation_id = "list_tables",
+    tag = "tables",
+    responses((status = 200, description = "Raw and standard tables", body = TableList)),
+)]
 pub async fn list(State(state): State<AppState>) -> Json<TableList> {
     let tables = state
         .pipeline()
@@ -49,7 +61,8 @@ fn table<'a>(state: &'a AppState, name: &str) -> Result<&'a Arc<Table>, ApiError
 }
 
 /// A record as the API shows it: `version` is the `updated_at` timestamp.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
+#[schema(as = Record)]
 pub struct RecordView {
     id: RecordId,
     version: Timestamp,
@@ -68,22 +81,48 @@ impl From<Record> for RecordView {
 
 const MAX_PAGE: usize = 1000;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct PageQuery {
+    /// Records per page: default 100, at most 1000 (more is capped).
+    #[param(minimum = 1)]
     limit: Option<usize>,
+    /// Start after this id (the previous page's `next`).
     after: Option<String>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
+#[schema(as = TablePage)]
 pub struct PageView {
     table: Arc<str>,
+    /// Live records in the whole table.
     count: u64,
+    /// In id order.
     records: Vec<RecordView>,
+    /// The `after` of the next page; null on the last page.
     next: Option<RecordId>,
 }
 
-/// `GET /tables/{table}?limit=100&after=<id>`: records in id order.
+/// A page of a table's live records, in id order.
+#[utoipa::path(
+    get,
+    path = "/tables/{table}",
+    operation_id = "read_table",
+    tag = "tables",
+    params(
+        ("table" = String, Path, description = "A table's name, as `GET /tables` lists",
+            example = "movies"),
+        PageQuery,
+    ),
+    responses(
+        (status = 200, description = "One page of records", body = PageView),
+        (status = 400, description = "A bad query parameter", body = Problem,
+            content_type = "application/problem+json"),
+        (status = 404, description = "No such table", body = Problem,
+            content_type = "application/problem+json"),
+    ),
+)]
 pub async fn page(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -104,7 +143,24 @@ pub async fn page(
     }))
 }
 
-/// `GET /tables/{table}/{id}`, with the version as `ETag`.
+/// One live record, with its version as `ETag`.
+#[utoipa::path(
+    get,
+    path = "/tables/{table}/{id}",
+    operation_id = "read_record",
+    tag = "tables",
+    params(
+        ("table" = String, Path, description = "A table's name, as `GET /tables` lists",
+            example = "movies"),
+        ("id" = String, Path, description = "The record's id", example = "m1"),
+    ),
+    responses(
+        (status = 200, description = "The record", body = RecordView,
+            headers(("ETag" = String, description = "The version, quoted"))),
+        (status = 404, description = "No such table, or no live record with this id",
+            body = Problem, content_type = "application/problem+json"),
+    ),
+)]
 pub async fn record(
     State(state): State<AppState>,
     Path((name, id)): Path<(String, String)>,

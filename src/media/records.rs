@@ -310,7 +310,7 @@ pub struct ListedEpisode {
 }
 
 /// A rendition a video lists, for its encode job.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct Rendition {
     pub id: RecordId,
     pub codec: String,

@@ -56,6 +56,13 @@ async fn the_log_pages_every_change_as_cloudevents() {
     assert_eq!(deleted.len(), 1);
     assert!(deleted[0].get("data").is_none());
 
+    let m1 = events(&app, "subject=m1").await;
+    assert!(m1.len() >= 3 && m1.iter().all(|e| e["subject"] == "m1"));
+    assert_eq!(
+        app.get("/events?after=999").await.problem(400)["field"],
+        "after"
+    );
+    app.get("/events/stream?after=999").await.problem(400);
     app.get("/events?limit=0").await.problem(400);
     app.get("/events?table=nope").await.problem(400);
     app.get("/events?type=eventsys.record.exploded")
@@ -124,6 +131,11 @@ async fn a_cursor_older_than_retention_is_gone() {
     // after=0 means "from the oldest retained", never gone.
     assert_eq!(events(&app, "after=0").await.len(), 4);
     app.get("/events/stream?after=1").await.problem(410);
+    // A stream from the beginning starts at the oldest retained event.
+    let mut stream = open_stream(&app, "?after=0", None).await;
+    let first = read_sse(&mut stream, 1).await;
+    assert_eq!(first[0].1, None, "a change, not lagged");
+    assert_eq!(first[0].0.as_deref(), Some(oldest.to_string().as_str()));
 }
 
 #[tokio::test]

@@ -4,5 +4,6 @@ mod contract;
 mod events;
 mod helpers;
 mod observability;
+mod openapi;
 mod reliability;
 mod scenarios;
