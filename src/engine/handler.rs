@@ -367,7 +367,13 @@ impl<T: QueueItem, P: Process<T>> Handler<T, P> {
                 return;
             }
             for envelope in batch.drain(..) {
-                self.handle(envelope).await;
+                // Shutdown past its timeout abandons the event mid-way; it is
+                // still counted in flight and handlers are safe to redo.
+                tokio::select! {
+                    biased;
+                    _ = self.cancel.cancelled() => return,
+                    _ = self.handle(envelope) => {}
+                }
             }
         }
     }

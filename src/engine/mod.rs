@@ -79,6 +79,7 @@ struct RegisteredQueue<T> {
     queue: Arc<Queue<T>>,
     feed: Option<(Arc<ChangeLog>, SubscriberId)>,
     tasks: TaskTracker,
+    cancel: CancellationToken,
 }
 
 impl<T: QueueItem> QueueView for RegisteredQueue<T> {
@@ -113,13 +114,19 @@ impl<T: QueueItem> QueueView for RegisteredQueue<T> {
         let letters = self.queue.take_dead_letters();
         let count = letters.len();
         let queue = self.queue.clone();
+        let cancel = self.cancel.clone();
         // Counted now, sent from a task: the queue may be full, and the
         // client should not wait for room, yet settle must wait for them.
         queue.owe(count as u64);
         self.tasks.spawn(async move {
             let mut left = count as u64;
             for letter in letters {
-                if queue.deliver(letter.event).await.is_err() {
+                let delivered = tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => break,
+                    d = queue.deliver(letter.event) => d,
+                };
+                if delivered.is_err() {
                     break;
                 }
                 left -= 1;
@@ -244,6 +251,7 @@ impl Engine {
             queue,
             feed: feed.map(|s| (self.log.clone(), s)),
             tasks: self.tasks.clone(),
+            cancel: self.cancel.clone(),
         }));
     }
 

@@ -12,7 +12,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Datelike, SecondsFormat, Utc};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::value::RawValue;
 
@@ -21,6 +21,8 @@ use serde_json::value::RawValue;
 pub enum ValueError {
     #[error("must be an RFC 3339 timestamp such as 2024-05-01T12:00:00Z")]
     Timestamp,
+    #[error("must fall in the years 0000 to 9999 once converted to UTC")]
+    TimestampRange,
     #[error("must be a string of 1 to {max} characters", max = RecordId::MAX_CHARS)]
     IdLength,
     #[error("must not contain '/'")]
@@ -40,11 +42,16 @@ impl Timestamp {
         Self(Utc::now())
     }
 
-    /// Parses RFC 3339 with any offset (`Z`, `+02:00`, ...).
+    /// Parses RFC 3339 with any offset (`Z`, `+02:00`, ...). The instant
+    /// must be writable back as RFC 3339 in UTC (years 0000 to 9999).
     pub fn parse(text: &str) -> Result<Self, ValueError> {
-        DateTime::parse_from_rfc3339(text.trim())
-            .map(|t| Self(t.with_timezone(&Utc)))
-            .map_err(|_| ValueError::Timestamp)
+        let at = DateTime::parse_from_rfc3339(text.trim())
+            .map_err(|_| ValueError::Timestamp)?
+            .with_timezone(&Utc);
+        if !(0..=9999).contains(&at.year()) {
+            return Err(ValueError::TimestampRange);
+        }
+        Ok(Self(at))
     }
 
     pub fn from_datetime(at: DateTime<Utc>) -> Self {
@@ -264,6 +271,14 @@ mod tests {
         assert_eq!(t, Timestamp::parse("2024-05-01T12:00:00.5Z").unwrap());
         assert!(Timestamp::parse("yesterday").is_err());
         assert!(Timestamp::parse("2024-05-01").is_err());
+        assert_eq!(
+            Timestamp::parse("9999-12-31T23:59:59-23:59"),
+            Err(ValueError::TimestampRange)
+        );
+        assert_eq!(
+            Timestamp::parse("0000-01-01T00:00:00+23:59"),
+            Err(ValueError::TimestampRange)
+        );
     }
 
     #[test]

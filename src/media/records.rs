@@ -116,6 +116,12 @@ pub fn parse_record(
     let Value::Object(mut map) = value else {
         return Err(InvalidField::new("", "a record must be a JSON object"));
     };
+    if depth(&map) > MAX_DEPTH {
+        return Err(InvalidField::new(
+            "",
+            format_args!("is nested deeper than {MAX_DEPTH} levels"),
+        ));
+    }
     let id = record_id(&map, "id")?;
     let at = match map.remove("updated_at") {
         None => default_at,
@@ -130,6 +136,27 @@ pub fn parse_record(
         version: Version::write(at, data.clone()),
         data,
     })
+}
+
+/// How deep a record may nest. Responses wrap records a few levels deeper
+/// (`/events` pages), and must stay within what common JSON parsers accept
+/// (serde_json's default limit is 128).
+pub const MAX_DEPTH: usize = 64;
+
+/// Nesting depth of an object's values (the object itself is level 1).
+fn depth(map: &Map<String, Value>) -> usize {
+    let mut deepest = 1;
+    let mut stack: Vec<(&Value, usize)> = map.values().map(|v| (v, 2)).collect();
+    while let Some((value, level)) = stack.pop() {
+        let children: Box<dyn Iterator<Item = &Value>> = match value {
+            Value::Array(items) => Box::new(items.iter()),
+            Value::Object(fields) => Box::new(fields.values()),
+            _ => continue,
+        };
+        deepest = deepest.max(level);
+        stack.extend(children.map(|child| (child, level + 1)));
+    }
+    deepest
 }
 
 /// Checks a batch; the first invalid record fails the whole batch.
@@ -480,6 +507,15 @@ mod tests {
             "renditions[0]"
         );
         assert_eq!(err(json!([1]), Kind::Movies), "");
+        let nested = |levels: usize| {
+            let mut value = json!(1);
+            for _ in 0..levels {
+                value = json!([value]);
+            }
+            json!({"id": "deep", "x": value})
+        };
+        assert!(parse_record(nested(MAX_DEPTH - 1), now, Kind::Movies).is_ok());
+        assert!(parse_record(nested(MAX_DEPTH), now, Kind::Movies).is_err());
     }
 
     #[test]

@@ -1,0 +1,498 @@
+//! Graceful shutdown of the real binary.
+//!
+//! Each test spawns `eventsys` on port 0 with JSON logs, reads the address
+//! it logs, gives it slow encode work, keeps a live `GET /events/stream`
+//! open, and sends a signal. On SIGTERM and SIGINT it must stop taking
+//! connections, end the live stream, drain the pipeline and exit 0 saying
+//! it stopped cleanly; when the drain outlasts `--shutdown-timeout`, it must
+//! still exit 0, promptly, and log what was left.
+//!
+//! Nothing here sleeps to wait for work: the tests wait on the server's
+//! own output (its log, the event stream) and poll only for the process to
+//! exit or the port to close, each with a deadline.
+
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+/// How long a server may take to start, or to exit after a signal when it
+/// has to drain 1.2 s of work.
+const DEADLINE: Duration = Duration::from_secs(20);
+
+/// A running `eventsys` process and everything it logged.
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+    /// Every line of stdout and stderr so far (stdout lines are JSON).
+    log: Arc<Mutex<Vec<String>>>,
+    readers: Vec<JoinHandle<()>>,
+}
+
+impl Server {
+    fn start(flags: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_eventsys"))
+            .args(["--addr", "127.0.0.1:0", "--log-format", "json"])
+            .args(flags)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn the eventsys binary");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (lines, listening) = mpsc::channel();
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let readers = vec![
+            collect(stdout, log.clone(), Some(lines)),
+            collect(stderr, log.clone(), None),
+        ];
+        let mut server = Server {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            log,
+            readers,
+        };
+        server.addr = server.wait_for_address(listening);
+        server
+    }
+
+    /// The `addr` of the "eventsys listening" line.
+    fn wait_for_address(&mut self, lines: Receiver<String>) -> SocketAddr {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = match lines.recv_timeout(left) {
+                Ok(line) => line,
+                Err(_) => {
+                    let _ = self.child.kill();
+                    panic!(
+                        "no \"eventsys listening\" line within {DEADLINE:?}; log:\n{}",
+                        self.log_text()
+                    );
+                }
+            };
+            let Ok(entry) = serde_json::from_str::<Value>(&line) else {
+                continue;
+            };
+            if message(&entry).starts_with("eventsys listening") {
+                let addr = entry["fields"]["addr"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("the listening line has no `addr`: {line}"));
+                return addr
+                    .parse()
+                    .unwrap_or_else(|e| panic!("bad addr `{addr}`: {e}"));
+            }
+        }
+    }
+
+    fn log_text(&self) -> String {
+        self.log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .join("\n")
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} failed: {status}");
+    }
+
+    /// Waits for the process to exit, up to `limit`; kills it and fails
+    /// if it does not.
+    fn wait_for_exit(&mut self, limit: Duration) -> (ExitStatus, Duration) {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return (status, started.elapsed());
+            }
+            if started.elapsed() > limit {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "eventsys did not exit within {limit:?} of the signal; log:\n{}",
+                    self.log_text()
+                );
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The JSON log entries, once the process has exited and its output
+    /// is read to the end.
+    fn entries(&mut self) -> Vec<Value> {
+        for reader in self.readers.drain(..) {
+            reader.join().expect("log reader");
+        }
+        self.log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .collect()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Reads `from` line by line into `log`, forwarding lines to `lines`.
+fn collect(
+    from: impl Read + Send + 'static,
+    log: Arc<Mutex<Vec<String>>>,
+    lines: Option<mpsc::Sender<String>>,
+) -> JoinHandle<()> {
+    thread::spawn(move || {
+        for line in BufReader::new(from).lines() {
+            let Ok(line) = line else { break };
+            log.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(line.clone());
+            if let Some(lines) = &lines {
+                let _ = lines.send(line);
+            }
+        }
+    })
+}
+
+fn message(entry: &Value) -> &str {
+    entry["fields"]["message"].as_str().unwrap_or("")
+}
+
+fn find<'a>(entries: &'a [Value], text: &str) -> Vec<&'a Value> {
+    entries
+        .iter()
+        .filter(|e| message(e).contains(text))
+        .collect()
+}
+
+fn position(entries: &[Value], text: &str) -> Option<usize> {
+    entries.iter().position(|e| message(e).contains(text))
+}
+
+fn show(entries: &[Value]) -> String {
+    entries
+        .iter()
+        .map(Value::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// One HTTP/1.1 request on its own connection; the status and body.
+fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&Value>) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(DEADLINE))
+        .expect("read timeout");
+    let body = body.map(Value::to_string).unwrap_or_default();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send the request");
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .expect("read the response");
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {response}"));
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// A live `GET /events/stream` from the start of the log, read raw.
+struct Stream {
+    stream: TcpStream,
+    /// Everything received after the headers.
+    seen: String,
+}
+
+impl Stream {
+    fn open(addr: SocketAddr) -> Stream {
+        let mut stream = TcpStream::connect(addr).expect("connect the stream");
+        stream
+            .set_read_timeout(Some(DEADLINE))
+            .expect("read timeout");
+        write!(
+            stream,
+            "GET /events/stream?after=0 HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n"
+        )
+        .expect("send the stream request");
+        let mut this = Stream {
+            stream,
+            seen: String::new(),
+        };
+        let head = this.read_until("\r\n\r\n");
+        let (head, rest) = head.split_once("\r\n\r\n").unwrap_or((&head, ""));
+        assert!(
+            head.starts_with("HTTP/1.1 200"),
+            "the stream was refused: {head}"
+        );
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("content-type: text/event-stream"),
+            "not an event stream: {head}"
+        );
+        this.seen = rest.to_string();
+        this
+    }
+
+    /// Reads until `text` has arrived; returns everything read so far.
+    fn read_until(&mut self, text: &str) -> String {
+        let mut buffer = [0u8; 8192];
+        while !self.seen.contains(text) {
+            match self.stream.read(&mut buffer) {
+                Ok(0) => panic!("the stream ended before `{text}`: {}", self.seen),
+                Ok(n) => self.seen.push_str(&String::from_utf8_lossy(&buffer[..n])),
+                Err(e) => panic!("waiting for `{text}` on the stream: {e}; got {}", self.seen),
+            }
+        }
+        self.seen.clone()
+    }
+
+    /// Reads to the end of the connection; fails if it stays open.
+    fn read_to_end(&mut self) {
+        let mut buffer = [0u8; 8192];
+        loop {
+            match self.stream.read(&mut buffer) {
+                Ok(0) => return,
+                Ok(n) => self.seen.push_str(&String::from_utf8_lossy(&buffer[..n])),
+                Err(e) if e.kind() == ErrorKind::ConnectionReset => return,
+                Err(e) => panic!("the event stream did not end after the signal: {e}"),
+            }
+        }
+    }
+}
+
+/// A video with four renditions: four encode jobs.
+fn video() -> Value {
+    json!({
+        "id": "v1",
+        "title": "Clip",
+        "duration_s": 60,
+        "renditions": [
+            {"id": "r240", "codec": "h264", "height": 240},
+            {"id": "r480", "codec": "h264", "height": 480},
+            {"id": "r720", "codec": "h264", "height": 720},
+            {"id": "r1080", "codec": "av1", "height": 1080},
+        ],
+    })
+}
+
+/// Posts the video and waits, on the event stream, until `raw_handler`
+/// has written it to `videos` (so its encode jobs exist).
+fn start_work(server: &Server, stream: &mut Stream) {
+    let (status, body) = http(server.addr, "POST", "/raw/videos", Some(&video()));
+    assert_eq!(status, 200, "posting the video: {body}");
+    stream.read_until("\"source\":\"/tables/videos\"");
+}
+
+fn encode_queue(server: &Server) -> Value {
+    let (status, body) = http(server.addr, "GET", "/queues", None);
+    assert_eq!(status, 200, "GET /queues: {body}");
+    let queues: Value = serde_json::from_str(&body).expect("/queues is JSON");
+    queues["queues"]
+        .as_array()
+        .and_then(|q| q.iter().find(|q| q["name"] == "encode_queue"))
+        .cloned()
+        .unwrap_or_else(|| panic!("no encode_queue in {body}"))
+}
+
+/// Polls until a new connection is refused; true if it was refused while
+/// the process was still running (draining), false if only after it exited.
+fn refused_while_running(server: &mut Server) -> bool {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let running = matches!(server.child.try_wait(), Ok(None));
+        match TcpStream::connect_timeout(&server.addr, Duration::from_secs(1)) {
+            Err(e) if e.kind() == ErrorKind::ConnectionRefused => return running,
+            Err(e) => panic!("connecting after the signal: {e}"),
+            Ok(_) => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "new connections were still accepted {DEADLINE:?} after the signal"
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// On `signal`, the server stops taking connections, ends the live stream,
+/// finishes the four encodes and exits 0, saying it stopped cleanly.
+fn drains_and_exits_on(signal: &str) {
+    let mut server = Server::start(&[
+        "--encode-delay-ms",
+        "300",
+        "--encode-workers",
+        "1",
+        "--shutdown-timeout",
+        "10s",
+    ]);
+    let mut stream = Stream::open(server.addr);
+    start_work(&server, &mut stream);
+    let pending = encode_queue(&server);
+    assert!(
+        pending["processed"].as_u64().unwrap_or(0) < 4,
+        "the encodes finished before the signal, so nothing would be drained: {pending}"
+    );
+
+    server.signal(signal);
+    let refused_early = refused_while_running(&mut server);
+    stream.read_to_end();
+    let (status, took) = server.wait_for_exit(DEADLINE);
+    let entries = server.entries();
+    let log = show(&entries);
+
+    assert!(
+        status.success(),
+        "exit status {status} after {signal}; log:\n{log}"
+    );
+    let stopping = position(&entries, "shutting down: no new requests")
+        .unwrap_or_else(|| panic!("no \"shutting down\" line; log:\n{log}"));
+    let clean = position(&entries, "stopped cleanly")
+        .unwrap_or_else(|| panic!("no \"stopped cleanly\" line; log:\n{log}"));
+    assert!(
+        stopping < clean,
+        "stopped before shutting down? log:\n{log}"
+    );
+    for unwanted in [
+        "left unfinished",
+        "left in queue",
+        "events unfinished",
+        "dead-lettered",
+    ] {
+        assert!(
+            find(&entries, unwanted).is_empty(),
+            "`{unwanted}` in the log of a clean drain:\n{log}"
+        );
+    }
+    assert!(
+        !entries.iter().any(|e| e["level"] == "ERROR"),
+        "errors logged:\n{log}"
+    );
+    assert!(
+        refused_early,
+        "new connections were refused only once the process had exited, not while it drained"
+    );
+    eprintln!("{signal}: exited 0 {took:?} after the signal; connections refused while draining");
+}
+
+#[test]
+fn sigterm_stops_intake_ends_streams_drains_and_exits_zero() {
+    drains_and_exits_on("TERM");
+}
+
+#[test]
+fn sigint_stops_intake_ends_streams_drains_and_exits_zero() {
+    drains_and_exits_on("INT");
+}
+
+/// Shutdown with four encodes that each take a minute (`--encode-delay-ms
+/// 60000`, or an injected `delay_ms` fault when `fault` is set) and a
+/// 300 ms timeout: it gives up on the drain, logs what was left, and still
+/// exits 0 promptly.
+fn gives_up_after_the_timeout(encode_delay_ms: &str, fault: bool) {
+    let mut server = Server::start(&[
+        "--encode-delay-ms",
+        encode_delay_ms,
+        "--encode-workers",
+        "1",
+        "--shutdown-timeout",
+        "300ms",
+    ]);
+    if fault {
+        let (status, body) = http(
+            server.addr,
+            "PUT",
+            "/faults/encode_handler",
+            Some(&json!({"delay_ms": 60_000})),
+        );
+        assert_eq!(status, 200, "injecting the delay: {body}");
+    }
+    let mut stream = Stream::open(server.addr);
+    start_work(&server, &mut stream);
+
+    server.signal("TERM");
+    stream.read_to_end();
+    let (status, took) = server.wait_for_exit(Duration::from_secs(10));
+    let entries = server.entries();
+    let log = show(&entries);
+
+    assert!(status.success(), "exit status {status}; log:\n{log}");
+    assert!(
+        took < Duration::from_secs(5),
+        "took {took:?} to exit with a 300 ms shutdown timeout; log:\n{log}"
+    );
+    let timeout = find(&entries, "events left unfinished");
+    assert_eq!(timeout.len(), 1, "one timeout warning; log:\n{log}");
+    assert_eq!(timeout[0]["level"], "WARN", "{log}");
+    assert_eq!(
+        timeout[0]["fields"]["left"], 4,
+        "the four encodes are left; log:\n{log}"
+    );
+    let queues = find(&entries, "left in queue");
+    let encode = queues
+        .iter()
+        .find(|e| e["fields"]["queue"] == "encode_queue")
+        .unwrap_or_else(|| panic!("no \"left in queue\" line for encode_queue; log:\n{log}"));
+    let count = |field: &str| encode["fields"][field].as_u64().unwrap_or(0);
+    assert_eq!(
+        count("depth") + count("in_flight") + count("retrying") + count("backlog"),
+        4,
+        "encode_queue holds the four jobs; log:\n{log}"
+    );
+    assert_eq!(
+        count("in_flight"),
+        1,
+        "one worker holds one job; log:\n{log}"
+    );
+    let raw = queues
+        .iter()
+        .find(|e| e["fields"]["queue"] == "raw_queue")
+        .unwrap_or_else(|| panic!("no \"left in queue\" line for raw_queue; log:\n{log}"));
+    assert_eq!(
+        raw["fields"]["depth"], 0,
+        "raw_queue had drained; log:\n{log}"
+    );
+    let stopped = find(&entries, "stopped with events unfinished");
+    assert_eq!(stopped.len(), 1, "a final warning; log:\n{log}");
+    assert_eq!(stopped[0]["fields"]["left"], 4, "{log}");
+    assert!(
+        find(&entries, "stopped cleanly").is_empty(),
+        "\"stopped cleanly\" with work left; log:\n{log}"
+    );
+    eprintln!("timeout: exited 0 {took:?} after the signal");
+}
+
+#[test]
+fn a_drain_past_the_timeout_is_logged_and_still_exits_zero() {
+    gives_up_after_the_timeout("60000", false);
+}
+
+#[test]
+fn an_injected_fault_delay_does_not_hold_shutdown_past_the_timeout() {
+    gives_up_after_the_timeout("0", true);
+}
