@@ -1,0 +1,254 @@
+//! Scenario 1 without HTTP: raw records of mixed kinds (movies and actors)
+//! written into the raw tables, through `raw_queue` and `raw_handler`, until
+//! the standard tables are settled; then the memory the pipeline holds.
+//!
+//! The records are parsed into writes before the clock starts (parsing is
+//! measured by the HTTP bench), then ingested 1,000 at a time as the HTTP
+//! edge does, waiting whenever the pipeline refuses more (`admit`).
+//!
+//! Each change-log retention is measured in a fresh child process, so one
+//! run's freed-but-kept heap does not count against the next. RSS is read
+//! from `/proc/self/status` (`VmRSS`).
+//!
+//! Run: `cargo bench --bench pipeline`
+//!
+//! - `EVENTSYS_BENCH_RECORDS` (default 1000000): records ingested.
+//! - `EVENTSYS_BENCH_RETENTION` (default `1000000,10000`): change-log
+//!   retentions to measure, comma-separated (1000000 is the server default).
+//! - `EVENTSYS_BENCH_BATCH` (default 1000): records per ingest call.
+//! - `EVENTSYS_BENCH_RAW_WORKERS` (default 2, the server's default here):
+//!   `raw_handler` workers.
+//! - `EVENTSYS_QUEUE_CAPACITY` (1024) and `EVENTSYS_INGEST_BACKLOG_LIMIT`
+//!   (100000): as for the server.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use eventsys::engine::log::Cause;
+use eventsys::engine::record::Timestamp;
+use eventsys::engine::table::Write;
+use eventsys::media::pipeline::{Pipeline, PipelineConfig};
+use eventsys::media::records::{Kind, parse_records};
+
+use common::{context_switches, cpu_seconds, env_usize, load_average, rss, runqueue_wait_seconds};
+
+/// Raw record `i`: even ones are movies, odd ones actors, shaped as a
+/// vendor might send them.
+fn raw_record(i: usize) -> (Kind, Value) {
+    if i.is_multiple_of(2) {
+        (
+            Kind::Movies,
+            json!({
+                "id": format!("m-{i:08}"),
+                "title": format!("The Quiet Harbour {i}"),
+                "year": 1950 + (i % 70),
+                "actor_ids": [format!("a-{:08}", (i + 1) % 100_000), format!("a-{:08}", (i + 3) % 100_000)],
+                "updated_at": format!("2024-03-{:02}T12:{:02}:{:02}Z", 1 + i % 28, i % 60, (i / 60) % 60),
+            }),
+        )
+    } else {
+        (
+            Kind::Actors,
+            json!({
+                "id": format!("a-{i:08}"),
+                "name": format!("Ada Actor {i}"),
+                "birth_date": format!("19{:02}-{:02}-{:02}", 40 + i % 60, 1 + i % 12, 1 + i % 28),
+                "updated_at": format!("2024-03-{:02}T12:{:02}:{:02}Z", 1 + i % 28, i % 60, (i / 60) % 60),
+            }),
+        )
+    }
+}
+
+/// Batches of pre-parsed writes of one kind each, and the JSON size of the
+/// records they came from.
+fn batches(records: usize, batch: usize) -> (Vec<(Kind, Vec<Write>)>, u64) {
+    let mut json_bytes = 0u64;
+    let mut out = Vec::new();
+    let now = Timestamp::now();
+    for start in (0..records).step_by(batch * 2) {
+        let mut movies = Vec::with_capacity(batch);
+        let mut actors = Vec::with_capacity(batch);
+        for i in start..(start + batch * 2).min(records) {
+            let (kind, value) = raw_record(i);
+            json_bytes += serde_json::to_vec(&value).expect("json").len() as u64;
+            match kind {
+                Kind::Movies => movies.push(value),
+                _ => actors.push(value),
+            }
+        }
+        for (kind, values) in [(Kind::Movies, movies), (Kind::Actors, actors)] {
+            if !values.is_empty() {
+                out.push((kind, parse_records(values, now, kind).expect("valid")));
+            }
+        }
+    }
+    (out, json_bytes)
+}
+
+/// One measurement, in a child process: prints one line of `key=value`.
+fn child(retention: usize) {
+    let records = env_usize("EVENTSYS_BENCH_RECORDS", 1_000_000);
+    let batch = env_usize("EVENTSYS_BENCH_BATCH", 1000).max(1);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("pipeline")
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let line = runtime.block_on(async move {
+        let pipeline = std::sync::Arc::new(Pipeline::start(PipelineConfig {
+            event_retention: retention,
+            raw_workers: env_usize("EVENTSYS_BENCH_RAW_WORKERS", 2).max(1),
+            queue_capacity: env_usize("EVENTSYS_QUEUE_CAPACITY", 1024).max(1),
+            ingest_backlog_limit: env_usize("EVENTSYS_INGEST_BACKLOG_LIMIT", 100_000) as u64,
+            ..PipelineConfig::default()
+        }));
+        let rss_empty = rss();
+        let (batches, json_bytes) = batches(records, batch);
+        let rss_parsed = rss();
+        let cpu_before = cpu_seconds();
+        let switches_before = context_switches();
+        let wait_before = runqueue_wait_seconds();
+        let started = Instant::now();
+        let ingest = tokio::spawn({
+            let pipeline = pipeline.clone();
+            async move {
+                let cause = Cause::request("bench");
+                let mut refused = 0u64;
+                for (kind, writes) in batches {
+                    while pipeline.admit().is_err() {
+                        refused += 1;
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                    pipeline.ingest(kind, writes, &cause);
+                    // As an HTTP handler would between requests.
+                    tokio::task::yield_now().await;
+                }
+                refused
+            }
+        });
+        let refused = ingest.await.expect("ingest task");
+        let ingested = started.elapsed();
+        assert!(
+            pipeline.engine.settle(Duration::from_secs(600)).await,
+            "did not settle"
+        );
+        let settled = started.elapsed();
+        let cpu = cpu_seconds() - cpu_before;
+        let switches = context_switches() - switches_before;
+        let waited = runqueue_wait_seconds() - wait_before;
+        let rss_settled = rss();
+        let count = |name: &str| pipeline.engine.table(name).map_or(0, |t| t.len());
+        let live_raw = count("raw_movies") + count("raw_actors");
+        let live_standard = count("movies") + count("actors");
+        assert_eq!(live_standard, records as u64, "every record standardised");
+        let log_len = pipeline.engine.log.len();
+        format!(
+            "retention={retention} records={records} json_bytes={json_bytes} \
+             ingest_s={:.3} settle_s={:.3} refused={refused} rss_empty={rss_empty} \
+             rss_parsed={rss_parsed} rss_settled={rss_settled} live_raw={live_raw} \
+             live_standard={live_standard} log_len={log_len} cpu_s={cpu:.2} \
+             context_switches={switches} runqueue_wait_s={waited:.2}",
+            ingested.as_secs_f64(),
+            settled.as_secs_f64(),
+        )
+    });
+    println!("{line}");
+    // Exit without tearing down a million records: that is not measured.
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
+    std::process::exit(0);
+}
+
+fn field(line: &str, key: &str) -> f64 {
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+fn main() {
+    if let Ok(retention) = std::env::var("EVENTSYS_BENCH_CHILD") {
+        child(retention.parse().expect("retention"));
+        return;
+    }
+    let retentions: Vec<usize> = std::env::var("EVENTSYS_BENCH_RETENTION")
+        .unwrap_or_else(|_| "1000000,10000".into())
+        .split(',')
+        .filter_map(|r| r.trim().replace('_', "").parse().ok())
+        .collect();
+    let exe = std::env::current_exe().expect("own path");
+    println!("load average at start: {}", load_average());
+    println!(
+        "scenario 1 without HTTP: {} records (movies and actors), pre-parsed, ingested {} per call, 2 runtime workers, {} raw_handler workers",
+        env_usize("EVENTSYS_BENCH_RECORDS", 1_000_000),
+        env_usize("EVENTSYS_BENCH_BATCH", 1000),
+        env_usize("EVENTSYS_BENCH_RAW_WORKERS", 2).max(1),
+    );
+    println!(
+        "{:>10} {:>9} {:>10} {:>10} {:>12} {:>6} {:>6} {:>8} {:>11} {:>11} {:>10} {:>9} {:>8}",
+        "retention",
+        "records",
+        "ingest s",
+        "settled s",
+        "records/s",
+        "cores",
+        "waited",
+        "cs/rec",
+        "json B/rec",
+        "RSS B/rec",
+        "RSS/json",
+        "log kept",
+        "target",
+    );
+    for retention in retentions {
+        let output = Command::new(&exe)
+            .env("EVENTSYS_BENCH_CHILD", retention.to_string())
+            .output()
+            .expect("child runs");
+        let line = String::from_utf8_lossy(&output.stdout);
+        let line = line.trim();
+        if !output.status.success() || line.is_empty() {
+            eprintln!(
+                "retention {retention}: child failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            continue;
+        }
+        let records = field(line, "records");
+        let json_per = field(line, "json_bytes") / records;
+        // Memory the pipeline holds for the records: the writes were
+        // parsed before the pipeline got them and moved into its tables, so
+        // this counts from the empty pipeline.
+        let rss_per = (field(line, "rss_settled") - field(line, "rss_empty")) / records;
+        let ratio = rss_per / json_per;
+        println!(
+            "{:>10} {:>9} {:>10.3} {:>10.3} {:>12.0} {:>6.2} {:>6.2} {:>8.3} {:>11.1} {:>11.1} {:>9.2}x {:>9} {:>8}",
+            retention,
+            records,
+            field(line, "ingest_s"),
+            field(line, "settle_s"),
+            records / field(line, "settle_s"),
+            field(line, "cpu_s") / field(line, "settle_s"),
+            field(line, "runqueue_wait_s") / field(line, "settle_s"),
+            field(line, "context_switches") / records,
+            json_per,
+            rss_per,
+            ratio,
+            field(line, "log_len"),
+            if ratio <= 2.0 { "met" } else { "unmet" },
+        );
+        println!("  raw: {line}");
+    }
+    println!(
+        "(cores: CPU time used / wall time while ingesting and settling; waited: time runnable but"
+    );
+    println!(
+        " without a CPU / wall time (non-zero when something else ran); cs/rec: context switches per record;"
+    );
+    println!(" target: memory <= 2x the JSON size per live record)");
+}
