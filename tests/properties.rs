@@ -123,7 +123,42 @@ fn ops_and_arrival() -> impl Strategy<Value = (Vec<Op>, Vec<Op>)> {
         })
 }
 
+/// Arbitrary JSON, including what the fast path must hand to the full
+/// canonicaliser: floats, huge integers, non-ASCII keys, control characters.
+fn json_value() -> impl Strategy<Value = serde_json::Value> {
+    let leaf = prop_oneof![
+        Just(json!(null)),
+        any::<bool>().prop_map(|b| json!(b)),
+        any::<i64>().prop_map(|i| json!(i)),
+        any::<u64>().prop_map(|u| json!(u)),
+        (-(1i64 << 54)..(1i64 << 54)).prop_map(|i| json!(i)),
+        any::<f64>()
+            .prop_filter("finite", |f| f.is_finite())
+            .prop_map(|f| json!(f)),
+        "\\PC{0,8}".prop_map(|s| json!(s)),
+        "[\\x00-\\x1f\"\\\\/a-z\u{7f}\u{e9}\u{1f600}]{0,6}".prop_map(|s| json!(s)),
+    ];
+    leaf.prop_recursive(4, 32, 6, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..5).prop_map(serde_json::Value::Array),
+            prop::collection::btree_map("[a-zA-Z_\u{e9}\u{1f600}\u{ff5e}]{0,4}", inner, 0..5)
+                .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
 proptest! {
+    #[test]
+    fn the_canonical_fast_path_agrees_with_rfc_8785(value in json_value()) {
+        let fast = Data::of_value(&value).unwrap();
+        let full = Data::canonical(&value).unwrap();
+        prop_assert_eq!(fast.as_str(), full.as_str());
+        if let serde_json::Value::Object(map) = &value {
+            let object = Data::of_object(map).unwrap();
+            prop_assert_eq!(object.as_str(), full.as_str());
+        }
+    }
+
     #[test]
     fn any_order_and_duplication_converges_to_the_model((ops, arrival) in ops_and_arrival()) {
         let in_order = new_table();

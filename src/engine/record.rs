@@ -15,6 +15,7 @@ use std::sync::Arc;
 use chrono::{DateTime, Datelike, SecondsFormat, Utc};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::value::RawValue;
+use serde_json::{Map, Value};
 
 /// Why a value was refused at the edge; the caller adds which field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -207,6 +208,30 @@ impl Data {
         Ok(Self(Arc::from(raw)))
     }
 
+    /// Canonicalises a JSON value, taking a fast path where serde_json's
+    /// own output already is RFC 8785: keys sorted byte-wise (its map is a
+    /// `BTreeMap`) equal keys sorted by UTF-16 when they are ASCII, and
+    /// integers within ±2^53 print the same as ECMAScript numbers. Anything
+    /// else (floats, non-ASCII keys, huge integers) goes the long way.
+    pub fn of_value(value: &Value) -> Result<Self, ValueError> {
+        if plain(value) {
+            let raw = serde_json::value::to_raw_value(value)
+                .map_err(|e| ValueError::Canonical(e.to_string()))?;
+            return Ok(Self(Arc::from(raw)));
+        }
+        Self::canonical(value)
+    }
+
+    /// [`Data::of_value`] for an object.
+    pub fn of_object(map: &Map<String, Value>) -> Result<Self, ValueError> {
+        if map.iter().all(|(k, v)| k.is_ascii() && plain(v)) {
+            let raw = serde_json::value::to_raw_value(map)
+                .map_err(|e| ValueError::Canonical(e.to_string()))?;
+            return Ok(Self(Arc::from(raw)));
+        }
+        Self::canonical(map)
+    }
+
     /// The canonical JSON text.
     pub fn as_str(&self) -> &str {
         self.0.get()
@@ -224,6 +249,20 @@ impl Data {
     /// The data as a JSON object, for handlers that read fields.
     pub fn to_object(&self) -> serde_json::Map<String, serde_json::Value> {
         serde_json::from_str(self.as_str()).unwrap_or_default()
+    }
+}
+
+/// Whether serde_json writes `value` exactly as RFC 8785 would.
+fn plain(value: &Value) -> bool {
+    const EXACT: u64 = 1 << 53;
+    match value {
+        Value::Null | Value::Bool(_) | Value::String(_) => true,
+        Value::Number(n) => {
+            n.as_u64().is_some_and(|u| u <= EXACT)
+                || n.as_i64().is_some_and(|i| i.unsigned_abs() <= EXACT)
+        }
+        Value::Array(items) => items.iter().all(plain),
+        Value::Object(map) => map.iter().all(|(k, v)| k.is_ascii() && plain(v)),
     }
 }
 

@@ -172,6 +172,9 @@ pub async fn post(
     body: Bytes,
 ) -> Result<Json<IngestResponse>, ApiError> {
     let kind = kind(&kind_name)?;
+    // Refused before the body is parsed: under backpressure a refusal
+    // should cost next to nothing.
+    state.pipeline().admit()?;
     let essence = essence(&headers)?;
     require_json(&essence)?;
     let now = Timestamp::now();
@@ -212,7 +215,6 @@ pub async fn post(
         ));
     }
     let pipeline = state.pipeline();
-    pipeline.admit()?;
     let cause = Cause::request(request);
     let results = match (expect, keys) {
         (Some(expect), _) => writes
@@ -299,6 +301,9 @@ pub async fn put(
     body: Bytes,
 ) -> Result<Json<Reconciliation>, ApiError> {
     let kind = kind(&kind_name)?;
+    // Refused before the body is parsed: under backpressure a refusal
+    // should cost next to nothing.
+    state.pipeline().admit()?;
     require_json(&essence(&headers)?)?;
     let body: ReconcileBody = serde_json::from_value(parse_json(&body)?).map_err(|e| {
         ApiError::BadRequest(format!(
@@ -321,7 +326,6 @@ pub async fn put(
         },
     })?;
     let pipeline = state.pipeline();
-    pipeline.admit()?;
     Ok(Json(pipeline.reconcile(
         kind,
         as_of,
@@ -384,13 +388,15 @@ pub async fn delete(
     Query(query): Query<DeleteQuery>,
 ) -> Result<Json<DeleteResponse>, ApiError> {
     let kind = kind(&kind_name)?;
+    // Refused before the body is parsed: under backpressure a refusal
+    // should cost next to nothing.
+    state.pipeline().admit()?;
     let id = RecordId::parse(&id).map_err(|e| invalid("id", e))?;
     let at = match query.version {
         None => Timestamp::now(),
         Some(text) => Timestamp::parse(&text).map_err(|e| invalid("version", e))?,
     };
     let pipeline = state.pipeline();
-    pipeline.admit()?;
     let outcome = pipeline.delete(kind, &id, at, &Cause::request(request));
     Ok(Json(DeleteResponse { id, outcome }))
 }

@@ -74,7 +74,7 @@ impl Process<EncodeJob> for EncodeHandler {
             tokio::time::sleep(self.delay).await;
         }
         let id = encode_id(&job.video_id, &job.rendition.id);
-        let data = Data::canonical(&json!({
+        let data = Data::of_value(&json!({
             "id": id,
             "video_id": job.video_id,
             "rendition_id": job.rendition.id,

@@ -130,7 +130,7 @@ pub fn parse_record(
     if let Some(list) = kind.child_list() {
         child_list(&map, list)?;
     }
-    let data = Data::canonical(&map).map_err(|e| InvalidField::new("", e))?;
+    let data = Data::of_object(&map).map_err(|e| InvalidField::new("", e))?;
     Ok(Write {
         id,
         version: Version::write(at, data.clone()),
@@ -365,11 +365,8 @@ pub fn standardise(
 ) -> Result<Standard, InvalidField> {
     let map = raw.to_object();
     let f = Fields::new(&map);
-    let mut standard = Standard {
-        data: Data::canonical(&Value::Null).map_err(|e| InvalidField::new("", e))?,
-        episodes: None,
-        renditions: None,
-    };
+    let mut episodes = None;
+    let mut renditions = None;
     let value = match kind {
         Kind::Actors => json!({
             "id": id,
@@ -384,7 +381,7 @@ pub fn standardise(
         }),
         Kind::Series => {
             let title = f.required_string("title")?;
-            standard.episodes = f
+            episodes = f
                 .children("episodes")
                 .map(|list| list.iter().map(|e| listed_episode(e, id, at)).collect())
                 .transpose()?;
@@ -400,19 +397,22 @@ pub fn standardise(
         Kind::Videos => {
             let title = f.required_string("title")?;
             let duration = f.number("duration_s")?;
-            let renditions = f
+            let rendition_list = f
                 .children("renditions")
                 .map(|list| list.iter().map(rendition).collect::<Result<Vec<_>, _>>())
                 .transpose()?;
-            let ids: Vec<&RecordId> = renditions.iter().flatten().map(|r| &r.id).collect();
+            let ids: Vec<&RecordId> = rendition_list.iter().flatten().map(|r| &r.id).collect();
             let value =
                 json!({ "id": id, "title": title, "duration_s": duration, "rendition_ids": ids });
-            standard.renditions = renditions;
+            renditions = rendition_list;
             value
         }
     };
-    standard.data = Data::canonical(&value).map_err(|e| InvalidField::new("", e))?;
-    Ok(standard)
+    Ok(Standard {
+        data: Data::of_value(&value).map_err(|e| InvalidField::new("", e))?,
+        episodes,
+        renditions,
+    })
 }
 
 fn listed_episode(
@@ -427,7 +427,7 @@ fn listed_episode(
         None => series_at,
     };
     map.insert("series_id".into(), Value::String(series.to_string()));
-    let data = Data::canonical(&map).map_err(|e| InvalidField::new(f.path(""), e))?;
+    let data = Data::of_object(&map).map_err(|e| InvalidField::new(f.path(""), e))?;
     Ok(ListedEpisode {
         write: Write {
             id,
