@@ -375,6 +375,10 @@ impl<T: QueueItem, P: Process<T>> Handler<T, P> {
                     _ = self.handle(envelope) => {}
                 }
             }
+            // Let the worker that was woken by the channel run elsewhere:
+            // without this, workers sharing the receiver tend to take turns
+            // on one thread instead of using every core.
+            tokio::task::yield_now().await;
         }
     }
 
