@@ -139,9 +139,14 @@ pub enum Circuit {
 }
 
 enum BreakerState {
-    Closed { failures: u32 },
-    Open { until: Instant },
-    HalfOpen { probing: bool },
+    Closed {
+        failures: u32,
+    },
+    Open {
+        until: Instant,
+    },
+    /// One probe is out; everyone else waits for its result.
+    HalfOpen,
 }
 
 /// A circuit breaker shared by a handler's workers.
@@ -178,7 +183,7 @@ impl Breaker {
         match *self.state() {
             BreakerState::Closed { .. } => Circuit::Closed,
             BreakerState::Open { .. } => Circuit::Open,
-            BreakerState::HalfOpen { .. } => Circuit::HalfOpen,
+            BreakerState::HalfOpen => Circuit::HalfOpen,
         }
     }
 
@@ -207,16 +212,12 @@ impl Breaker {
             BreakerState::Closed { .. } => Admission::Go,
             BreakerState::Open { until } if Instant::now() < until => Admission::Wait(Some(until)),
             BreakerState::Open { .. } => {
-                *state = BreakerState::HalfOpen { probing: true };
+                *state = BreakerState::HalfOpen;
                 drop(state);
                 tracing::info!(handler = %self.name, "circuit half-open: letting one probe through");
                 Admission::Go
             }
-            BreakerState::HalfOpen { probing: true } => Admission::Wait(None),
-            BreakerState::HalfOpen { probing: false } => {
-                *state = BreakerState::HalfOpen { probing: true };
-                Admission::Go
-            }
+            BreakerState::HalfOpen => Admission::Wait(None),
         }
     }
 
