@@ -222,6 +222,17 @@ impl Data {
         Self::canonical(value)
     }
 
+    /// Data from a value whose serialisation already is canonical JSON:
+    /// struct fields declared in byte-wise order of their ASCII names, and
+    /// only strings, integers within ±2^53 and values that write themselves
+    /// canonically. Nothing is checked or re-parsed; the caller's tests
+    /// check the output is canonical.
+    pub fn of_canonical(value: &impl Serialize) -> Result<Self, ValueError> {
+        let raw = serde_json::value::to_raw_value(value)
+            .map_err(|e| ValueError::Canonical(e.to_string()))?;
+        Ok(Self(Arc::from(raw)))
+    }
+
     /// [`Data::of_value`] for an object.
     pub fn of_object(map: &Map<String, Value>) -> Result<Self, ValueError> {
         if map.iter().all(|(k, v)| k.is_ascii() && plain(v)) {
@@ -244,11 +255,6 @@ impl Data {
 
     pub fn is_empty(&self) -> bool {
         self.as_str().is_empty()
-    }
-
-    /// The data as a JSON object, for handlers that read fields.
-    pub fn to_object(&self) -> serde_json::Map<String, serde_json::Value> {
-        serde_json::from_str(self.as_str()).unwrap_or_default()
     }
 }
 

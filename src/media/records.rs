@@ -8,7 +8,12 @@
 
 use std::fmt;
 
-use serde_json::{Map, Value, json};
+use std::borrow::Cow;
+
+use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
 
 use crate::engine::record::{Data, RecordId, Timestamp, ValueError, Version};
 use crate::engine::table::Write;
@@ -214,119 +219,373 @@ fn child_list(map: &Map<String, Value>, field: &str) -> Result<(), InvalidField>
     }
 }
 
-/// Reads fields of a raw record for standardisation.
+/// The fields standardisation reads, by name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Field {
+    Id,
+    UpdatedAt,
+    Name,
+    BirthDate,
+    Title,
+    Year,
+    ActorIds,
+    SeriesId,
+    Season,
+    Number,
+    DurationS,
+    Episodes,
+    Renditions,
+    Codec,
+    Height,
+    BitrateKbps,
+}
+
+impl Field {
+    const ALL: [Field; 16] = [
+        Field::Id,
+        Field::UpdatedAt,
+        Field::Name,
+        Field::BirthDate,
+        Field::Title,
+        Field::Year,
+        Field::ActorIds,
+        Field::SeriesId,
+        Field::Season,
+        Field::Number,
+        Field::DurationS,
+        Field::Episodes,
+        Field::Renditions,
+        Field::Codec,
+        Field::Height,
+        Field::BitrateKbps,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Field::Id => "id",
+            Field::UpdatedAt => "updated_at",
+            Field::Name => "name",
+            Field::BirthDate => "birth_date",
+            Field::Title => "title",
+            Field::Year => "year",
+            Field::ActorIds => "actor_ids",
+            Field::SeriesId => "series_id",
+            Field::Season => "season",
+            Field::Number => "number",
+            Field::DurationS => "duration_s",
+            Field::Episodes => "episodes",
+            Field::Renditions => "renditions",
+            Field::Codec => "codec",
+            Field::Height => "height",
+            Field::BitrateKbps => "bitrate_kbps",
+        }
+    }
+
+    fn of(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|f| f.as_str() == name)
+    }
+}
+
+/// The known fields of one JSON object, each borrowed as the JSON text of
+/// its value; `null` counts as absent and unknown fields are skipped.
+/// Reading a record this way parses it once and copies nothing.
+#[derive(Default)]
+struct Known<'a>([Option<&'a RawValue>; Field::ALL.len()]);
+
+impl<'de> Deserialize<'de> for Known<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> Visitor<'de> for Visit {
+            type Value = Known<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Known<'de>, A::Error> {
+                let mut known = Known::default();
+                while let Some(field) = map.next_key_seed(FieldName)? {
+                    match field {
+                        Some(field) => known.0[field as usize] = map.next_value()?,
+                        None => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(known)
+            }
+        }
+        d.deserialize_map(Visit)
+    }
+}
+
+/// Reads an object key as a [`Field`], without allocating.
+struct FieldName;
+
+impl<'de> DeserializeSeed<'de> for FieldName {
+    type Value = Option<Field>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<Field>, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for FieldName {
+    type Value = Option<Field>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a field name")
+    }
+    fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<Option<Field>, E> {
+        Ok(Field::of(name))
+    }
+}
+
+/// Reads fields of a raw record (or of one child in its lists) for
+/// standardisation, naming the field by its path when it is wrong.
 struct Fields<'a> {
-    map: &'a Map<String, Value>,
+    known: Known<'a>,
     /// Path of this object inside the record, for error messages.
     prefix: String,
 }
 
 impl<'a> Fields<'a> {
-    fn new(map: &'a Map<String, Value>) -> Self {
-        Self {
-            map,
-            prefix: String::new(),
+    /// Reads an object's JSON text; `None` if it is not an object.
+    fn parse(json: &'a str, prefix: String) -> Option<Self> {
+        let known = serde_json::from_str(json).ok()?;
+        Some(Self { known, prefix })
+    }
+
+    fn path(&self, field: Field) -> String {
+        format!("{}{}", self.prefix, field.as_str())
+    }
+
+    fn invalid(&self, field: Field, reason: &str) -> InvalidField {
+        InvalidField::new(self.path(field), reason)
+    }
+
+    fn present(&self, field: Field) -> Option<&'a RawValue> {
+        self.known.0[field as usize]
+    }
+
+    fn string(&self, field: Field) -> Result<Option<Cow<'a, str>>, InvalidField> {
+        let Some(raw) = self.present(field) else {
+            return Ok(None);
+        };
+        match text(raw).map(trim) {
+            Some(s) if !s.is_empty() => Ok(Some(s)),
+            Some(_) => Err(self.invalid(field, "must not be empty")),
+            None => Err(self.invalid(field, "must be a string")),
         }
     }
 
-    fn path(&self, name: &str) -> String {
-        format!("{}{name}", self.prefix)
+    fn required_string(&self, field: Field) -> Result<Cow<'a, str>, InvalidField> {
+        self.string(field)?
+            .ok_or_else(|| self.invalid(field, "is required"))
     }
 
-    fn present(&self, name: &str) -> Option<&'a Value> {
-        self.map.get(name).filter(|v| !v.is_null())
+    fn number(&self, field: Field) -> Option<Result<serde_json::Number, ()>> {
+        self.present(field)
+            .map(|raw| serde_json::from_str(raw.get()).map_err(|_| ()))
     }
 
-    fn string(&self, name: &str) -> Result<Option<String>, InvalidField> {
-        match self.present(name) {
-            None => Ok(None),
-            Some(Value::String(s)) if !s.trim().is_empty() => Ok(Some(s.trim().to_string())),
-            Some(Value::String(_)) => Err(InvalidField::new(self.path(name), "must not be empty")),
-            Some(_) => Err(InvalidField::new(self.path(name), "must be a string")),
-        }
-    }
-
-    fn required_string(&self, name: &str) -> Result<String, InvalidField> {
-        self.string(name)?
-            .ok_or_else(|| InvalidField::new(self.path(name), "is required"))
-    }
-
-    fn unsigned(&self, name: &str) -> Result<Option<u64>, InvalidField> {
-        self.present(name)
-            .map(|v| {
-                v.as_u64().ok_or_else(|| {
-                    InvalidField::new(self.path(name), "must be a non-negative integer")
-                })
+    fn unsigned(&self, field: Field) -> Result<Option<u64>, InvalidField> {
+        self.number(field)
+            .map(|n| {
+                n.ok()
+                    .and_then(|n| n.as_u64())
+                    .ok_or_else(|| self.invalid(field, "must be a non-negative integer"))
             })
             .transpose()
     }
 
-    fn integer(&self, name: &str) -> Result<Option<i64>, InvalidField> {
-        self.present(name)
-            .map(|v| {
-                v.as_i64()
-                    .ok_or_else(|| InvalidField::new(self.path(name), "must be an integer"))
+    fn integer(&self, field: Field) -> Result<Option<i64>, InvalidField> {
+        self.number(field)
+            .map(|n| {
+                n.ok()
+                    .and_then(|n| n.as_i64())
+                    .ok_or_else(|| self.invalid(field, "must be an integer"))
             })
             .transpose()
     }
 
-    fn number(&self, name: &str) -> Result<Option<f64>, InvalidField> {
-        self.present(name)
-            .map(|v| match v.as_f64() {
+    fn non_negative(&self, field: Field) -> Result<Option<f64>, InvalidField> {
+        self.number(field)
+            .map(|n| match n.ok().and_then(|n| n.as_f64()) {
                 Some(n) if n >= 0.0 => Ok(n),
-                _ => Err(InvalidField::new(
-                    self.path(name),
-                    "must be a non-negative number",
-                )),
+                _ => Err(self.invalid(field, "must be a non-negative number")),
             })
             .transpose()
     }
 
-    fn date(&self, name: &str) -> Result<Option<String>, InvalidField> {
-        let Some(text) = self.string(name)? else {
+    fn date(&self, field: Field) -> Result<Option<String>, InvalidField> {
+        let Some(text) = self.string(field)? else {
             return Ok(None);
         };
         chrono::NaiveDate::parse_from_str(&text, "%Y-%m-%d")
             .map(|d| Some(d.format("%Y-%m-%d").to_string()))
-            .map_err(|_| InvalidField::new(self.path(name), "must be a date as YYYY-MM-DD"))
+            .map_err(|_| self.invalid(field, "must be a date as YYYY-MM-DD"))
     }
 
-    fn strings(&self, name: &str) -> Result<Vec<String>, InvalidField> {
-        match self.present(name) {
-            None => Ok(Vec::new()),
-            Some(Value::Array(items)) => items
-                .iter()
-                .enumerate()
-                .map(|(i, item)| match item.as_str().map(str::trim) {
-                    Some(s) if !s.is_empty() => Ok(s.to_string()),
-                    _ => Err(InvalidField::new(
-                        format!("{}[{i}]", self.path(name)),
-                        "must be a non-empty string",
-                    )),
-                })
-                .collect(),
-            Some(_) => Err(InvalidField::new(
-                self.path(name),
-                "must be an array of strings",
-            )),
-        }
+    fn strings(&self, field: Field) -> Result<Vec<Cow<'a, str>>, InvalidField> {
+        let Some(raw) = self.present(field) else {
+            return Ok(Vec::new());
+        };
+        let items: Vec<&'a RawValue> = serde_json::from_str(raw.get())
+            .map_err(|_| self.invalid(field, "must be an array of strings"))?;
+        items
+            .into_iter()
+            .enumerate()
+            .map(|(i, item)| match text(item).map(trim) {
+                Some(s) if !s.is_empty() => Ok(s),
+                _ => Err(InvalidField::new(
+                    format!("{}[{i}]", self.path(field)),
+                    "must be a non-empty string",
+                )),
+            })
+            .collect()
     }
 
-    /// The objects of a child list, each with its own `Fields`.
-    fn children(&self, name: &str) -> Option<Vec<Fields<'a>>> {
-        let items = self.present(name)?.as_array()?;
+    /// The objects of a child list, each with its own `Fields` and JSON
+    /// text (ingest checked that every item is an object).
+    fn children(&self, field: Field) -> Option<Vec<(Fields<'a>, &'a str)>> {
+        let items: Vec<&'a RawValue> = serde_json::from_str(self.present(field)?.get()).ok()?;
         Some(
             items
-                .iter()
+                .into_iter()
                 .enumerate()
                 .filter_map(|(i, item)| {
-                    Some(Fields {
-                        map: item.as_object()?,
-                        prefix: format!("{}[{i}].", self.path(name)),
-                    })
+                    let prefix = format!("{}[{i}].", self.path(field));
+                    Some((Fields::parse(item.get(), prefix)?, item.get()))
                 })
                 .collect(),
         )
+    }
+
+    fn id(&self) -> Result<RecordId, InvalidField> {
+        match self.present(Field::Id).map(text) {
+            None => Err(self.invalid(Field::Id, "is required")),
+            Some(Some(s)) => {
+                RecordId::parse(&s).map_err(|e| InvalidField::new(self.path(Field::Id), e))
+            }
+            Some(None) => Err(InvalidField::new(
+                self.path(Field::Id),
+                ValueError::IdLength,
+            )),
+        }
+    }
+}
+
+/// A JSON string's text, borrowed unless it has escapes.
+fn text(raw: &RawValue) -> Option<Cow<'_, str>> {
+    let json = raw.get();
+    if !json.starts_with('"') {
+        return None;
+    }
+    match serde_json::from_str::<&str>(json) {
+        Ok(s) => Some(Cow::Borrowed(s)),
+        Err(_) => serde_json::from_str::<String>(json).ok().map(Cow::Owned),
+    }
+}
+
+fn trim(text: Cow<'_, str>) -> Cow<'_, str> {
+    match text {
+        Cow::Borrowed(s) => Cow::Borrowed(s.trim()),
+        Cow::Owned(s) if s.trim().len() == s.len() => Cow::Owned(s),
+        Cow::Owned(s) => Cow::Owned(s.trim().to_string()),
+    }
+}
+
+/// A number written as RFC 8785 writes it: integers within ±2^53 as
+/// serde_json writes them (the same digits), anything else through the
+/// canonicaliser's ECMAScript formatting.
+struct Exact<T>(T);
+
+impl<T: Serialize + Copy + Into<Exactly>> Serialize for Exact<T> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        const EXACT: f64 = (1u64 << 53) as f64;
+        let plain = match self.0.into() {
+            Exactly::Unsigned(n) => n <= 1 << 53,
+            Exactly::Signed(n) => n.unsigned_abs() <= 1 << 53,
+            Exactly::Float(f) => f.fract() == 0.0 && f.abs() <= EXACT,
+        };
+        match self.0.into() {
+            Exactly::Float(f) if plain => s.serialize_i64(f as i64),
+            _ if plain => self.0.serialize(s),
+            _ => {
+                let text = serde_json_canonicalizer::to_string(&self.0)
+                    .map_err(serde::ser::Error::custom)?;
+                RawValue::from_string(text)
+                    .map_err(serde::ser::Error::custom)?
+                    .serialize(s)
+            }
+        }
+    }
+}
+
+enum Exactly {
+    Unsigned(u64),
+    Signed(i64),
+    Float(f64),
+}
+
+impl From<u64> for Exactly {
+    fn from(n: u64) -> Self {
+        Exactly::Unsigned(n)
+    }
+}
+
+impl From<i64> for Exactly {
+    fn from(n: i64) -> Self {
+        Exactly::Signed(n)
+    }
+}
+
+impl From<f64> for Exactly {
+    fn from(n: f64) -> Self {
+        Exactly::Float(n)
+    }
+}
+
+/// The standard records, written straight to canonical JSON: fields are
+/// declared in byte-wise order of their names, which is the order RFC 8785
+/// asks for, and strings and numbers are written as it writes them.
+mod standard {
+    use super::{Exact, RecordId};
+    use serde::Serialize;
+
+    #[derive(Serialize)]
+    pub struct Actor<'a> {
+        pub birth_date: Option<String>,
+        pub id: &'a RecordId,
+        pub name: &'a str,
+    }
+
+    #[derive(Serialize)]
+    pub struct Movie<'a> {
+        pub actor_ids: Vec<&'a str>,
+        pub id: &'a RecordId,
+        pub title: &'a str,
+        pub year: Option<Exact<i64>>,
+    }
+
+    #[derive(Serialize)]
+    pub struct Series<'a> {
+        pub id: &'a RecordId,
+        pub title: &'a str,
+    }
+
+    #[derive(Serialize)]
+    pub struct Episode<'a> {
+        pub id: &'a RecordId,
+        pub number: Option<Exact<u64>>,
+        pub season: Option<Exact<u64>>,
+        pub series_id: &'a str,
+        pub title: &'a str,
+    }
+
+    #[derive(Serialize)]
+    pub struct Video<'a> {
+        pub duration_s: Option<Exact<f64>>,
+        pub id: &'a RecordId,
+        pub rendition_ids: Vec<&'a RecordId>,
+        pub title: &'a str,
     }
 }
 
@@ -363,71 +622,96 @@ pub fn standardise(
     at: Timestamp,
     raw: &Data,
 ) -> Result<Standard, InvalidField> {
-    let map = raw.to_object();
-    let f = Fields::new(&map);
+    let f = Fields::parse(raw.as_str(), String::new())
+        .ok_or_else(|| InvalidField::new("", "a record must be a JSON object"))?;
     let mut episodes = None;
     let mut renditions = None;
-    let value = match kind {
-        Kind::Actors => json!({
-            "id": id,
-            "name": f.required_string("name")?,
-            "birth_date": f.date("birth_date")?,
+    let data = match kind {
+        Kind::Actors => written(&standard::Actor {
+            birth_date: f.date(Field::BirthDate)?,
+            id,
+            name: &f.required_string(Field::Name)?,
         }),
-        Kind::Movies => json!({
-            "id": id,
-            "title": f.required_string("title")?,
-            "year": f.integer("year")?,
-            "actor_ids": f.strings("actor_ids")?,
-        }),
-        Kind::Series => {
-            let title = f.required_string("title")?;
-            episodes = f
-                .children("episodes")
-                .map(|list| list.iter().map(|e| listed_episode(e, id, at)).collect())
-                .transpose()?;
-            json!({ "id": id, "title": title })
+        Kind::Movies => {
+            let actor_ids = f.strings(Field::ActorIds)?;
+            written(&standard::Movie {
+                actor_ids: actor_ids.iter().map(|a| &**a).collect(),
+                id,
+                title: &f.required_string(Field::Title)?,
+                year: f.integer(Field::Year)?.map(Exact),
+            })
         }
-        Kind::Episodes => json!({
-            "id": id,
-            "series_id": f.required_string("series_id")?,
-            "season": f.unsigned("season")?,
-            "number": f.unsigned("number")?,
-            "title": f.required_string("title")?,
+        Kind::Series => {
+            let title = f.required_string(Field::Title)?;
+            episodes = f
+                .children(Field::Episodes)
+                .map(|list| {
+                    list.iter()
+                        .map(|(e, json)| listed_episode(e, json, id, at))
+                        .collect()
+                })
+                .transpose()?;
+            written(&standard::Series { id, title: &title })
+        }
+        Kind::Episodes => written(&standard::Episode {
+            id,
+            number: f.unsigned(Field::Number)?.map(Exact),
+            season: f.unsigned(Field::Season)?.map(Exact),
+            series_id: &f.required_string(Field::SeriesId)?,
+            title: &f.required_string(Field::Title)?,
         }),
         Kind::Videos => {
-            let title = f.required_string("title")?;
-            let duration = f.number("duration_s")?;
+            let title = f.required_string(Field::Title)?;
+            let duration = f.non_negative(Field::DurationS)?;
             let rendition_list = f
-                .children("renditions")
-                .map(|list| list.iter().map(rendition).collect::<Result<Vec<_>, _>>())
+                .children(Field::Renditions)
+                .map(|list| {
+                    list.iter()
+                        .map(|(r, _)| rendition(r))
+                        .collect::<Result<Vec<_>, _>>()
+                })
                 .transpose()?;
-            let ids: Vec<&RecordId> = rendition_list.iter().flatten().map(|r| &r.id).collect();
-            let value =
-                json!({ "id": id, "title": title, "duration_s": duration, "rendition_ids": ids });
+            let data = written(&standard::Video {
+                duration_s: duration.map(Exact),
+                id,
+                rendition_ids: rendition_list.iter().flatten().map(|r| &r.id).collect(),
+                title: &title,
+            });
             renditions = rendition_list;
-            value
+            data
         }
     };
     Ok(Standard {
-        data: Data::of_value(&value).map_err(|e| InvalidField::new("", e))?,
+        data: data?,
         episodes,
         renditions,
     })
 }
 
+/// A standard record as [`Data`]; it is canonical as written.
+fn written(record: &impl Serialize) -> Result<Data, InvalidField> {
+    Data::of_canonical(record).map_err(|e| InvalidField::new("", e))
+}
+
 fn listed_episode(
     f: &Fields<'_>,
+    json: &str,
     series: &RecordId,
     series_at: Timestamp,
 ) -> Result<ListedEpisode, InvalidField> {
-    let id = record_id(f.map, "id").map_err(|e| InvalidField::new(f.path("id"), e.reason))?;
-    let mut map = f.map.clone();
-    let at = match map.remove("updated_at") {
-        Some(value) => timestamp(&value, &f.path("updated_at"))?,
+    let id = f.id()?;
+    let at = match f.present(Field::UpdatedAt) {
+        Some(raw) => text(raw)
+            .ok_or(ValueError::Timestamp)
+            .and_then(|t| Timestamp::parse(&t))
+            .map_err(|e| InvalidField::new(f.path(Field::UpdatedAt), e))?,
         None => series_at,
     };
+    let mut map: Map<String, Value> =
+        serde_json::from_str(json).map_err(|e| InvalidField::new(f.prefix.clone(), e))?;
+    map.remove("updated_at");
     map.insert("series_id".into(), Value::String(series.to_string()));
-    let data = Data::of_object(&map).map_err(|e| InvalidField::new(f.path(""), e))?;
+    let data = Data::of_object(&map).map_err(|e| InvalidField::new(f.prefix.clone(), e))?;
     Ok(ListedEpisode {
         write: Write {
             id,
@@ -439,18 +723,19 @@ fn listed_episode(
 
 fn rendition(f: &Fields<'_>) -> Result<Rendition, InvalidField> {
     Ok(Rendition {
-        id: record_id(f.map, "id").map_err(|e| InvalidField::new(f.path("id"), e.reason))?,
-        codec: f.required_string("codec")?,
+        id: f.id()?,
+        codec: f.required_string(Field::Codec)?.into_owned(),
         height: f
-            .unsigned("height")?
-            .ok_or_else(|| InvalidField::new(f.path("height"), "is required"))?,
-        bitrate_kbps: f.unsigned("bitrate_kbps")?,
+            .unsigned(Field::Height)?
+            .ok_or_else(|| f.invalid(Field::Height, "is required"))?,
+        bitrate_kbps: f.unsigned(Field::BitrateKbps)?,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn raw(value: Value) -> (RecordId, Timestamp, Data) {
         let write = parse_record(value, Timestamp::now(), Kind::Videos).unwrap();
