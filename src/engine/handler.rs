@@ -12,7 +12,7 @@
 //! close again on its success. [`Fault`]s can be injected to see all this.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -155,6 +155,9 @@ pub struct Breaker {
     policy: BreakerPolicy,
     /// Never held across an await.
     state: Mutex<BreakerState>,
+    /// Whether `state` is anything but closed with no failures: while it
+    /// is not, admitting an event and counting a success take no lock.
+    tripped: AtomicBool,
     changed: Notify,
 }
 
@@ -171,6 +174,7 @@ impl Breaker {
             name,
             policy,
             state: Mutex::new(BreakerState::Closed { failures: 0 }),
+            tripped: AtomicBool::new(false),
             changed: Notify::new(),
         }
     }
@@ -189,6 +193,9 @@ impl Breaker {
 
     /// Waits until this worker may process an event.
     async fn admit(&self) {
+        if !self.tripped.load(Ordering::Acquire) {
+            return;
+        }
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
@@ -224,9 +231,13 @@ impl Breaker {
     /// The handler ran (a permanent failure is the event's fault, not the
     /// handler's, so it counts here too).
     fn succeeded(&self) {
+        if !self.tripped.load(Ordering::Acquire) {
+            return;
+        }
         let mut state = self.state();
         let was_closed = matches!(*state, BreakerState::Closed { .. });
         *state = BreakerState::Closed { failures: 0 };
+        self.tripped.store(false, Ordering::Release);
         drop(state);
         if !was_closed {
             tracing::info!(handler = %self.name, "circuit closed");
@@ -236,6 +247,7 @@ impl Breaker {
 
     fn failed(&self) {
         let mut state = self.state();
+        self.tripped.store(true, Ordering::Release);
         let open = match *state {
             BreakerState::Closed { failures } if failures + 1 < self.policy.threshold => {
                 *state = BreakerState::Closed {
@@ -286,6 +298,8 @@ pub struct Handler<T, P> {
     config: HandlerConfig,
     breaker: Breaker,
     fault: Mutex<Option<Fault>>,
+    /// Whether `fault` is set, so that events take no lock when it is not.
+    faulted: AtomicBool,
     processed: AtomicU64,
     failed: AtomicU64,
     /// Seconds each attempt took.
@@ -313,6 +327,7 @@ impl<T: QueueItem, P: Process<T>> Handler<T, P> {
             process,
             config,
             fault: Mutex::new(None),
+            faulted: AtomicBool::new(false),
             processed: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             duration,
@@ -338,11 +353,16 @@ impl<T: QueueItem, P: Process<T>> Handler<T, P> {
     }
 
     pub fn fault(&self) -> Option<Fault> {
+        if !self.faulted.load(Ordering::Acquire) {
+            return None;
+        }
         *self.fault.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn set_fault(&self, fault: Option<Fault>) {
-        *self.fault.lock().unwrap_or_else(|e| e.into_inner()) = fault;
+        let mut slot = self.fault.lock().unwrap_or_else(|e| e.into_inner());
+        *slot = fault;
+        self.faulted.store(fault.is_some(), Ordering::Release);
     }
 
     pub fn stats(&self) -> HandlerStats {
@@ -367,15 +387,21 @@ impl<T: QueueItem, P: Process<T>> Handler<T, P> {
             if taken == 0 {
                 return;
             }
+            // Successes are counted once per batch: one lock, not one each.
+            let mut processed = 0;
             for envelope in batch.drain(..) {
                 // Shutdown past its timeout abandons the event mid-way; it is
                 // still counted in flight and handlers are safe to redo.
                 tokio::select! {
                     biased;
-                    _ = self.cancel.cancelled() => return,
-                    _ = self.handle(envelope) => {}
+                    _ = self.cancel.cancelled() => {
+                        self.count_processed(processed);
+                        return;
+                    }
+                    ok = self.handle(envelope) => processed += u64::from(ok),
                 }
             }
+            self.count_processed(processed);
             // Let the worker that was woken by the channel run elsewhere:
             // without this, workers sharing the receiver tend to take turns
             // on one thread instead of using every core.
@@ -383,7 +409,15 @@ impl<T: QueueItem, P: Process<T>> Handler<T, P> {
         }
     }
 
-    async fn handle(self: &Arc<Self>, mut envelope: Envelope<T>) {
+    fn count_processed(&self, n: u64) {
+        if n > 0 {
+            self.processed.fetch_add(n, Ordering::Relaxed);
+            self.queue.processed(n);
+        }
+    }
+
+    /// Runs one attempt; `true` if it succeeded (counted by the caller).
+    async fn handle(self: &Arc<Self>, mut envelope: Envelope<T>) -> bool {
         self.breaker.admit().await;
         envelope.attempts += 1;
         let span = tracing::debug_span!("handle", handler = %self.name, queue = %self.queue.name(),
@@ -402,13 +436,13 @@ impl<T: QueueItem, P: Process<T>> Handler<T, P> {
         match result {
             Ok(()) => {
                 self.breaker.succeeded();
-                self.processed.fetch_add(1, Ordering::Relaxed);
-                self.queue.processed();
+                true
             }
             Err(failure) => {
                 self.failed.fetch_add(1, Ordering::Relaxed);
                 let _enter = span.enter();
                 self.failed_attempt(envelope, failure);
+                false
             }
         }
     }

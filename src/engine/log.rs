@@ -13,11 +13,12 @@
 //!   received them.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::Serialize;
 use serde::ser::SerializeMap;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use uuid::Uuid;
 
 use super::record::{Data, RecordId, Timestamp, Version};
@@ -128,6 +129,18 @@ impl Serialize for Change {
     }
 }
 
+/// A version 7 UUID for a change recorded at `time`: time-ordered, with
+/// random bits from a thread-local generator, and no second clock read.
+fn event_id(time: Timestamp) -> Uuid {
+    let nanos = time.nanos().max(0) as u64;
+    let at = uuid::Timestamp::from_unix(
+        uuid::NoContext,
+        nanos / 1_000_000_000,
+        (nanos % 1_000_000_000) as u32,
+    );
+    Uuid::new_v7(at)
+}
+
 /// A dispatcher's handle on the log.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SubscriberId(usize);
@@ -140,6 +153,8 @@ struct Subscriber {
     cursor: u64,
     /// Matching events appended and not yet delivered.
     backlog: u64,
+    /// Woken (or left a permit) when a matching event is appended.
+    appended: Arc<Notify>,
 }
 
 struct Inner {
@@ -168,8 +183,11 @@ pub struct ChangeLog {
     /// One lock for appends and reads: critical sections are a push or a
     /// short scan, never an await.
     inner: Mutex<Inner>,
-    /// The latest appended sequence, for dispatchers and live streams.
-    latest: watch::Sender<u64>,
+    /// The latest appended sequence.
+    latest: AtomicU64,
+    /// Wakes live streams on appends; only sent to while one is watching,
+    /// since a send takes locks that every append would otherwise pay.
+    streams: watch::Sender<()>,
     retention: usize,
     activity: Activity,
 }
@@ -182,7 +200,8 @@ impl ChangeLog {
                 next_seq: 1,
                 subscribers: Vec::new(),
             }),
-            latest: watch::Sender::new(0),
+            latest: AtomicU64::new(0),
+            streams: watch::Sender::new(()),
             retention: retention.max(1),
             activity,
         }
@@ -202,8 +221,15 @@ impl ChangeLog {
             tables: tables.to_vec(),
             cursor,
             backlog: 0,
+            appended: Arc::new(Notify::new()),
         });
         SubscriberId(inner.subscribers.len() - 1)
+    }
+
+    /// Wakes when an event for `sub` is appended; an append while nobody
+    /// waits leaves a permit, so none is missed between a read and a wait.
+    pub fn appended(&self, sub: SubscriberId) -> Arc<Notify> {
+        self.lock().subscribers[sub.0].appended.clone()
     }
 
     /// Records a change. Called by a table inside its write's critical
@@ -217,39 +243,55 @@ impl ChangeLog {
         data: Option<Data>,
         cause: &Cause,
     ) -> Arc<Change> {
+        // Everything but the sequence is made before taking the lock, which
+        // every table's writes share.
+        let time = Timestamp::now();
+        let (id, table, cause) = (event_id(time), table.clone(), cause.clone());
         let mut inner = self.lock();
         let seq = inner.next_seq;
         inner.next_seq += 1;
         let change = Arc::new(Change {
             seq,
-            id: Uuid::now_v7(),
-            table: table.clone(),
+            id,
+            table,
             key,
             kind,
             version,
             data,
-            time: Timestamp::now(),
-            cause: cause.clone(),
+            time,
+            cause,
         });
         inner.events.push_back(change.clone());
         let mut owed = 0;
         for sub in inner.subscribers.iter_mut() {
-            if sub.tables.iter().any(|t| t == table) {
+            if sub.tables.contains(&change.table) {
                 sub.backlog += 1;
                 owed += 1;
+                sub.appended.notify_one();
             }
         }
         // Counted before the lock is released, so settle cannot see the
         // event neither owed nor delivered.
         self.activity.begin(owed);
         self.trim(&mut inner);
+        self.latest.store(seq, Ordering::Release);
         drop(inner);
-        self.latest.send_replace(seq);
+        // A stream subscribes before it reads, so one that missed this
+        // event's wake-up is sure to read it.
+        if self.streams.receiver_count() > 0 {
+            self.streams.send_replace(());
+        }
         change
     }
 
     /// Drops the oldest events beyond retention that every subscriber has.
     fn trim(&self, inner: &mut Inner) {
+        // A subscriber owed nothing has every event so far: move its cursor
+        // past changes of other tables, which never wake its dispatcher.
+        let next = inner.next_seq;
+        for sub in inner.subscribers.iter_mut().filter(|s| s.backlog == 0) {
+            sub.cursor = next;
+        }
         let delivered_to_all = inner
             .subscribers
             .iter()
@@ -366,7 +408,7 @@ impl ChangeLog {
 
     /// The sequence of the latest append (0 before the first).
     pub fn latest(&self) -> u64 {
-        *self.latest.borrow()
+        self.latest.load(Ordering::Acquire)
     }
 
     /// Retained events.
@@ -378,8 +420,9 @@ impl ChangeLog {
         self.len() == 0
     }
 
-    /// Wakes when something is appended.
-    pub fn watch(&self) -> watch::Receiver<u64> {
-        self.latest.subscribe()
+    /// Wakes when something is appended (take it before reading, so an
+    /// append in between is not missed).
+    pub fn watch(&self) -> watch::Receiver<()> {
+        self.streams.subscribe()
     }
 }

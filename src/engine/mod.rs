@@ -340,35 +340,38 @@ impl Engine {
 }
 
 /// Moves a subscriber's changes from the log onto its queue, advancing the
-/// log cursor only once the queue has taken each one.
+/// log cursor only once the queue has taken them. Changes move in batches:
+/// one wait for room, one count update and one cursor move per batch.
 async fn dispatch(
     log: Arc<ChangeLog>,
     subscriber: SubscriberId,
     queue: Arc<Queue<Arc<Change>>>,
     cancel: CancellationToken,
 ) {
-    let mut appended = log.watch();
+    let appended = log.appended(subscriber);
+    let batch = queue.capacity().min(DISPATCH_BATCH);
     loop {
-        appended.borrow_and_update();
-        let (changes, cursor) = log.pending(subscriber, 256);
-        for change in changes {
-            let seq = change.seq;
+        let (changes, cursor) = log.pending(subscriber, batch);
+        let count = changes.len() as u64;
+        if count > 0 {
             let delivered = tokio::select! {
                 biased;
                 _ = cancel.cancelled() => return,
-                d = queue.deliver(change) => d,
+                d = queue.deliver_all(changes) => d,
             };
             if delivered.is_err() {
                 return;
             }
-            log.delivered(subscriber, seq + 1, 1);
         }
-        log.delivered(subscriber, cursor, 0);
-        if log.pending(subscriber, 1).0.is_empty() {
+        log.delivered(subscriber, cursor, count);
+        if count == 0 {
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                changed = appended.changed() => if changed.is_err() { return },
+                _ = appended.notified() => {}
             }
         }
     }
 }
+
+/// Changes a dispatcher moves at once (fewer if the queue holds fewer).
+const DISPATCH_BATCH: usize = 256;

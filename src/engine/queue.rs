@@ -142,6 +142,28 @@ impl<T: QueueItem> Queue<T> {
             .await
     }
 
+    /// Puts events whose outstanding work is already counted on the queue,
+    /// in order, waiting until there is room for all of them at once.
+    /// At most [`Queue::capacity`] events.
+    pub async fn deliver_all(&self, items: Vec<T>) -> Result<(), Closed> {
+        let n = items.len();
+        let permits = self
+            .tx
+            .reserve_many(n)
+            .await
+            .map_err(|_| Closed(self.name.clone()))?;
+        {
+            // Counted before the events are visible to a worker.
+            let mut counts = self.counts_mut();
+            counts.enqueued += n as u64;
+            counts.depth += n as u64;
+        }
+        for (permit, item) in permits.zip(items) {
+            permit.send(Envelope { item, attempts: 0 });
+        }
+        Ok(())
+    }
+
     /// Puts an event back after a retry delay.
     pub(crate) async fn redeliver(&self, envelope: Envelope<T>) -> Result<(), Closed> {
         self.put(envelope, |c| c.retrying -= 1).await
@@ -178,14 +200,14 @@ impl<T: QueueItem> Queue<T> {
         n
     }
 
-    /// An event ended well.
-    pub(crate) fn processed(&self) {
+    /// `n` events ended well.
+    pub(crate) fn processed(&self, n: u64) {
         {
             let mut counts = self.counts_mut();
-            counts.in_flight -= 1;
-            counts.processed += 1;
+            counts.in_flight -= n;
+            counts.processed += n;
         }
-        self.activity.end(1);
+        self.activity.end(n);
     }
 
     /// An attempt failed and the event will be retried after a delay.

@@ -21,7 +21,7 @@
 //! writes to different shards do not contend, and id-ordered paging is a
 //! merge of the shards' ordered ranges.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, btree_map};
 use std::hash::BuildHasher;
 use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -235,20 +235,26 @@ impl Table {
         seen: Option<Timestamp>,
     ) -> Outcome {
         let Write { id, version, data } = write;
-        let outcome = match shard.get_mut(&id) {
-            None => {
-                self.record_change(ChangeKind::Inserted, &id, &version, Some(&data), cause);
-                shard.insert(
-                    id,
-                    Entry {
-                        version,
-                        data: Some(data),
-                        seen,
-                    },
+        // One search of the map, whether the id is new or not.
+        let outcome = match shard.entry(id) {
+            btree_map::Entry::Vacant(slot) => {
+                self.record_change(
+                    ChangeKind::Inserted,
+                    slot.key(),
+                    &version,
+                    Some(&data),
+                    cause,
                 );
+                slot.insert(Entry {
+                    version,
+                    data: Some(data),
+                    seen,
+                });
                 Outcome::Inserted
             }
-            Some(entry) => {
+            btree_map::Entry::Occupied(mut slot) => {
+                let id = slot.key().clone();
+                let entry = slot.get_mut();
                 if let Some(seen) = seen {
                     entry.seen = entry.seen.max(Some(seen));
                 }

@@ -245,7 +245,7 @@ enum Reader {
         log: Arc<ChangeLog>,
         cursor: u64,
         filter: Filter,
-        appended: tokio::sync::watch::Receiver<u64>,
+        appended: tokio::sync::watch::Receiver<()>,
     },
     Done,
 }
