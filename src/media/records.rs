@@ -418,6 +418,25 @@ impl<'a> Fields<'a> {
         let Some(text) = self.string(field)? else {
             return Ok(None);
         };
+        // Already in the standard form (the usual case): check it is a real
+        // date without the cost of a format string.
+        if let [y0, y1, y2, y3, b'-', m0, m1, b'-', d0, d1] = *text.as_bytes() {
+            let number = |digits: &[u8]| {
+                digits.iter().try_fold(0u32, |n, d| {
+                    d.is_ascii_digit().then(|| n * 10 + u32::from(d - b'0'))
+                })
+            };
+            let ymd = (
+                number(&[y0, y1, y2, y3]),
+                number(&[m0, m1]),
+                number(&[d0, d1]),
+            );
+            if let (Some(y), Some(m), Some(d)) = ymd {
+                return chrono::NaiveDate::from_ymd_opt(y as i32, m, d)
+                    .map(|_| Some(text.into_owned()))
+                    .ok_or_else(|| self.invalid(field, "must be a date as YYYY-MM-DD"));
+            }
+        }
         chrono::NaiveDate::parse_from_str(&text, "%Y-%m-%d")
             .map(|d| Some(d.format("%Y-%m-%d").to_string()))
             .map_err(|_| self.invalid(field, "must be a date as YYYY-MM-DD"))
@@ -833,6 +852,30 @@ mod tests {
             standard(Kind::Videos, json!({"id":"v1","title":"V","duration_s":12.5,"renditions":[{"id":"r1","codec":"h264","height":720}]})).unwrap(),
             json!({"id":"v1","title":"V","duration_s":12.5,"rendition_ids":["r1"]})
         );
+    }
+
+    #[test]
+    fn dates_are_checked_and_written_as_yyyy_mm_dd() {
+        let date = |text: &str| {
+            standard(
+                Kind::Actors,
+                json!({"id":"a1","name":"A","birth_date": text}),
+            )
+            .map(|s| s["birth_date"].clone())
+        };
+        assert_eq!(date("1970-02-03").unwrap(), json!("1970-02-03"));
+        assert_eq!(date(" 1970-2-3 ").unwrap(), json!("1970-02-03"));
+        assert_eq!(date("2024-02-29").unwrap(), json!("2024-02-29"));
+        for bad in [
+            "2023-02-29",
+            "1970-13-01",
+            "1970-00-10",
+            "1970-01-32",
+            "19x0-01-01",
+            "1970/01/01",
+        ] {
+            assert_eq!(date(bad).unwrap_err().field, "birth_date", "{bad}");
+        }
     }
 
     #[test]
