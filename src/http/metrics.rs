@@ -10,11 +10,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{HeaderValue, header};
+use axum::http::{HeaderValue, Method, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
+};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
@@ -28,15 +30,62 @@ use super::{AppState, RequestId};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
-    pub method: String,
-    pub route: String,
+    pub method: &'static str,
+    pub route: Route,
     pub status: u16,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
-    pub method: String,
-    pub route: String,
+    pub method: &'static str,
+    pub route: Route,
+}
+
+/// The matched route (such as `/raw/{kind}`), shared with the router
+/// rather than copied for every request.
+#[derive(Clone, Debug)]
+pub struct Route(Option<MatchedPath>);
+
+impl Route {
+    fn as_str(&self) -> &str {
+        self.0.as_ref().map_or("unmatched", MatchedPath::as_str)
+    }
+}
+
+impl PartialEq for Route {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for Route {}
+
+impl std::hash::Hash for Route {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state)
+    }
+}
+
+impl EncodeLabelValue for Route {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), fmt::Error> {
+        fmt::Write::write_str(encoder, self.as_str())
+    }
+}
+
+impl fmt::Display for Route {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A method as a label without an allocation; methods outside the API's
+/// are all `other`.
+fn method_label(method: &Method) -> &'static str {
+    const METHODS: [&str; 7] = ["GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"];
+    METHODS
+        .into_iter()
+        .find(|m| *m == method.as_str())
+        .unwrap_or("other")
 }
 
 /// The HTTP layer's instruments.
@@ -293,21 +342,20 @@ pub async fn scrape(State(state): State<AppState>) -> Response {
     response
 }
 
-/// One span per request (method, matched route, request id, then status),
-/// request counts and durations, and one log line per response: errors at
-/// `warn` (5xx at `error`), the rest at `debug`.
+/// One span per request at `debug` (method, matched route, request id,
+/// then status), request counts and durations, and one log line per
+/// response with the same fields: refusals at `info` (5xx at `error`), the
+/// rest at `debug`. The span is `debug` because a span the log keeps costs
+/// every request, and at `info` only refusals and failures are logged.
 pub async fn observe(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let method = request.method().to_string();
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let method = method_label(request.method());
+    let route = Route(request.extensions().get::<MatchedPath>().cloned());
     let id = request
         .extensions()
         .get::<RequestId>()
         .map(|r| r.0.clone())
         .unwrap_or_default();
-    let span = tracing::info_span!("request", %method, %route, request_id = %id, status = tracing::field::Empty);
+    let span = tracing::debug_span!("request", %method, %route, request_id = %id, status = tracing::field::Empty);
     let started = Instant::now();
     let response = tracing::Instrument::instrument(next.run(request), span.clone()).await;
     let elapsed = started.elapsed();
@@ -317,20 +365,25 @@ pub async fn observe(State(state): State<AppState>, request: Request, next: Next
     metrics
         .requests
         .get_or_create(&RequestLabels {
-            method: method.clone(),
+            method,
             route: route.clone(),
             status: status.as_u16(),
         })
         .inc();
     metrics
         .duration
-        .get_or_create(&RouteLabels { method, route })
+        .get_or_create(&RouteLabels {
+            method,
+            route: route.clone(),
+        })
         .observe(elapsed.as_secs_f64());
     let _enter = span.enter();
     if status.is_server_error() && status != axum::http::StatusCode::SERVICE_UNAVAILABLE {
-        tracing::error!(status = status.as_u16(), ?elapsed, "request failed");
+        tracing::error!(%method, %route, request_id = %id, status = status.as_u16(), ?elapsed,
+            "request failed");
     } else if status.is_client_error() || status.is_server_error() {
-        tracing::info!(status = status.as_u16(), ?elapsed, "request refused");
+        tracing::info!(%method, %route, request_id = %id, status = status.as_u16(), ?elapsed,
+            "request refused");
     } else {
         tracing::debug!(status = status.as_u16(), ?elapsed, "request done");
     }

@@ -158,13 +158,20 @@ async fn request_id(mut request: Request, next: Next) -> Response {
         .get(&X_REQUEST_ID)
         .and_then(|v| v.to_str().ok())
         .filter(|v| (1..=128).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_graphic()))
-        .map_or_else(|| uuid::Uuid::new_v4().to_string().into(), Into::into);
+        .map_or_else(new_request_id, Into::into);
     request.extensions_mut().insert(RequestId(id.clone()));
     let mut response = next.run(request).await;
     if let Ok(value) = HeaderValue::from_str(&id) {
         response.headers_mut().insert(X_REQUEST_ID, value);
     }
     response
+}
+
+/// A fresh request id: a random UUID, written without an intermediate
+/// `String`.
+fn new_request_id() -> Arc<str> {
+    let mut buffer = uuid::Uuid::encode_buffer();
+    Arc::from(&*uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buffer))
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for RequestId {
@@ -175,7 +182,7 @@ impl<S: Send + Sync> FromRequestParts<S> for RequestId {
             .extensions
             .get::<RequestId>()
             .cloned()
-            .unwrap_or_else(|| RequestId(uuid::Uuid::new_v4().to_string().into())))
+            .unwrap_or_else(|| RequestId(new_request_id())))
     }
 }
 
