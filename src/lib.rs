@@ -18,6 +18,14 @@
 //! then drains the pipeline. `main.rs` is a thin shell around both, so tests
 //! drive the same code on port 0.
 
+/// Every record costs several small allocations that live as long as the
+/// record; mimalloc serves them faster than the system allocator and keeps
+/// less memory for them. Applications embedding the engine may turn it off
+/// (`default-features = false`) and choose their own.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 pub mod config;
 pub mod engine;
 pub mod http;
