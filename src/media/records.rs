@@ -380,38 +380,38 @@ impl<'a> Fields<'a> {
             .ok_or_else(|| self.invalid(field, "is required"))
     }
 
-    fn number(&self, field: Field) -> Option<Result<serde_json::Number, ()>> {
+    /// A number read by `read`, or `reason` if it is not one `read` takes.
+    fn number<T>(
+        &self,
+        field: Field,
+        read: impl Fn(&serde_json::Number) -> Option<T>,
+        reason: &str,
+    ) -> Result<Option<T>, InvalidField> {
         self.present(field)
-            .map(|raw| serde_json::from_str(raw.get()).map_err(|_| ()))
+            .map(|raw| {
+                serde_json::from_str(raw.get())
+                    .ok()
+                    .as_ref()
+                    .and_then(&read)
+                    .ok_or_else(|| self.invalid(field, reason))
+            })
+            .transpose()
     }
 
     fn unsigned(&self, field: Field) -> Result<Option<u64>, InvalidField> {
-        self.number(field)
-            .map(|n| {
-                n.ok()
-                    .and_then(|n| n.as_u64())
-                    .ok_or_else(|| self.invalid(field, "must be a non-negative integer"))
-            })
-            .transpose()
+        self.number(field, |n| n.as_u64(), "must be a non-negative integer")
     }
 
     fn integer(&self, field: Field) -> Result<Option<i64>, InvalidField> {
-        self.number(field)
-            .map(|n| {
-                n.ok()
-                    .and_then(|n| n.as_i64())
-                    .ok_or_else(|| self.invalid(field, "must be an integer"))
-            })
-            .transpose()
+        self.number(field, |n| n.as_i64(), "must be an integer")
     }
 
     fn non_negative(&self, field: Field) -> Result<Option<f64>, InvalidField> {
-        self.number(field)
-            .map(|n| match n.ok().and_then(|n| n.as_f64()) {
-                Some(n) if n >= 0.0 => Ok(n),
-                _ => Err(self.invalid(field, "must be a non-negative number")),
-            })
-            .transpose()
+        self.number(
+            field,
+            |n| n.as_f64().filter(|f| *f >= 0.0),
+            "must be a non-negative number",
+        )
     }
 
     fn date(&self, field: Field) -> Result<Option<String>, InvalidField> {
