@@ -249,3 +249,37 @@ async fn counters_add_up_at_every_observation_under_transient_failures() {
         );
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn slow_events_are_counted_as_they_finish_not_at_the_end_of_their_batch() {
+    let mut engine = engine();
+    let queue = engine.add_queue::<Job>("q", 8);
+    let policy = RetryPolicy {
+        max_attempts: 1,
+        base: Duration::from_millis(1),
+        cap: Duration::from_millis(1),
+    };
+    // Each attempt takes one second; one worker takes all four in one batch.
+    let handler = engine.add_handler("h", &queue, Succeeds, config(1, policy));
+    handler.set_fault(Some(Fault {
+        failure_rate: 0.0,
+        permanent: false,
+        delay_ms: 1000,
+    }));
+    for i in 0..4 {
+        queue.send(Job(i)).await.unwrap();
+    }
+    let started = Instant::now();
+    while queue.counts().processed < 2 {
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "two of four one-second events were counted only after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(queue.counts().in_flight, 4 - queue.counts().processed);
+    assert!(engine.settle(Duration::from_secs(60)).await);
+    assert_eq!(queue.counts().processed, 4);
+}

@@ -270,6 +270,9 @@ impl Breaker {
     }
 }
 
+/// The longest a worker holds back counting the successes of its batch.
+const COUNT_EVERY: Duration = Duration::from_millis(5);
+
 /// How a handler runs.
 #[derive(Clone, Copy, Debug)]
 pub struct HandlerConfig {
@@ -387,8 +390,11 @@ impl<T: QueueItem, P: Process<T>> Handler<T, P> {
             if taken == 0 {
                 return;
             }
-            // Successes are counted once per batch: one lock, not one each.
+            // Successes are counted a batch at a time (one lock, not one
+            // each), but at least every few milliseconds, so that slow events
+            // still show up in the counters as they finish.
             let mut processed = 0;
+            let mut counted = Instant::now();
             for envelope in batch.drain(..) {
                 // Shutdown past its timeout abandons the event mid-way; it is
                 // still counted in flight and handlers are safe to redo.
@@ -399,6 +405,10 @@ impl<T: QueueItem, P: Process<T>> Handler<T, P> {
                         return;
                     }
                     ok = self.handle(envelope) => processed += u64::from(ok),
+                }
+                if counted.elapsed() >= COUNT_EVERY {
+                    self.count_processed(std::mem::take(&mut processed));
+                    counted = Instant::now();
                 }
             }
             self.count_processed(processed);
