@@ -191,9 +191,15 @@ impl Breaker {
         }
     }
 
+    /// Whether the breaker is open, half-open or counting failures (the
+    /// next event may have to wait).
+    fn tripped(&self) -> bool {
+        self.tripped.load(Ordering::Acquire)
+    }
+
     /// Waits until this worker may process an event.
     async fn admit(&self) {
-        if !self.tripped.load(Ordering::Acquire) {
+        if !self.tripped() {
             return;
         }
         loop {
@@ -231,7 +237,7 @@ impl Breaker {
     /// The handler ran (a permanent failure is the event's fault, not the
     /// handler's, so it counts here too).
     fn succeeded(&self) {
-        if !self.tripped.load(Ordering::Acquire) {
+        if !self.tripped() {
             return;
         }
         let mut state = self.state();
@@ -270,7 +276,8 @@ impl Breaker {
     }
 }
 
-/// The longest a worker holds back counting the successes of its batch.
+/// The most work (time spent handling events) a worker does before it
+/// counts the successes of its batch so far.
 const COUNT_EVERY: Duration = Duration::from_millis(5);
 
 /// How a handler runs.
@@ -391,11 +398,15 @@ impl<T: QueueItem, P: Process<T>> Handler<T, P> {
                 return;
             }
             // Successes are counted a batch at a time (one lock, not one
-            // each), but at least every few milliseconds, so that slow events
-            // still show up in the counters as they finish.
+            // each), but at least every few milliseconds of work, so that
+            // slow events still show up in the counters as they finish.
             let mut processed = 0;
-            let mut counted = Instant::now();
+            let mut uncounted = Duration::ZERO;
             for envelope in batch.drain(..) {
+                if self.breaker.tripped() {
+                    // The next event may be held for a cool-down.
+                    self.count_processed(std::mem::take(&mut processed));
+                }
                 // Shutdown past its timeout abandons the event mid-way; it is
                 // still counted in flight and handlers are safe to redo.
                 tokio::select! {
@@ -404,11 +415,14 @@ impl<T: QueueItem, P: Process<T>> Handler<T, P> {
                         self.count_processed(processed);
                         return;
                     }
-                    ok = self.handle(envelope) => processed += u64::from(ok),
+                    (ok, took) = self.handle(envelope) => {
+                        processed += u64::from(ok);
+                        uncounted += took;
+                    }
                 }
-                if counted.elapsed() >= COUNT_EVERY {
+                if uncounted >= COUNT_EVERY {
                     self.count_processed(std::mem::take(&mut processed));
-                    counted = Instant::now();
+                    uncounted = Duration::ZERO;
                 }
             }
             self.count_processed(processed);
@@ -426,8 +440,9 @@ impl<T: QueueItem, P: Process<T>> Handler<T, P> {
         }
     }
 
-    /// Runs one attempt; `true` if it succeeded (counted by the caller).
-    async fn handle(self: &Arc<Self>, mut envelope: Envelope<T>) -> bool {
+    /// Runs one attempt; whether it succeeded (counted by the caller), and
+    /// how long it took.
+    async fn handle(self: &Arc<Self>, mut envelope: Envelope<T>) -> (bool, Duration) {
         self.breaker.admit().await;
         envelope.attempts += 1;
         let span = tracing::debug_span!("handle", handler = %self.name, queue = %self.queue.name(),
@@ -442,8 +457,9 @@ impl<T: QueueItem, P: Process<T>> Handler<T, P> {
         }
         .instrument(span.clone())
         .await;
-        self.duration.observe(started.elapsed().as_secs_f64());
-        match result {
+        let took = started.elapsed();
+        self.duration.observe(took.as_secs_f64());
+        let ok = match result {
             Ok(()) => {
                 self.breaker.succeeded();
                 true
@@ -454,7 +470,8 @@ impl<T: QueueItem, P: Process<T>> Handler<T, P> {
                 self.failed_attempt(envelope, failure);
                 false
             }
-        }
+        };
+        (ok, took)
     }
 
     fn failed_attempt(self: &Arc<Self>, envelope: Envelope<T>, failure: Failure) {
