@@ -13,7 +13,6 @@
 //!   received them.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::Serialize;
@@ -183,8 +182,6 @@ pub struct ChangeLog {
     /// One lock for appends and reads: critical sections are a push or a
     /// short scan, never an await.
     inner: Mutex<Inner>,
-    /// The latest appended sequence.
-    latest: AtomicU64,
     /// Wakes live streams on appends; only sent to while one is watching,
     /// since a send takes locks that every append would otherwise pay.
     streams: watch::Sender<()>,
@@ -200,7 +197,6 @@ impl ChangeLog {
                 next_seq: 1,
                 subscribers: Vec::new(),
             }),
-            latest: AtomicU64::new(0),
             streams: watch::Sender::new(()),
             retention: retention.max(1),
             activity,
@@ -274,7 +270,6 @@ impl ChangeLog {
         // event neither owed nor delivered.
         self.activity.begin(owed);
         self.trim(&mut inner);
-        self.latest.store(seq, Ordering::Release);
         drop(inner);
         // A stream subscribes before it reads, so one that missed this
         // event's wake-up is sure to read it.
@@ -408,7 +403,7 @@ impl ChangeLog {
 
     /// The sequence of the latest append (0 before the first).
     pub fn latest(&self) -> u64 {
-        self.latest.load(Ordering::Acquire)
+        self.lock().next_seq - 1
     }
 
     /// Retained events.

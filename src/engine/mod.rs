@@ -353,23 +353,23 @@ async fn dispatch(
     loop {
         let (changes, cursor) = log.pending(subscriber, batch);
         let count = changes.len() as u64;
-        if count > 0 {
-            let delivered = tokio::select! {
-                biased;
-                _ = cancel.cancelled() => return,
-                d = queue.deliver_all(changes) => d,
-            };
-            if delivered.is_err() {
-                return;
-            }
-        }
-        log.delivered(subscriber, cursor, count);
         if count == 0 {
+            // Owed nothing: the log moves this cursor past other tables'
+            // changes itself, so there is nothing to record before waiting.
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = appended.notified() => {}
+                _ = appended.notified() => continue,
             }
         }
+        let delivered = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return,
+            d = queue.deliver_all(changes) => d,
+        };
+        if delivered.is_err() {
+            return;
+        }
+        log.delivered(subscriber, cursor, count);
     }
 }
 
