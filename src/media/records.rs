@@ -182,17 +182,22 @@ pub fn parse_records(
 fn record_id(map: &Map<String, Value>, field: &str) -> Result<RecordId, InvalidField> {
     match map.get(field) {
         None => Err(InvalidField::new(field, "is required")),
-        Some(Value::String(s)) => RecordId::parse(s).map_err(|e| InvalidField::new(field, e)),
-        Some(_) => Err(InvalidField::new(field, ValueError::IdLength)),
+        Some(value) => id_from(value.as_str()).map_err(|e| InvalidField::new(field, e)),
     }
 }
 
 fn timestamp(value: &Value, field: &str) -> Result<Timestamp, InvalidField> {
-    value
-        .as_str()
-        .ok_or(ValueError::Timestamp)
-        .and_then(Timestamp::parse)
-        .map_err(|e| InvalidField::new(field, e))
+    timestamp_from(value.as_str()).map_err(|e| InvalidField::new(field, e))
+}
+
+/// An id field's text (`None`: the value is not a string), checked.
+fn id_from(text: Option<&str>) -> Result<RecordId, ValueError> {
+    text.ok_or(ValueError::IdLength).and_then(RecordId::parse)
+}
+
+/// A timestamp field's text (`None`: the value is not a string), parsed.
+fn timestamp_from(text: Option<&str>) -> Result<Timestamp, ValueError> {
+    text.ok_or(ValueError::Timestamp).and_then(Timestamp::parse)
 }
 
 /// A child list, if present, is an array of objects each with a valid `id`
@@ -478,15 +483,10 @@ impl<'a> Fields<'a> {
     }
 
     fn id(&self) -> Result<RecordId, InvalidField> {
-        match self.present(Field::Id).map(text) {
+        match self.present(Field::Id) {
             None => Err(self.invalid(Field::Id, "is required")),
-            Some(Some(s)) => {
-                RecordId::parse(&s).map_err(|e| InvalidField::new(self.path(Field::Id), e))
-            }
-            Some(None) => Err(InvalidField::new(
-                self.path(Field::Id),
-                ValueError::IdLength,
-            )),
+            Some(raw) => id_from(text(raw).as_deref())
+                .map_err(|e| InvalidField::new(self.path(Field::Id), e)),
         }
     }
 }
@@ -720,9 +720,7 @@ fn listed_episode(
 ) -> Result<ListedEpisode, InvalidField> {
     let id = f.id()?;
     let at = match f.present(Field::UpdatedAt) {
-        Some(raw) => text(raw)
-            .ok_or(ValueError::Timestamp)
-            .and_then(|t| Timestamp::parse(&t))
+        Some(raw) => timestamp_from(text(raw).as_deref())
             .map_err(|e| InvalidField::new(f.path(Field::UpdatedAt), e))?,
         None => series_at,
     };
