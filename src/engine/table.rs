@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use serde::Serialize;
 
 use super::log::{Cause, ChangeKind, ChangeLog, TableName};
-use super::record::{Data, RecordId, Timestamp, Version};
+use super::record::{Data, RecordId, Tie, Timestamp, Version};
 
 const SHARDS: usize = 16;
 
@@ -139,11 +139,44 @@ struct Counters {
 }
 
 /// A stored entry: a live record, or a tombstone when `data` is `None`.
+///
+/// The version is kept as its two halves rather than as a [`Version`],
+/// whose padding would make every entry 8 bytes larger (64 rather than 56;
+/// a table holds one entry per id it has seen).
 struct Entry {
-    version: Version,
+    tie: Tie,
     data: Option<Data>,
+    at: Timestamp,
     /// The latest reconciliation whose set contained this id.
     seen: Option<Timestamp>,
+}
+
+impl Entry {
+    fn new(version: Version, data: Option<Data>, seen: Option<Timestamp>) -> Self {
+        Self {
+            tie: version.tie,
+            data,
+            at: version.at,
+            seen,
+        }
+    }
+
+    fn version(&self) -> Version {
+        Version {
+            at: self.at,
+            tie: self.tie.clone(),
+        }
+    }
+
+    /// The stored version against `version`, as `Version`'s order has it.
+    fn cmp_version(&self, version: &Version) -> std::cmp::Ordering {
+        (self.at, &self.tie).cmp(&(version.at, &version.tie))
+    }
+
+    fn set_version(&mut self, version: Version) {
+        self.at = version.at;
+        self.tie = version.tie;
+    }
 }
 
 type Shard = BTreeMap<RecordId, Entry>;
@@ -206,7 +239,7 @@ impl Table {
         let current = shard
             .get(&write.id)
             .filter(|e| e.data.is_some())
-            .map(|e| e.version.at);
+            .map(|e| e.at);
         let met = match (expect, current) {
             (Expect::Exists, Some(_)) => true,
             (Expect::Version(want), Some(have)) => want == have,
@@ -245,11 +278,7 @@ impl Table {
                     Some(&data),
                     cause,
                 );
-                slot.insert(Entry {
-                    version,
-                    data: Some(data),
-                    seen,
-                });
+                slot.insert(Entry::new(version, Some(data), seen));
                 Outcome::Inserted
             }
             btree_map::Entry::Occupied(mut slot) => {
@@ -258,24 +287,25 @@ impl Table {
                 if let Some(seen) = seen {
                     entry.seen = entry.seen.max(Some(seen));
                 }
+                let newer = entry.cmp_version(&version).is_lt();
                 match &entry.data {
-                    None if entry.version >= version => Outcome::Stale,
+                    None if !newer => Outcome::Stale,
                     None => {
                         self.record_change(ChangeKind::Inserted, &id, &version, Some(&data), cause);
-                        entry.version = version;
+                        entry.set_version(version);
                         entry.data = Some(data);
                         Outcome::Inserted
                     }
                     Some(stored) if *stored == data => {
-                        if version > entry.version {
-                            entry.version = version;
+                        if newer {
+                            entry.set_version(version);
                         }
                         Outcome::Unchanged
                     }
-                    Some(_) if version <= entry.version => Outcome::Stale,
+                    Some(_) if !newer => Outcome::Stale,
                     Some(_) => {
                         self.record_change(ChangeKind::Updated, &id, &version, Some(&data), cause);
-                        entry.version = version;
+                        entry.set_version(version);
                         entry.data = Some(data);
                         Outcome::Updated
                     }
@@ -323,28 +353,21 @@ impl Table {
     ) -> Outcome {
         let outcome = match shard.get_mut(id) {
             None => {
-                shard.insert(
-                    id.clone(),
-                    Entry {
-                        version,
-                        data: None,
-                        seen: None,
-                    },
-                );
+                shard.insert(id.clone(), Entry::new(version, None, None));
                 Outcome::Absent
             }
             Some(entry) if entry.data.is_none() => {
-                if version < entry.version {
+                if entry.cmp_version(&version).is_gt() {
                     Outcome::Stale
                 } else {
-                    entry.version = version;
+                    entry.set_version(version);
                     Outcome::Absent
                 }
             }
-            Some(entry) if version < entry.version => Outcome::Stale,
+            Some(entry) if entry.cmp_version(&version).is_gt() => Outcome::Stale,
             Some(entry) => {
                 self.record_change(ChangeKind::Deleted, id, &version, None, cause);
-                entry.version = version;
+                entry.set_version(version);
                 entry.data = None;
                 self.counters.live.fetch_sub(1, Ordering::Relaxed);
                 Outcome::Deleted
@@ -382,7 +405,7 @@ impl Table {
             let unseen: Vec<RecordId> = shard
                 .iter()
                 .filter(|(_, e)| {
-                    e.data.is_some() && e.seen.is_none_or(|s| s < as_of) && e.version.at < as_of
+                    e.data.is_some() && e.seen.is_none_or(|s| s < as_of) && e.at < as_of
                 })
                 .map(|(id, _)| id.clone())
                 .collect();
@@ -403,7 +426,7 @@ impl Table {
         let (id, entry) = shard.get_key_value(id)?;
         Some(Record {
             id: id.clone(),
-            version: entry.version.clone(),
+            version: entry.version(),
             data: entry.data.clone()?,
         })
     }
@@ -421,7 +444,7 @@ impl Table {
                     .filter_map(|(id, e)| {
                         Some(Record {
                             id: id.clone(),
-                            version: e.version.clone(),
+                            version: e.version(),
                             data: e.data.clone()?,
                         })
                     })
@@ -469,7 +492,7 @@ impl Table {
                 let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
                 shard
                     .iter()
-                    .map(|(id, e)| (id.clone(), e.version.clone(), e.data.clone()))
+                    .map(|(id, e)| (id.clone(), e.version(), e.data.clone()))
                     .collect::<Vec<_>>()
             })
             .collect();
@@ -761,5 +784,34 @@ mod tests {
         }
         assert_eq!(seen.len(), 249);
         assert!(seen.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    #[cfg(target_pointer_width = "64")]
+    fn an_entry_is_the_sum_of_its_parts_without_padding() {
+        // tie and data (16 each), at and seen (12 each).
+        assert_eq!(std::mem::size_of::<Entry>(), 56);
+    }
+
+    #[test]
+    fn entries_order_versions_as_versions_do() {
+        let key = |text: &str| Data::canonical(&json!({ "k": text })).unwrap();
+        let versions = [
+            Version::write(at("00:00:01"), key("a")),
+            Version::write(at("00:00:01"), key("b")),
+            Version::delete(at("00:00:01")),
+            Version::write(at("00:00:02"), key("a")),
+        ];
+        for stored in &versions {
+            let entry = Entry::new(stored.clone(), None, None);
+            assert_eq!(&entry.version(), stored);
+            for other in &versions {
+                assert_eq!(
+                    entry.cmp_version(other),
+                    stored.cmp(other),
+                    "{stored:?} vs {other:?}"
+                );
+            }
+        }
     }
 }
