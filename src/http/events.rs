@@ -22,6 +22,7 @@ use utoipa::{IntoParams, ToSchema};
 use crate::engine::log::{Change, ChangeKind, ChangeLog, Gone};
 
 use super::problem::Problem;
+use super::problem::shared::BadQuery;
 use super::{ApiError, AppState, Query};
 
 const DEFAULT_LIMIT: usize = 100;
@@ -122,8 +123,7 @@ pub struct EventsPage {
     params(EventsQuery),
     responses(
         (status = 200, description = "A page of changes", body = EventsPage),
-        (status = 400, description = "A bad query parameter", body = Problem,
-            content_type = "application/problem+json"),
+        BadQuery,
         (status = 410, description = "The cursor's next event is no longer retained; the \
             problem has `oldest`", body = Problem, content_type = "application/problem+json"),
     ),

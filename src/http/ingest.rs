@@ -20,6 +20,7 @@ use crate::media::records::{InvalidField, InvalidRecord, Kind, parse_record, par
 use super::cloudevents::{self, Mode};
 use super::openapi::{CloudEvent, CloudEventBatch, IngestOutcome, KindName, RawRecord, RawRecords};
 use super::problem::Problem;
+use super::problem::shared::{NotJson, Overloaded, TooLarge, UnknownKind};
 
 use super::{ApiError, AppState, Query, RequestId};
 
@@ -151,17 +152,12 @@ fn if_match(headers: &HeaderMap) -> Result<Option<Expect>, ApiError> {
         (status = 400, description = "The body, a record (the problem names its `index` and \
             `field`), an event or `If-Match` is invalid", body = Problem,
             content_type = "application/problem+json"),
-        (status = 404, description = "Unknown kind", body = Problem,
-            content_type = "application/problem+json"),
+        UnknownKind,
         (status = 412, description = "`If-Match` did not match; the problem has \
             `current_version`", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "The body is over the limit (`--body-limit-bytes`)",
-            body = Problem, content_type = "application/problem+json"),
-        (status = 415, description = "The body is not declared as JSON", body = Problem,
-            content_type = "application/problem+json"),
-        (status = 503, description = "The backlog is over its bound; retry later", body = Problem,
-            content_type = "application/problem+json",
-            headers(("Retry-After" = u32, description = "Seconds to wait"))),
+        TooLarge,
+        NotJson,
+        Overloaded,
     ),
 )]
 pub async fn post(
@@ -282,15 +278,10 @@ pub struct ReconcileBody {
         (status = 200, description = "What the reconciliation did", body = Reconciliation),
         (status = 400, description = "The body, `as_of` or a record is invalid", body = Problem,
             content_type = "application/problem+json"),
-        (status = 404, description = "Unknown kind", body = Problem,
-            content_type = "application/problem+json"),
-        (status = 413, description = "The body is over the limit (`--body-limit-bytes`)",
-            body = Problem, content_type = "application/problem+json"),
-        (status = 415, description = "The body is not declared as JSON", body = Problem,
-            content_type = "application/problem+json"),
-        (status = 503, description = "The backlog is over its bound; retry later", body = Problem,
-            content_type = "application/problem+json",
-            headers(("Retry-After" = u32, description = "Seconds to wait"))),
+        UnknownKind,
+        TooLarge,
+        NotJson,
+        Overloaded,
     ),
 )]
 pub async fn put(
@@ -374,11 +365,8 @@ pub struct DeleteResponse {
         (status = 200, description = "What the delete did", body = DeleteResponse),
         (status = 400, description = "Invalid `id` or `version`", body = Problem,
             content_type = "application/problem+json"),
-        (status = 404, description = "Unknown kind", body = Problem,
-            content_type = "application/problem+json"),
-        (status = 503, description = "The backlog is over its bound; retry later", body = Problem,
-            content_type = "application/problem+json",
-            headers(("Retry-After" = u32, description = "Seconds to wait"))),
+        UnknownKind,
+        Overloaded,
     ),
 )]
 pub async fn delete(

@@ -199,3 +199,74 @@ pub async fn problem_responses(State(body_limit): State<usize>, response: Respon
     }
     rewritten
 }
+
+/// Problem responses that several routes document alike, for their
+/// `#[utoipa::path(responses(...))]` lists. Each documents exactly what a
+/// `(status = .., description = .., body = Problem, content_type =
+/// "application/problem+json")` entry would.
+pub mod shared {
+    use std::collections::BTreeMap;
+
+    use utoipa::openapi::{ContentBuilder, HeaderBuilder, Ref, RefOr, ResponseBuilder};
+    use utoipa::{IntoResponses, PartialSchema};
+
+    type Responses = BTreeMap<String, RefOr<utoipa::openapi::Response>>;
+
+    fn problem(description: &str) -> ResponseBuilder {
+        ResponseBuilder::new().description(description).content(
+            "application/problem+json",
+            ContentBuilder::new()
+                .schema(Some(Ref::from_schema_name("Problem")))
+                .build(),
+        )
+    }
+
+    fn one(status: u16, response: ResponseBuilder) -> Responses {
+        BTreeMap::from([(status.to_string(), RefOr::T(response.build()))])
+    }
+
+    macro_rules! responses {
+        ($($(#[$doc:meta])* $name:ident = $status:literal, $description:literal;)*) => {$(
+            $(#[$doc])*
+            pub struct $name;
+
+            impl IntoResponses for $name {
+                fn responses() -> Responses {
+                    one($status, problem($description))
+                }
+            }
+        )*};
+    }
+
+    responses! {
+        /// 400 from a route's query string.
+        BadQuery = 400, "A bad query parameter";
+        /// 404 from `/raw/{kind}` routes.
+        UnknownKind = 404, "Unknown kind";
+        /// 404 from `/queues/{queue}/...` routes.
+        NoSuchQueue = 404, "No such queue";
+        /// 404 from `/faults/{handler}` routes.
+        NoSuchHandler = 404, "No such handler";
+        /// 413 from any route that takes a body.
+        TooLarge = 413, "The body is over the limit (`--body-limit-bytes`)";
+        /// 415 from any route that takes a JSON body.
+        NotJson = 415, "The body is not declared as JSON";
+    }
+
+    /// 503 from ingest while the backlog is over its bound.
+    pub struct Overloaded;
+
+    impl IntoResponses for Overloaded {
+        fn responses() -> Responses {
+            let retry_after = HeaderBuilder::new()
+                .schema(Some(u32::schema()))
+                .description(Some("Seconds to wait"))
+                .build();
+            one(
+                503,
+                problem("The backlog is over its bound; retry later")
+                    .header("Retry-After", retry_after),
+            )
+        }
+    }
+}

@@ -16,6 +16,7 @@ use crate::engine::{HandlerView, QueueSnapshot, QueueView};
 
 use super::openapi::QueuedEvent;
 use super::problem::Problem;
+use super::problem::shared::{NoSuchHandler, NoSuchQueue, NotJson, TooLarge};
 use super::{ApiError, AppState};
 
 #[derive(Serialize, ToSchema)]
@@ -68,8 +69,7 @@ pub struct DeadLetters {
         example = "raw_queue")),
     responses(
         (status = 200, description = "The queue's dead letters", body = DeadLetters),
-        (status = 404, description = "No such queue", body = Problem,
-            content_type = "application/problem+json"),
+        NoSuchQueue,
     ),
 )]
 pub async fn dead_letters(
@@ -97,8 +97,7 @@ pub struct Redriven {
         example = "raw_queue")),
     responses(
         (status = 200, description = "How many were redriven", body = Redriven),
-        (status = 404, description = "No such queue", body = Problem,
-            content_type = "application/problem+json"),
+        NoSuchQueue,
     ),
 )]
 pub async fn redrive(
@@ -126,8 +125,7 @@ pub struct Discarded {
         example = "raw_queue")),
     responses(
         (status = 200, description = "How many were discarded", body = Discarded),
-        (status = 404, description = "No such queue", body = Problem,
-            content_type = "application/problem+json"),
+        NoSuchQueue,
     ),
 )]
 pub async fn discard(
@@ -231,8 +229,7 @@ pub async fn faults(State(state): State<AppState>) -> Json<FaultList> {
     params(("handler" = String, Path, description = HANDLER, example = "raw_handler")),
     responses(
         (status = 200, description = "The handler's fault", body = FaultView),
-        (status = 404, description = "No such handler", body = Problem,
-            content_type = "application/problem+json"),
+        NoSuchHandler,
     ),
 )]
 pub async fn fault(
@@ -261,12 +258,9 @@ pub async fn fault(
         (status = 200, description = "The fault now injected", body = FaultView),
         (status = 400, description = "The body is not a valid fault", body = Problem,
             content_type = "application/problem+json"),
-        (status = 404, description = "No such handler", body = Problem,
-            content_type = "application/problem+json"),
-        (status = 413, description = "The body is over the limit (`--body-limit-bytes`)",
-            body = Problem, content_type = "application/problem+json"),
-        (status = 415, description = "The body is not declared as JSON", body = Problem,
-            content_type = "application/problem+json"),
+        NoSuchHandler,
+        TooLarge,
+        NotJson,
     ),
 )]
 pub async fn set_fault(
@@ -307,8 +301,7 @@ pub async fn set_fault(
     params(("handler" = String, Path, description = HANDLER, example = "raw_handler")),
     responses(
         (status = 200, description = "The handler, now without a fault", body = FaultView),
-        (status = 404, description = "No such handler", body = Problem,
-            content_type = "application/problem+json"),
+        NoSuchHandler,
     ),
 )]
 pub async fn clear_fault(

@@ -10,6 +10,7 @@ use utoipa::{IntoParams, ToSchema};
 use crate::engine::topology::Topology;
 
 use super::problem::Problem;
+use super::problem::shared::BadQuery;
 use super::{ApiError, AppState, Query};
 
 #[derive(Serialize, ToSchema)]
@@ -62,8 +63,7 @@ pub struct Settled {
     params(SettleQuery),
     responses(
         (status = 200, description = "The pipeline is idle", body = Settled),
-        (status = 400, description = "A bad query parameter", body = Problem,
-            content_type = "application/problem+json"),
+        BadQuery,
         (status = 503, description = "Not idle at the timeout; the problem has \
             `\"settled\": false` and `outstanding`", body = Problem,
             content_type = "application/problem+json"),

@@ -13,6 +13,7 @@ use crate::engine::record::{Data, RecordId, Timestamp};
 use crate::engine::table::{Record, Table, TableKind, TableStats};
 
 use super::problem::Problem;
+use super::problem::shared::BadQuery;
 use super::{ApiError, AppState, Query};
 
 #[derive(Serialize, ToSchema)]
@@ -117,8 +118,7 @@ pub struct PageView {
     ),
     responses(
         (status = 200, description = "One page of records", body = PageView),
-        (status = 400, description = "A bad query parameter", body = Problem,
-            content_type = "application/problem+json"),
+        BadQuery,
         (status = 404, description = "No such table", body = Problem,
             content_type = "application/problem+json"),
     ),
