@@ -26,16 +26,18 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::process::Command;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
 use eventsys::engine::log::Cause;
-use eventsys::engine::record::Timestamp;
+use eventsys::engine::record::{Data, RecordId, Timestamp, Version};
 use eventsys::engine::table::Write;
 use eventsys::media::pipeline::{Pipeline, PipelineConfig};
-use eventsys::media::records::{Kind, parse_records};
+use eventsys::media::records::{Kind, parse_records, standardise};
 
 use common::{context_switches, cpu_seconds, env_usize, load_average, rss, runqueue_wait_seconds};
 
@@ -176,6 +178,142 @@ fn child(retention: usize) {
     std::process::exit(0);
 }
 
+/// A plain map's write: newest version wins, equal data is no change.
+/// Returns whether the data changed.
+fn plain_write(map: &mut HashMap<RecordId, (Version, Data)>, write: &Write) -> bool {
+    match map.get_mut(&write.id) {
+        Some((_, data)) if *data == write.data => false,
+        Some((version, _)) if write.version <= *version => false,
+        Some(entry) => {
+            *entry = (write.version.clone(), write.data.clone());
+            true
+        }
+        None => {
+            map.insert(
+                write.id.clone(),
+                (write.version.clone(), write.data.clone()),
+            );
+            true
+        }
+    }
+}
+
+/// The floor, in a child process like the rest: the same pre-parsed
+/// batches through the least machinery that does scenario 1's work. A
+/// `Mutex<HashMap>` per raw kind keeps the newest version of each record;
+/// each real change goes over a bounded tokio `mpsc` (capacity as the
+/// queue's) to as many consumer tasks as there are `raw_handler` workers,
+/// which standardise it with eventsys's own `standardise` into a
+/// `Mutex<HashMap>` per standard kind. No change log, cursors, retries,
+/// dead letters, metrics or settle tracking.
+fn floor_child() {
+    let records = env_usize("EVENTSYS_BENCH_RECORDS", 1_000_000);
+    let batch = env_usize("EVENTSYS_BENCH_BATCH", 1000).max(1);
+    let workers = env_usize("EVENTSYS_BENCH_RAW_WORKERS", 2).max(1);
+    let capacity = env_usize("EVENTSYS_QUEUE_CAPACITY", 1024).max(1);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("floor")
+        .enable_all()
+        .build()
+        .expect("runtime");
+    type Map = Arc<Mutex<HashMap<RecordId, (Version, Data)>>>;
+    let line = runtime.block_on(async move {
+        let kinds = [Kind::Movies, Kind::Actors];
+        let raw: Vec<Map> = kinds.iter().map(|_| Map::default()).collect();
+        let standard: Vec<Map> = kinds.iter().map(|_| Map::default()).collect();
+        let index = move |kind: Kind| kinds.iter().position(|k| *k == kind).expect("a kind");
+        let rss_empty = rss();
+        let (batches, json_bytes) = batches(records, batch);
+        let cpu_before = cpu_seconds();
+        let switches_before = context_switches();
+        let wait_before = runqueue_wait_seconds();
+        let started = Instant::now();
+        let (send, receive) = tokio::sync::mpsc::channel::<(Kind, Write)>(capacity);
+        let receive = Arc::new(tokio::sync::Mutex::new(receive));
+        let consumers: Vec<_> = (0..workers)
+            .map(|_| {
+                let receive = receive.clone();
+                let standard = standard.clone();
+                tokio::spawn(async move {
+                    let mut got = Vec::with_capacity(256);
+                    loop {
+                        if receive.lock().await.recv_many(&mut got, 256).await == 0 {
+                            return;
+                        }
+                        for (kind, write) in got.drain(..) {
+                            let data = standardise(kind, &write.id, write.version.at, &write.data)
+                                .expect("standardises")
+                                .data;
+                            let standard_write = Write { data, ..write };
+                            let mut map = standard[index(kind)].lock().expect("not poisoned");
+                            plain_write(&mut map, &standard_write);
+                        }
+                        tokio::task::yield_now().await;
+                    }
+                })
+            })
+            .collect();
+        // On a runtime worker, as eventsys's ingest is.
+        let ingest = tokio::spawn({
+            let raw = raw.clone();
+            async move {
+                for (kind, writes) in batches {
+                    let changed: Vec<Write> = {
+                        let mut map = raw[index(kind)].lock().expect("not poisoned");
+                        writes
+                            .into_iter()
+                            .filter(|w| plain_write(&mut map, w))
+                            .collect()
+                    };
+                    for write in changed {
+                        send.send((kind, write)).await.expect("consumers run");
+                    }
+                    tokio::task::yield_now().await;
+                }
+            }
+        });
+        ingest.await.expect("ingest task");
+        let ingested = started.elapsed();
+        for consumer in consumers {
+            consumer.await.expect("consumer");
+        }
+        let settled = started.elapsed();
+        let cpu = cpu_seconds() - cpu_before;
+        let switches = context_switches() - switches_before;
+        let waited = runqueue_wait_seconds() - wait_before;
+        let rss_settled = rss();
+        let live = |maps: &[Map]| -> usize {
+            maps.iter()
+                .map(|m| m.lock().expect("not poisoned").len())
+                .sum()
+        };
+        assert_eq!(live(&standard), records, "every record standardised");
+        let stored_json_bytes: usize = raw
+            .iter()
+            .chain(&standard)
+            .flat_map(|m| {
+                let m = m.lock().expect("not poisoned");
+                m.values().map(|(_, d)| d.len()).collect::<Vec<_>>()
+            })
+            .sum();
+        format!(
+            "retention=floor records={records} json_bytes={json_bytes} \
+             ingest_s={:.3} settle_s={:.3} rss_empty={rss_empty} rss_settled={rss_settled} \
+             live_raw={} live_standard={} stored_json_bytes={stored_json_bytes} log_len=0 \
+             cpu_s={cpu:.2} context_switches={switches} runqueue_wait_s={waited:.2}",
+            ingested.as_secs_f64(),
+            settled.as_secs_f64(),
+            live(&raw),
+            live(&standard),
+        )
+    });
+    println!("{line}");
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
+    std::process::exit(0);
+}
+
 fn field(line: &str, key: &str) -> f64 {
     line.split_whitespace()
         .find_map(|kv| kv.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
@@ -184,9 +322,10 @@ fn field(line: &str, key: &str) -> f64 {
 }
 
 fn main() {
-    if let Ok(retention) = std::env::var("EVENTSYS_BENCH_CHILD") {
-        child(retention.parse().expect("retention"));
-        return;
+    match std::env::var("EVENTSYS_BENCH_CHILD").as_deref() {
+        Ok("floor") => return floor_child(),
+        Ok(retention) => return child(retention.parse().expect("retention")),
+        Err(_) => {}
     }
     let retentions: Vec<usize> = std::env::var("EVENTSYS_BENCH_RETENTION")
         .unwrap_or_else(|_| "1000000,10000".into())
@@ -218,20 +357,24 @@ fn main() {
         "log kept",
         "target",
     );
-    for retention in retentions {
+    let runs = std::iter::once("floor".to_string()).chain(retentions.iter().map(|r| r.to_string()));
+    // (what ran, records/s, RSS per record)
+    let mut measured: Vec<(String, f64, f64)> = Vec::new();
+    for run in runs {
         let output = Command::new(&exe)
-            .env("EVENTSYS_BENCH_CHILD", retention.to_string())
+            .env("EVENTSYS_BENCH_CHILD", &run)
             .output()
             .expect("child runs");
         let line = String::from_utf8_lossy(&output.stdout);
         let line = line.trim();
         if !output.status.success() || line.is_empty() {
             eprintln!(
-                "retention {retention}: child failed: {}",
+                "{run}: child failed: {}",
                 String::from_utf8_lossy(&output.stderr)
             );
             continue;
         }
+        let floor = run == "floor";
         let records = field(line, "records");
         let json_per = field(line, "json_bytes") / records;
         // Memory the pipeline holds for the records: the writes were
@@ -243,13 +386,15 @@ fn main() {
         // standard: what each stored record costs beyond its own JSON.
         let stored_ratio = (field(line, "rss_settled") - field(line, "rss_empty"))
             / field(line, "stored_json_bytes");
+        let rate = records / field(line, "settle_s");
+        measured.push((run.clone(), rate, rss_per));
         println!(
             "{:>10} {:>9} {:>10.3} {:>10.3} {:>12.0} {:>6.2} {:>6.2} {:>8.3} {:>11.1} {:>11.1} {:>9.2}x {:>11.2}x {:>9} {:>8}",
-            retention,
+            run,
             records,
             field(line, "ingest_s"),
             field(line, "settle_s"),
-            records / field(line, "settle_s"),
+            rate,
             field(line, "cpu_s") / field(line, "settle_s"),
             field(line, "runqueue_wait_s") / field(line, "settle_s"),
             field(line, "context_switches") / records,
@@ -257,10 +402,27 @@ fn main() {
             rss_per,
             ratio,
             stored_ratio,
-            field(line, "log_len"),
-            if ratio <= 2.0 { "met" } else { "unmet" },
+            if floor {
+                "-".to_string()
+            } else {
+                field(line, "log_len").to_string()
+            },
+            match (floor, ratio <= 2.0) {
+                (true, _) => "-",
+                (false, true) => "met",
+                (false, false) => "unmet",
+            },
         );
         println!("  raw: {line}");
+    }
+    if let Some((_, floor_rate, floor_rss)) = measured.iter().find(|(run, ..)| run == "floor") {
+        for (run, rate, rss_per) in measured.iter().filter(|(run, ..)| run != "floor") {
+            println!(
+                "retention {run}: {:.2}x the floor's records/s, {:.2}x its memory per record",
+                rate / floor_rate,
+                rss_per / floor_rss,
+            );
+        }
     }
     println!(
         "(cores: CPU time used / wall time while ingesting and settling; waited: time runnable but"
@@ -272,6 +434,9 @@ fn main() {
         " RSS/json: memory per record against the raw JSON sent; RSS/stored: the same memory against"
     );
     println!(
-        " the JSON of every live record, raw and standard; target: memory <= 2x the JSON size per live record)"
+        " the JSON of every live record, raw and standard; target: memory <= 2x the JSON size per live record;"
+    );
+    println!(
+        " floor: plain maps and a bounded mpsc doing the same work with eventsys's own standardise)"
     );
 }
