@@ -26,20 +26,20 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::process::Command;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
 use eventsys::engine::log::Cause;
-use eventsys::engine::record::{Data, RecordId, Timestamp, Version};
+use eventsys::engine::record::Timestamp;
 use eventsys::engine::table::Write;
 use eventsys::media::pipeline::{Pipeline, PipelineConfig};
-use eventsys::media::records::{Kind, parse_records, standardise};
+use eventsys::media::records::{Kind, parse_records};
 
-use common::{context_switches, cpu_seconds, env_usize, load_average, rss, runqueue_wait_seconds};
+use common::{
+    context_switches, cpu_seconds, env_usize, load_average, plain, rss, runqueue_wait_seconds,
+};
 
 /// Raw record `i`: even ones are movies, odd ones actors, shaped as a
 /// vendor might send them.
@@ -178,134 +178,56 @@ fn child(retention: usize) {
     std::process::exit(0);
 }
 
-/// A plain map's write: newest version wins, equal data is no change.
-/// Returns whether the data changed.
-fn plain_write(map: &mut HashMap<RecordId, (Version, Data)>, write: &Write) -> bool {
-    match map.get_mut(&write.id) {
-        Some((_, data)) if *data == write.data => false,
-        Some((version, _)) if write.version <= *version => false,
-        Some(entry) => {
-            *entry = (write.version.clone(), write.data.clone());
-            true
-        }
-        None => {
-            map.insert(
-                write.id.clone(),
-                (write.version.clone(), write.data.clone()),
-            );
-            true
-        }
-    }
-}
-
 /// The floor, in a child process like the rest: the same pre-parsed
-/// batches through the least machinery that does scenario 1's work. A
-/// `Mutex<HashMap>` per raw kind keeps the newest version of each record;
-/// each real change goes over a bounded tokio `mpsc` (capacity as the
-/// queue's) to as many consumer tasks as there are `raw_handler` workers,
-/// which standardise it with eventsys's own `standardise` into a
-/// `Mutex<HashMap>` per standard kind. No change log, cursors, retries,
-/// dead letters, metrics or settle tracking.
+/// batches through [`plain::Pipeline`] (plain maps, a bounded mpsc and
+/// eventsys's own `standardise`), ingested by one task as eventsys's are.
 fn floor_child() {
     let records = env_usize("EVENTSYS_BENCH_RECORDS", 1_000_000);
     let batch = env_usize("EVENTSYS_BENCH_BATCH", 1000).max(1);
-    let workers = env_usize("EVENTSYS_BENCH_RAW_WORKERS", 2).max(1);
-    let capacity = env_usize("EVENTSYS_QUEUE_CAPACITY", 1024).max(1);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("floor")
         .enable_all()
         .build()
         .expect("runtime");
-    type Map = Arc<Mutex<HashMap<RecordId, (Version, Data)>>>;
     let line = runtime.block_on(async move {
-        let kinds = [Kind::Movies, Kind::Actors];
-        let raw: Vec<Map> = kinds.iter().map(|_| Map::default()).collect();
-        let standard: Vec<Map> = kinds.iter().map(|_| Map::default()).collect();
-        let index = move |kind: Kind| kinds.iter().position(|k| *k == kind).expect("a kind");
+        let pipeline = plain::Pipeline::start(
+            env_usize("EVENTSYS_BENCH_RAW_WORKERS", 2).max(1),
+            env_usize("EVENTSYS_QUEUE_CAPACITY", 1024).max(1),
+        );
         let rss_empty = rss();
         let (batches, json_bytes) = batches(records, batch);
         let cpu_before = cpu_seconds();
         let switches_before = context_switches();
         let wait_before = runqueue_wait_seconds();
         let started = Instant::now();
-        let (send, receive) = tokio::sync::mpsc::channel::<(Kind, Write)>(capacity);
-        let receive = Arc::new(tokio::sync::Mutex::new(receive));
-        let consumers: Vec<_> = (0..workers)
-            .map(|_| {
-                let receive = receive.clone();
-                let standard = standard.clone();
-                tokio::spawn(async move {
-                    let mut got = Vec::with_capacity(256);
-                    loop {
-                        if receive.lock().await.recv_many(&mut got, 256).await == 0 {
-                            return;
-                        }
-                        for (kind, write) in got.drain(..) {
-                            let data = standardise(kind, &write.id, write.version.at, &write.data)
-                                .expect("standardises")
-                                .data;
-                            let standard_write = Write { data, ..write };
-                            let mut map = standard[index(kind)].lock().expect("not poisoned");
-                            plain_write(&mut map, &standard_write);
-                        }
-                        tokio::task::yield_now().await;
-                    }
-                })
-            })
-            .collect();
-        // On a runtime worker, as eventsys's ingest is.
         let ingest = tokio::spawn({
-            let raw = raw.clone();
+            let pipeline = pipeline.clone();
             async move {
                 for (kind, writes) in batches {
-                    let changed: Vec<Write> = {
-                        let mut map = raw[index(kind)].lock().expect("not poisoned");
-                        writes
-                            .into_iter()
-                            .filter(|w| plain_write(&mut map, w))
-                            .collect()
-                    };
-                    for write in changed {
-                        send.send((kind, write)).await.expect("consumers run");
-                    }
+                    pipeline.ingest(kind, writes).await;
                     tokio::task::yield_now().await;
                 }
             }
         });
         ingest.await.expect("ingest task");
         let ingested = started.elapsed();
-        for consumer in consumers {
-            consumer.await.expect("consumer");
-        }
+        pipeline.settle().await;
         let settled = started.elapsed();
         let cpu = cpu_seconds() - cpu_before;
         let switches = context_switches() - switches_before;
         let waited = runqueue_wait_seconds() - wait_before;
         let rss_settled = rss();
-        let live = |maps: &[Map]| -> usize {
-            maps.iter()
-                .map(|m| m.lock().expect("not poisoned").len())
-                .sum()
-        };
-        assert_eq!(live(&standard), records, "every record standardised");
-        let stored_json_bytes: usize = raw
-            .iter()
-            .chain(&standard)
-            .flat_map(|m| {
-                let m = m.lock().expect("not poisoned");
-                m.values().map(|(_, d)| d.len()).collect::<Vec<_>>()
-            })
-            .sum();
+        let (live_raw, live_standard) = pipeline.live();
+        assert_eq!(live_standard, records, "every record standardised");
         format!(
             "retention=floor records={records} json_bytes={json_bytes} \
              ingest_s={:.3} settle_s={:.3} rss_empty={rss_empty} rss_settled={rss_settled} \
-             live_raw={} live_standard={} stored_json_bytes={stored_json_bytes} log_len=0 \
+             live_raw={live_raw} live_standard={live_standard} stored_json_bytes={} log_len=0 \
              cpu_s={cpu:.2} context_switches={switches} runqueue_wait_s={waited:.2}",
             ingested.as_secs_f64(),
             settled.as_secs_f64(),
-            live(&raw),
-            live(&standard),
+            pipeline.stored_json_bytes(),
         )
     });
     println!("{line}");

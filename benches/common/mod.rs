@@ -106,3 +106,173 @@ impl Usage {
         )
     }
 }
+
+pub mod plain {
+    //! Scenario 1's work with the least machinery, as a floor: a
+    //! `Mutex<HashMap>` per raw kind keeps the newest version of each
+    //! record; the real changes go over a bounded tokio `mpsc`, up to
+    //! [`CHUNK`] per message (as eventsys's dispatchers move them), to
+    //! consumer tasks that standardise it with eventsys's own
+    //! `standardise` into a `Mutex<HashMap>` per standard kind. No change
+    //! log, cursors, retries, dead letters, admission, metrics or settle
+    //! tracking beyond two counters.
+
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    use eventsys::engine::record::{Data, RecordId, Version};
+    use eventsys::engine::table::Write;
+    use eventsys::media::records::{Kind, standardise};
+    use tokio::sync::{Notify, mpsc};
+
+    type Map = Mutex<HashMap<RecordId, (Version, Data)>>;
+
+    /// Changes per channel message.
+    pub const CHUNK: usize = 256;
+
+    pub struct Pipeline {
+        raw: [Map; 2],
+        standard: [Map; 2],
+        send: mpsc::Sender<(Kind, Vec<Write>)>,
+        sent: AtomicU64,
+        done: AtomicU64,
+        idle: Notify,
+    }
+
+    fn index(kind: Kind) -> usize {
+        match kind {
+            Kind::Movies => 0,
+            Kind::Actors => 1,
+            other => panic!("the floor takes movies and actors, not {other}"),
+        }
+    }
+
+    /// A plain map's write: newest version wins, equal data is no change.
+    /// Returns whether the data changed.
+    fn write(map: &mut HashMap<RecordId, (Version, Data)>, write: &Write) -> bool {
+        match map.get_mut(&write.id) {
+            Some((_, data)) if *data == write.data => false,
+            Some((version, _)) if write.version <= *version => false,
+            Some(entry) => {
+                *entry = (write.version.clone(), write.data.clone());
+                true
+            }
+            None => {
+                map.insert(
+                    write.id.clone(),
+                    (write.version.clone(), write.data.clone()),
+                );
+                true
+            }
+        }
+    }
+
+    impl Pipeline {
+        /// Starts `workers` consumers on the current tokio runtime, fed by
+        /// a channel that holds about `capacity` changes.
+        pub fn start(workers: usize, capacity: usize) -> Arc<Self> {
+            let (send, receive) = mpsc::channel(capacity.div_ceil(CHUNK));
+            let pipeline = Arc::new(Self {
+                raw: Default::default(),
+                standard: Default::default(),
+                send,
+                sent: AtomicU64::new(0),
+                done: AtomicU64::new(0),
+                idle: Notify::new(),
+            });
+            let receive = Arc::new(tokio::sync::Mutex::new(receive));
+            for _ in 0..workers {
+                let pipeline = pipeline.clone();
+                let receive = receive.clone();
+                tokio::spawn(async move {
+                    loop {
+                        let Some((kind, chunk)) = receive.lock().await.recv().await else {
+                            return;
+                        };
+                        let n = chunk.len() as u64;
+                        for raw in chunk {
+                            pipeline.standardise(kind, raw);
+                        }
+                        if pipeline.done.fetch_add(n, Ordering::AcqRel) + n
+                            == pipeline.sent.load(Ordering::Acquire)
+                        {
+                            pipeline.idle.notify_waiters();
+                        }
+                        tokio::task::yield_now().await;
+                    }
+                });
+            }
+            pipeline
+        }
+
+        fn standardise(&self, kind: Kind, raw: Write) {
+            let data = standardise(kind, &raw.id, raw.version.at, &raw.data)
+                .expect("standardises")
+                .data;
+            let standard = Write { data, ..raw };
+            write(
+                &mut self.standard[index(kind)].lock().expect("not poisoned"),
+                &standard,
+            );
+        }
+
+        /// Writes `writes` to the raw map of `kind` and queues the real
+        /// changes, waiting while the channel is full; returns whether
+        /// each changed the map.
+        pub async fn ingest(&self, kind: Kind, writes: Vec<Write>) -> Vec<bool> {
+            let (mut changed, outcomes): (Vec<Write>, Vec<bool>) = {
+                let mut map = self.raw[index(kind)].lock().expect("not poisoned");
+                let outcomes: Vec<bool> = writes.iter().map(|w| write(&mut map, w)).collect();
+                let changed = writes
+                    .into_iter()
+                    .zip(&outcomes)
+                    .filter_map(|(w, changed)| changed.then_some(w))
+                    .collect();
+                (changed, outcomes)
+            };
+            self.sent.fetch_add(changed.len() as u64, Ordering::AcqRel);
+            while !changed.is_empty() {
+                let rest = changed.split_off(CHUNK.min(changed.len()));
+                let chunk = std::mem::replace(&mut changed, rest);
+                self.send.send((kind, chunk)).await.expect("consumers run");
+            }
+            outcomes
+        }
+
+        /// Waits until every queued change is standardised.
+        pub async fn settle(&self) {
+            loop {
+                let idle = self.idle.notified();
+                if self.done.load(Ordering::Acquire) == self.sent.load(Ordering::Acquire) {
+                    return;
+                }
+                idle.await;
+            }
+        }
+
+        fn maps(&self) -> impl Iterator<Item = &Map> {
+            self.raw.iter().chain(&self.standard)
+        }
+
+        /// Live records in the raw maps and in the standard maps.
+        pub fn live(&self) -> (usize, usize) {
+            let count = |maps: &[Map]| -> usize {
+                maps.iter()
+                    .map(|m| m.lock().expect("not poisoned").len())
+                    .sum()
+            };
+            (count(&self.raw), count(&self.standard))
+        }
+
+        /// The JSON every live record holds, raw and standard.
+        pub fn stored_json_bytes(&self) -> usize {
+            self.maps()
+                .map(|m| {
+                    let m = m.lock().expect("not poisoned");
+                    m.values().map(|(_, d)| d.len()).sum::<usize>()
+                })
+                .sum()
+        }
+    }
+}
