@@ -1,9 +1,13 @@
 //! HTTP load: eventsys against a floor, with the same client, in one run.
 //!
-//! Both servers run in this process on 127.0.0.1:0, on one tokio runtime of
-//! 2 workers (as `eventsys` has on this 2-core machine). The floor is a bare
-//! axum server whose `POST /raw/{kind}` only parses the body as a
-//! `serde_json::Value` and answers 200. The client is hyper's HTTP/1.1
+//! The servers run in this process on 127.0.0.1:0, one at a time, on one
+//! tokio runtime of 2 workers (as `eventsys` has on this 2-core machine).
+//! The floor is a bare axum server whose `POST /raw/{kind}` only parses the
+//! body as a `serde_json::Value` and answers 200; the targets are ratios to
+//! it. A second floor, `plain`, does scenario 1's work with the least
+//! machinery behind the same axum stack (eventsys's record parsing, then
+//! `common::plain`: plain maps, a bounded mpsc, eventsys's `standardise`),
+//! to show how much of eventsys's cost is the work itself. The client is hyper's HTTP/1.1
 //! connection API on its own runtime (1 worker by default), with N
 //! keep-alive connections; it only ever targets those two loopback
 //! addresses, and every load below stops by itself at a count or a time.
@@ -35,8 +39,8 @@
 //! - `EVENTSYS_BENCH_LOG` (unset): when set, log as the binary does by
 //!   default (`info`, fmt) into a sink, to include logging's cost.
 //! - `EVENTSYS_BENCH_ONLY`: comma-separated tests (`single`, `batches`,
-//!   `visibility`) and/or servers (`floor`, `eventsys`) to run; all when
-//!   unset (a ratio needs both servers).
+//!   `visibility`) and/or servers (`floor`, `plain`, `eventsys`) to run;
+//!   all when unset (a ratio needs the servers it compares).
 
 mod common;
 
@@ -46,21 +50,25 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use axum::Router;
 use axum::body::Bytes;
+use axum::extract::{Path, State};
 use axum::http::{Request, StatusCode, header};
 use axum::routing::post;
+use axum::{Json, Router};
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
+use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Runtime;
 use tokio_util::sync::CancellationToken;
 
+use eventsys::engine::record::{RecordId, Timestamp};
+use eventsys::media::records::{Kind, parse_records};
 use eventsys::{App, Config};
 
-use common::{Usage, env_usize, load_average};
+use common::{Usage, env_usize, load_average, plain};
 
 /// Upper bound on requests in one closed-loop run, whatever the duration.
 const MAX_REQUESTS: u64 = 5_000_000;
@@ -82,8 +90,10 @@ struct Server {
     addr: SocketAddr,
     stop: CancellationToken,
     done: tokio::task::JoinHandle<()>,
-    /// The eventsys app (none for the floor).
+    /// The eventsys app (none for the floors).
     app: Option<App>,
+    /// The plain pipeline (for the second floor only).
+    plain: Option<Arc<plain::Pipeline>>,
 }
 
 impl Server {
@@ -125,6 +135,80 @@ fn start_floor(rt: &Runtime) -> Server {
         stop,
         done,
         app: None,
+        plain: None,
+    }
+}
+
+/// One record's outcome in the plain floor's answer.
+#[derive(Serialize)]
+struct PlainOutcome {
+    id: RecordId,
+    outcome: &'static str,
+}
+
+#[derive(Serialize)]
+struct PlainResults {
+    results: Vec<PlainOutcome>,
+}
+
+/// The second floor's ingest: eventsys's own record parsing, then the
+/// plain pipeline of `common::plain`; answers each record's outcome.
+async fn plain_ingest(
+    State(pipeline): State<Arc<plain::Pipeline>>,
+    Path(kind): Path<String>,
+    body: Bytes,
+) -> Result<Json<PlainResults>, StatusCode> {
+    let kind = Kind::parse(&kind).ok_or(StatusCode::NOT_FOUND)?;
+    let values = match serde_json::from_slice::<Value>(&body) {
+        Ok(Value::Array(values)) => values,
+        Ok(value @ Value::Object(_)) => vec![value],
+        _ => return Err(StatusCode::BAD_REQUEST),
+    };
+    let writes =
+        parse_records(values, Timestamp::now(), kind).map_err(|_| StatusCode::BAD_REQUEST)?;
+    let ids: Vec<RecordId> = writes.iter().map(|w| w.id.clone()).collect();
+    let changed = pipeline.ingest(kind, writes).await;
+    Ok(Json(PlainResults {
+        results: ids
+            .into_iter()
+            .zip(changed)
+            .map(|(id, changed)| PlainOutcome {
+                id,
+                outcome: if changed { "inserted" } else { "unchanged" },
+            })
+            .collect(),
+    }))
+}
+
+/// The second floor: scenario 1's work with the least machinery
+/// (`common::plain`) behind the same axum stack.
+fn start_plain(rt: &Runtime) -> Server {
+    let listener = rt.block_on(TcpListener::bind("127.0.0.1:0")).expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let stop = CancellationToken::new();
+    let pipeline = {
+        let _guard = rt.enter();
+        plain::Pipeline::start(2, 1024)
+    };
+    let router = Router::new()
+        .route("/raw/{kind}", post(plain_ingest))
+        .layer(axum::extract::DefaultBodyLimit::max(16 * 1024 * 1024))
+        .with_state(pipeline.clone());
+    let done = rt.spawn({
+        let stop = stop.clone();
+        async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
+                .expect("plain floor serves");
+        }
+    });
+    Server {
+        addr,
+        stop,
+        done,
+        app: None,
+        plain: Some(pipeline),
     }
 }
 
@@ -155,6 +239,7 @@ fn start_eventsys(rt: &Runtime) -> Server {
         stop,
         done,
         app: Some(app),
+        plain: None,
     }
 }
 
@@ -590,8 +675,11 @@ fn main() {
     let rate = env_usize("EVENTSYS_BENCH_RATE", 10_000).max(1) as f64;
     let vis_seconds = env_usize("EVENTSYS_BENCH_VIS_SECONDS", 5) as u64;
     let client_threads = env_usize("EVENTSYS_BENCH_CLIENT_THREADS", 1).max(1);
-    let floor_on = selected("floor") || !selected("eventsys");
-    let eventsys_on = selected("eventsys") || !selected("floor");
+    let servers_named = ["floor", "plain", "eventsys"].iter().any(|s| selected(s))
+        && std::env::var_os("EVENTSYS_BENCH_ONLY").is_some();
+    let floor_on = !servers_named || selected("floor");
+    let plain_on = !servers_named || selected("plain");
+    let eventsys_on = !servers_named || selected("eventsys");
 
     if std::env::var_os("EVENTSYS_BENCH_LOG").is_some() {
         // As the `eventsys` binary logs by default (info), into a sink.
@@ -623,6 +711,17 @@ fn main() {
             floor_rate = r.ok as f64 / r.elapsed.as_secs_f64();
             row(&test, "floor", &mut r, "");
         }
+        let mut plain_rate = f64::NAN;
+        if plain_on {
+            let server = start_plain(&servers);
+            let mut r = single_records(&client, server.addr, connections, duration, "p");
+            let pipeline = server.plain.clone().expect("plain");
+            servers.block_on(pipeline.settle());
+            server.stop(&servers);
+            plain_rate = r.ok as f64 / r.elapsed.as_secs_f64();
+            let ratio = plain_rate / floor_rate;
+            row(&test, "plain", &mut r, &format!("ratio {ratio:.2}"));
+        }
         if eventsys_on {
             let eventsys = start_eventsys(&servers);
             let mut r = single_records(&client, eventsys.addr, connections, duration, "e");
@@ -631,15 +730,17 @@ fn main() {
             assert!(servers.block_on(app.pipeline().engine.settle(Duration::from_secs(120))));
             let drain = load_ended.elapsed();
             eventsys.stop(&servers);
-            let ratio = (r.ok as f64 / r.elapsed.as_secs_f64()) / floor_rate;
+            let rate = r.ok as f64 / r.elapsed.as_secs_f64();
+            let ratio = rate / floor_rate;
             let settled_rate = r.ok as f64 / (r.elapsed + drain).as_secs_f64();
             row(
                 &test,
                 "eventsys",
                 &mut r,
                 &format!(
-                    "ratio {ratio:.2} (target >= 0.8: {}); settled {:.0} ms after the load ({settled_rate:.0} records/s settled)",
+                    "ratio {ratio:.2} (target >= 0.8: {}), {:.2} of plain; settled {:.0} ms after the load ({settled_rate:.0} records/s settled)",
                     verdict(ratio >= 0.8),
+                    rate / plain_rate,
                     ms(drain),
                 ),
             );
@@ -658,6 +759,28 @@ fn main() {
             floor_rate = r.records as f64 / r.elapsed.as_secs_f64();
             row(&test, "floor", &mut r, "(parse only)");
         }
+        let mut plain_rate = f64::NAN;
+        if plain_on {
+            let server = start_plain(&servers);
+            let bodies = Arc::new(batch_bodies(records, "p"));
+            let usage = Usage::start();
+            let started = Instant::now();
+            let mut r = batches(&client, server.addr, batch_connections, bodies);
+            let pipeline = server.plain.clone().expect("plain");
+            servers.block_on(pipeline.settle());
+            r.elapsed = started.elapsed();
+            r.cores = usage.cores();
+            let (_, standard_rows) = pipeline.live();
+            server.stop(&servers);
+            plain_rate = r.records as f64 / r.elapsed.as_secs_f64();
+            let ratio = plain_rate / floor_rate;
+            row(
+                &test,
+                "plain",
+                &mut r,
+                &format!("until settled ({standard_rows} standard records); ratio {ratio:.2}"),
+            );
+        }
         if eventsys_on {
             let eventsys = start_eventsys(&servers);
             let bodies = Arc::new(batch_bodies(records, "e"));
@@ -674,16 +797,18 @@ fn main() {
                 .filter_map(|t| app.pipeline().engine.table(t).map(|t| t.len()))
                 .sum();
             eventsys.stop(&servers);
-            let ratio = (r.records as f64 / r.elapsed.as_secs_f64()) / floor_rate;
+            let rate = r.records as f64 / r.elapsed.as_secs_f64();
+            let ratio = rate / floor_rate;
             let accepted_rate = r.records as f64 / accepted.as_secs_f64();
             row(
                 &test,
                 "eventsys",
                 &mut r,
                 &format!(
-                    "until settled ({standard_rows} standard records; all accepted after {:.0} ms, {accepted_rate:.0} records/s); ratio {ratio:.2} (target >= 0.5: {})",
+                    "until settled ({standard_rows} standard records; all accepted after {:.0} ms, {accepted_rate:.0} records/s); ratio {ratio:.2} (target >= 0.5: {}), {:.2} of plain",
                     ms(accepted),
                     verdict(ratio >= 0.5),
+                    rate / plain_rate,
                 ),
             );
         }
