@@ -114,13 +114,12 @@ async fn floor_ingest(body: Bytes) -> StatusCode {
     }
 }
 
-fn start_floor(rt: &Runtime) -> Server {
+/// Serves a floor's `router` on a fresh loopback port until stopped.
+fn serve_floor(rt: &Runtime, router: Router, plain: Option<Arc<plain::Pipeline>>) -> Server {
     let listener = rt.block_on(TcpListener::bind("127.0.0.1:0")).expect("bind");
     let addr = listener.local_addr().expect("addr");
     let stop = CancellationToken::new();
-    let router = Router::new()
-        .route("/raw/{kind}", post(floor_ingest))
-        .layer(axum::extract::DefaultBodyLimit::max(16 * 1024 * 1024));
+    let router = router.layer(axum::extract::DefaultBodyLimit::max(16 * 1024 * 1024));
     let done = rt.spawn({
         let stop = stop.clone();
         async move {
@@ -135,8 +134,16 @@ fn start_floor(rt: &Runtime) -> Server {
         stop,
         done,
         app: None,
-        plain: None,
+        plain,
     }
+}
+
+fn start_floor(rt: &Runtime) -> Server {
+    serve_floor(
+        rt,
+        Router::new().route("/raw/{kind}", post(floor_ingest)),
+        None,
+    )
 }
 
 /// One record's outcome in the plain floor's answer.
@@ -183,33 +190,14 @@ async fn plain_ingest(
 /// The second floor: scenario 1's work with the least machinery
 /// (`common::plain`) behind the same axum stack.
 fn start_plain(rt: &Runtime) -> Server {
-    let listener = rt.block_on(TcpListener::bind("127.0.0.1:0")).expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let stop = CancellationToken::new();
     let pipeline = {
         let _guard = rt.enter();
         plain::Pipeline::start(2, 1024)
     };
     let router = Router::new()
         .route("/raw/{kind}", post(plain_ingest))
-        .layer(axum::extract::DefaultBodyLimit::max(16 * 1024 * 1024))
         .with_state(pipeline.clone());
-    let done = rt.spawn({
-        let stop = stop.clone();
-        async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
-                .expect("plain floor serves");
-        }
-    });
-    Server {
-        addr,
-        stop,
-        done,
-        app: None,
-        plain: Some(pipeline),
-    }
+    serve_floor(rt, router, Some(pipeline))
 }
 
 fn start_eventsys(rt: &Runtime) -> Server {

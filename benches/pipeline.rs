@@ -37,9 +37,7 @@ use eventsys::engine::table::Write;
 use eventsys::media::pipeline::{Pipeline, PipelineConfig};
 use eventsys::media::records::{Kind, parse_records};
 
-use common::{
-    context_switches, cpu_seconds, env_usize, load_average, plain, rss, runqueue_wait_seconds,
-};
+use common::{Usage, env_usize, load_average, plain, rss};
 
 /// Raw record `i`: even ones are movies, odd ones actors, shaped as a
 /// vendor might send them.
@@ -94,16 +92,21 @@ fn batches(records: usize, batch: usize) -> (Vec<(Kind, Vec<Write>)>, u64) {
     (out, json_bytes)
 }
 
+/// A child's runtime: 2 workers, as the server has on this machine.
+fn child_runtime(name: &str) -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name(name)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
 /// One measurement, in a child process: prints one line of `key=value`.
 fn child(retention: usize) {
     let records = env_usize("EVENTSYS_BENCH_RECORDS", 1_000_000);
     let batch = env_usize("EVENTSYS_BENCH_BATCH", 1000).max(1);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("pipeline")
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = child_runtime("pipeline");
     let line = runtime.block_on(async move {
         let pipeline = std::sync::Arc::new(Pipeline::start(PipelineConfig {
             event_retention: retention,
@@ -115,9 +118,7 @@ fn child(retention: usize) {
         let rss_empty = rss();
         let (batches, json_bytes) = batches(records, batch);
         let rss_parsed = rss();
-        let cpu_before = cpu_seconds();
-        let switches_before = context_switches();
-        let wait_before = runqueue_wait_seconds();
+        let usage = Usage::start();
         let started = Instant::now();
         let ingest = tokio::spawn({
             let pipeline = pipeline.clone();
@@ -143,9 +144,7 @@ fn child(retention: usize) {
             "did not settle"
         );
         let settled = started.elapsed();
-        let cpu = cpu_seconds() - cpu_before;
-        let switches = context_switches() - switches_before;
-        let waited = runqueue_wait_seconds() - wait_before;
+        let (cpu, switches, waited) = usage.spent();
         let rss_settled = rss();
         let count = |name: &str| pipeline.engine.table(name).map_or(0, |t| t.len());
         let live_raw = count("raw_movies") + count("raw_actors");
@@ -184,12 +183,7 @@ fn child(retention: usize) {
 fn floor_child() {
     let records = env_usize("EVENTSYS_BENCH_RECORDS", 1_000_000);
     let batch = env_usize("EVENTSYS_BENCH_BATCH", 1000).max(1);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("floor")
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = child_runtime("floor");
     let line = runtime.block_on(async move {
         let pipeline = plain::Pipeline::start(
             env_usize("EVENTSYS_BENCH_RAW_WORKERS", 2).max(1),
@@ -197,9 +191,7 @@ fn floor_child() {
         );
         let rss_empty = rss();
         let (batches, json_bytes) = batches(records, batch);
-        let cpu_before = cpu_seconds();
-        let switches_before = context_switches();
-        let wait_before = runqueue_wait_seconds();
+        let usage = Usage::start();
         let started = Instant::now();
         let ingest = tokio::spawn({
             let pipeline = pipeline.clone();
@@ -214,9 +206,7 @@ fn floor_child() {
         let ingested = started.elapsed();
         pipeline.settle().await;
         let settled = started.elapsed();
-        let cpu = cpu_seconds() - cpu_before;
-        let switches = context_switches() - switches_before;
-        let waited = runqueue_wait_seconds() - wait_before;
+        let (cpu, switches, waited) = usage.spent();
         let rss_settled = rss();
         let (live_raw, live_standard) = pipeline.live();
         assert_eq!(live_standard, records, "every record standardised");

@@ -81,10 +81,11 @@ pub fn load_average() -> String {
         .to_string()
 }
 
-/// CPU used and CPU waited for over a stretch of time.
+/// CPU used, context switches and CPU waited for over a stretch of time.
 pub struct Usage {
     started: std::time::Instant,
     cpu: f64,
+    switches: u64,
     waited: f64,
 }
 
@@ -93,8 +94,19 @@ impl Usage {
         Self {
             started: std::time::Instant::now(),
             cpu: cpu_seconds(),
+            switches: context_switches(),
             waited: runqueue_wait_seconds(),
         }
+    }
+
+    /// `(CPU seconds, context switches, seconds waited for a CPU)` since
+    /// [`Usage::start`].
+    pub fn spent(&self) -> (f64, u64, f64) {
+        (
+            cpu_seconds() - self.cpu,
+            context_switches() - self.switches,
+            runqueue_wait_seconds() - self.waited,
+        )
     }
 
     /// `(cores busy, cores waited for)` since [`Usage::start`].
