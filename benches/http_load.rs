@@ -375,14 +375,23 @@ fn single_records(
                 results
             }));
         }
-        let mut all = Results::default();
-        for task in tasks {
-            all.merge(task.await.expect("client task"));
-        }
-        all.elapsed = started.elapsed();
-        all.cores = usage.cores();
-        all
+        gather(tasks, started, &usage).await
     })
+}
+
+/// The client tasks' results merged, timed from `started`.
+async fn gather(
+    tasks: Vec<tokio::task::JoinHandle<Results>>,
+    started: Instant,
+    usage: &Usage,
+) -> Results {
+    let mut all = Results::default();
+    for task in tasks {
+        all.merge(task.await.expect("client task"));
+    }
+    all.elapsed = started.elapsed();
+    all.cores = usage.cores();
+    all
 }
 
 /// The bodies of test 2: `records` records in batches of 1,000, movies and
@@ -464,13 +473,7 @@ fn batches(
                 results
             }));
         }
-        let mut all = Results::default();
-        for task in tasks {
-            all.merge(task.await.expect("client task"));
-        }
-        all.elapsed = started.elapsed();
-        all.cores = usage.cores();
-        all
+        gather(tasks, started, &usage).await
     })
 }
 
@@ -563,13 +566,7 @@ fn visibility(
                 results
             }));
         }
-        let mut all = Results::default();
-        for task in tasks {
-            all.merge(task.await.expect("client task"));
-        }
-        all.elapsed = started.elapsed();
-        all.cores = usage.cores();
-        all
+        gather(tasks, started.into_std(), &usage).await
     });
     assert!(
         client.block_on(pipeline.engine.settle(Duration::from_secs(60))),

@@ -102,6 +102,15 @@ fn child_runtime(name: &str) -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
+/// Prints a child's one line and exits at once, without tearing down a
+/// million records: that is not measured.
+fn report(line: &str) -> ! {
+    use std::io::Write as _;
+    println!("{line}");
+    let _ = std::io::stdout().flush();
+    std::process::exit(0);
+}
+
 /// One measurement, in a child process: prints one line of `key=value`.
 fn child(retention: usize) {
     let records = env_usize("EVENTSYS_BENCH_RECORDS", 1_000_000);
@@ -170,11 +179,7 @@ fn child(retention: usize) {
             settled.as_secs_f64(),
         )
     });
-    println!("{line}");
-    // Exit without tearing down a million records: that is not measured.
-    use std::io::Write as _;
-    let _ = std::io::stdout().flush();
-    std::process::exit(0);
+    report(&line)
 }
 
 /// The floor, in a child process like the rest: the same pre-parsed
@@ -220,10 +225,7 @@ fn floor_child() {
             pipeline.stored_json_bytes(),
         )
     });
-    println!("{line}");
-    use std::io::Write as _;
-    let _ = std::io::stdout().flush();
-    std::process::exit(0);
+    report(&line)
 }
 
 fn field(line: &str, key: &str) -> f64 {
