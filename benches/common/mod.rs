@@ -160,11 +160,17 @@ pub mod plain {
         }
     }
 
-    /// A plain map's write: newest version wins, equal data is no change.
-    /// Returns whether the data changed.
+    /// A plain map's write, with eventsys's version rule: newest version
+    /// wins, equal data is no change (though a newer version is still
+    /// recorded). Returns whether the data changed.
     fn write(map: &mut HashMap<RecordId, (Version, Data)>, write: &Write) -> bool {
         match map.get_mut(&write.id) {
-            Some((_, data)) if *data == write.data => false,
+            Some((version, data)) if *data == write.data => {
+                if write.version > *version {
+                    *version = write.version.clone();
+                }
+                false
+            }
             Some((version, _)) if write.version <= *version => false,
             Some(entry) => {
                 *entry = (write.version.clone(), write.data.clone());
