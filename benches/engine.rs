@@ -28,12 +28,13 @@ use divan::counter::ItemsCount;
 use serde_json::json;
 use tokio::sync::mpsc;
 
-use eventsys::engine::handler::{BreakerPolicy, Failure, HandlerConfig, Process, RetryPolicy};
+use eventsys::engine::handler::{Failure, HandlerConfig, Process};
 use eventsys::engine::log::{Cause, Change, ChangeLog};
 use eventsys::engine::record::{Data, RecordId, Timestamp, Version};
 use eventsys::engine::settle::Activity;
 use eventsys::engine::table::{Outcome, Table, TableKind, Write};
 use eventsys::engine::{Engine, EngineConfig};
+use eventsys::media::pipeline::PipelineConfig;
 
 fn main() {
     divan::main();
@@ -384,24 +385,16 @@ mod log_queue_hop {
         let table = engine.add_table("raw_movies", TableKind::Raw);
         let (queue, _) = engine.add_fed_queue("raw_queue", 1024, &[&table]);
         let count = Arc::new(AtomicU64::new(0));
-        engine.add_handler(
-            "raw_handler",
-            &queue,
-            process(count.clone()),
+        engine.add_handler("raw_handler", &queue, process(count.clone()), {
+            // The server's retry and breaker policies.
+            let defaults = PipelineConfig::default();
             HandlerConfig {
                 workers,
                 batch: 32,
-                retry: RetryPolicy {
-                    max_attempts: 5,
-                    base: Duration::from_millis(100),
-                    cap: Duration::from_secs(10),
-                },
-                breaker: BreakerPolicy {
-                    threshold: 5,
-                    cool_down: Duration::from_secs(2),
-                },
-            },
-        );
+                retry: defaults.retry,
+                breaker: defaults.breaker,
+            }
+        });
         (engine, table, count)
     }
 
