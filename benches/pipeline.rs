@@ -166,7 +166,7 @@ fn child(retention: usize) {
             .into_iter()
             .filter_map(|name| pipeline.engine.table(name))
             .flat_map(|table| table.snapshot())
-            .filter_map(|(_, _, data)| data.map(|d| d.len()))
+            .map(|record| record.data.len())
             .sum();
         format!(
             "retention={retention} records={records} json_bytes={json_bytes} \

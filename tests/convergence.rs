@@ -65,7 +65,9 @@ fn rendition() -> impl Strategy<Value = Value> {
         prop::sample::select(vec!["h264", "vp9"]),
         prop::sample::select(vec![360u64, 720]),
     )
-        .prop_map(|(r, codec, height)| json!({"id": format!("r{r}"), "codec": codec, "height": height}))
+        .prop_map(
+            |(r, codec, height)| json!({"id": format!("r{r}"), "codec": codec, "height": height}),
+        )
 }
 
 /// Child lists with unique ids, as ingest requires.
@@ -170,7 +172,6 @@ fn case() -> impl Strategy<Value = (Vec<Op>, Vec<Op>, usize)> {
 struct RawWrite {
     id: RecordId,
     version: Version,
-    data: Data,
     /// The raw record as JSON (for child lists).
     json: Value,
 }
@@ -180,7 +181,6 @@ fn raw_write(kind: Kind, value: &Value, default_at: Timestamp) -> RawWrite {
     RawWrite {
         id: write.id,
         version: write.version,
-        data: write.data.clone(),
         json: serde_json::from_str(write.data.as_str()).unwrap(),
     }
 }
@@ -249,8 +249,9 @@ fn model(ops: &[Op]) -> Tables {
                     ids.insert(w.id.clone());
                     table.writes.push(w);
                 }
-                let key = serde_json::to_string(&ids.iter().map(|i| i.as_str()).collect::<Vec<_>>())
-                    .unwrap();
+                let key =
+                    serde_json::to_string(&ids.iter().map(|i| i.as_str()).collect::<Vec<_>>())
+                        .unwrap();
                 let candidate = (ts(*as_of), key, ids);
                 if table
                     .current

@@ -225,9 +225,7 @@ pub mod plain {
         }
 
         fn standardise(&self, kind: Kind, raw: Write) {
-            let data = standardise(kind, &raw.id, raw.version.at, &raw.data)
-                .expect("standardises")
-                .data;
+            let data = standardise(kind, &raw.id, &raw.data, &[]).expect("standardises");
             let standard = Write { data, ..raw };
             write(
                 &mut self.standard[index(kind)].lock().expect("not poisoned"),

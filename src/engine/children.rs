@@ -1,124 +1,251 @@
-//! Child sets: which children a parent listed last, by version.
+//! Parent-owned children: a parent's child list as a record of its own.
 //!
-//! When one record carries the complete list of another kind (a series'
-//! episodes, a video's renditions), the children it no longer lists must be
-//! deleted. [`ChildSets`] remembers, per parent, the set from the newest
-//! version seen, and answers each new list with what to delete, or, for a
-//! list older than the one remembered, which of its children are still
-//! current. Like a table, the result does not depend on the order in which
-//! versions arrive.
+//! When one record carries the complete list of its children (a series'
+//! episodes, a video's renditions), the list is versioned apart from the
+//! parent (API.md, "Children belong to their parent"):
+//!
+//! - the list is set only by parent versions that carry the field, so it
+//!   lives in a listing table beside the parent's (`raw_series_episodes`
+//!   beside `raw_series`), written at ingest in the same step: a version
+//!   without the field changes nothing, in any order, and a stale parent
+//!   version can still carry the greatest list;
+//! - the list that counts is the listing table's record while the parent
+//!   is live (a deleted or hidden parent lists nothing);
+//! - a handler that sees a change of either table calls [`Children::refresh`],
+//!   which reads the parent's current listing and hands it, with the one
+//!   applied before, to the caller to apply. Refreshes apply in change-log
+//!   order per parent: one for an older change than the last applied is
+//!   skipped, because that one read a state at least as new.
+//!
+//! The result is the same whichever worker handles which change first: the
+//! refresh for the last change of a parent reads the final state and is
+//! applied last.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::Mutex;
 
-use super::record::{RecordId, Version};
+use serde_json::value::RawValue;
 
-struct ChildSet {
-    version: Version,
-    children: BTreeSet<RecordId>,
-    /// What the replace at `version` removed, so that a retried handler
-    /// replacing again at the same version is told to delete them again.
-    removed: Vec<RecordId>,
+use super::record::{Data, RecordId, Version};
+use super::table::{Table, Write};
+use std::sync::Arc;
+
+/// A parent's child list as it counts now: the listing version and each
+/// child's id and data, in list order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Listing {
+    pub version: Version,
+    pub children: Vec<(RecordId, Data)>,
 }
 
-/// The answer to [`ChildSets::replace`].
-#[derive(Debug, PartialEq, Eq)]
-pub enum Replaced {
-    /// The list is the newest: delete `removed`, write the whole list.
-    Current { removed: Vec<RecordId> },
-    /// A newer list is known: write only the children in `current`.
-    Outdated { current: BTreeSet<RecordId> },
+impl Listing {
+    /// The data this listing gives `child`, if it lists it.
+    pub fn child(&self, child: &RecordId) -> Option<&Data> {
+        self.children
+            .iter()
+            .find(|(id, _)| id == child)
+            .map(|(_, data)| data)
+    }
 }
 
-#[derive(Default)]
-pub struct ChildSets {
-    /// Never held across an await.
-    sets: Mutex<HashMap<RecordId, ChildSet>>,
+/// Turns a listing record's data (the list as sent) into children; an
+/// error is a permanent failure naming the field.
+pub type Split = fn(parent: &RecordId, list: &Data) -> Result<Vec<(RecordId, Data)>, String>;
+
+struct Applied {
+    /// Sequence of the change whose refresh was applied last.
+    seq: u64,
+    listing: Option<Listing>,
 }
 
-impl ChildSets {
-    /// Records that `parent` at `version` lists exactly `children` (a
-    /// delete is a tombstone version listing none).
-    pub fn replace(
-        &self,
-        parent: &RecordId,
-        version: Version,
-        children: BTreeSet<RecordId>,
-    ) -> Replaced {
-        let mut sets = self.sets.lock().unwrap_or_else(|e| e.into_inner());
-        match sets.get_mut(parent) {
-            Some(set) if version < set.version => Replaced::Outdated {
-                current: set.children.clone(),
-            },
-            Some(set) if version == set.version => Replaced::Current {
-                removed: set.removed.clone(),
-            },
-            Some(set) => {
-                let removed: Vec<RecordId> = set.children.difference(&children).cloned().collect();
-                *set = ChildSet {
-                    version,
-                    children,
-                    removed: removed.clone(),
-                };
-                Replaced::Current { removed }
-            }
-            None => {
-                sets.insert(
-                    parent.clone(),
-                    ChildSet {
-                        version,
-                        children,
-                        removed: Vec::new(),
-                    },
-                );
-                Replaced::Current {
-                    removed: Vec::new(),
-                }
-            }
+/// One parent/child pair: the parent table, its listing table, and what
+/// each parent's listing last applied.
+pub struct Children {
+    /// The field of a parent record that lists its children.
+    pub field: &'static str,
+    /// The parents (`raw_series`): a parent lists children only while live.
+    pub parent: Arc<Table>,
+    /// The parents' lists, one record per parent (`raw_series_episodes`).
+    pub listing: Arc<Table>,
+    split: Split,
+    /// The listing applied per parent. Held while a refresh reads and
+    /// applies, so refreshes of one parent apply in sequence order; lock
+    /// order: this, then table shards, then the change log. Never held
+    /// across an await.
+    applied: Mutex<HashMap<RecordId, Applied>>,
+}
+
+impl Children {
+    pub fn new(field: &'static str, parent: Arc<Table>, listing: Arc<Table>, split: Split) -> Self {
+        Self {
+            field,
+            parent,
+            listing,
+            split,
+            applied: Mutex::new(HashMap::new()),
         }
     }
+
+    /// The listing-table write for a parent write, if the write carries
+    /// the field (`null` counts as absent). The listing is versioned by
+    /// the parent's full version, tie-break key included.
+    pub fn listing_write(&self, write: &Write) -> Option<Write> {
+        let list = field(&write.data, self.field)?;
+        // `{"<field>": <list>}`: the field name is plain ASCII and the list
+        // a part of canonical JSON, so this is canonical too.
+        let data = Data::of_canonical(&HashMap::from([(self.field, list)])).ok()?;
+        Some(Write {
+            id: write.id.clone(),
+            version: write.version.clone(),
+            data,
+        })
+    }
+
+    /// The parent's listing as it counts now.
+    pub fn current(&self, parent: &RecordId) -> Result<Option<Listing>, String> {
+        if self.parent.get(parent.as_str()).is_none() {
+            return Ok(None);
+        }
+        let Some(record) = self.listing.get(parent.as_str()) else {
+            return Ok(None);
+        };
+        let list = field(&record.data, self.field)
+            .and_then(Data::of_part)
+            .ok_or_else(|| format!("the listing of `{parent}` has no `{}`", self.field))?;
+        Ok(Some(Listing {
+            children: (self.split)(parent, &list)?,
+            version: record.version,
+        }))
+    }
+
+    /// For the change `seq` of `parent` (in either table): reads its
+    /// current listing and, unless a refresh for a newer change was applied
+    /// already, calls `apply(previous, current)` holding this pair's lock,
+    /// then, if it succeeded, remembers `current`. Returns what `apply`
+    /// returned, or `None` if skipped.
+    pub fn refresh<R>(
+        &self,
+        parent: &RecordId,
+        seq: u64,
+        apply: impl FnOnce(Option<&Listing>, Option<&Listing>) -> Result<R, String>,
+    ) -> Result<Option<R>, String> {
+        let mut applied = self.applied.lock().unwrap_or_else(|e| e.into_inner());
+        let previous = applied.get(parent);
+        if previous.is_some_and(|p| seq <= p.seq) {
+            return Ok(None);
+        }
+        let current = self.current(parent)?;
+        let result = apply(previous.and_then(|p| p.listing.as_ref()), current.as_ref())?;
+        // Kept with no listing too: its sequence stops an older refresh
+        // from bringing the children back.
+        applied.insert(
+            parent.clone(),
+            Applied {
+                seq,
+                listing: current,
+            },
+        );
+        Ok(Some(result))
+    }
+}
+
+/// The JSON of `name` in an object's canonical JSON (`null` counts as absent).
+fn field<'a>(object: &'a Data, name: &str) -> Option<&'a RawValue> {
+    let fields: HashMap<String, &RawValue> = serde_json::from_str(object.as_str()).ok()?;
+    fields.get(name).copied().filter(|v| v.get() != "null")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::record::{Data, Timestamp};
+    use crate::engine::log::{Cause, ChangeLog};
+    use crate::engine::record::Timestamp;
+    use crate::engine::settle::Activity;
+    use crate::engine::table::TableKind;
+    use serde_json::json;
 
-    fn ids(list: &[&str]) -> BTreeSet<RecordId> {
-        list.iter().map(|s| RecordId::parse(s).unwrap()).collect()
+    fn split(_: &RecordId, list: &Data) -> Result<Vec<(RecordId, Data)>, String> {
+        let items: Vec<serde_json::Value> =
+            serde_json::from_str(list.as_str()).map_err(|e| e.to_string())?;
+        items
+            .iter()
+            .map(|item| {
+                let id = RecordId::parse(item["id"].as_str().unwrap_or_default())
+                    .map_err(|e| e.to_string())?;
+                Ok((id, Data::canonical(item).map_err(|e| e.to_string())?))
+            })
+            .collect()
     }
 
-    fn v(secs: i64) -> Version {
+    fn write(secs: i64, value: serde_json::Value) -> Write {
         let at = Timestamp::from_datetime(chrono::DateTime::from_timestamp(secs, 0).unwrap());
-        Version::write(at, Data::canonical(&serde_json::json!({})).unwrap())
+        let data = Data::canonical(&value).unwrap();
+        Write {
+            id: RecordId::parse("p").unwrap(),
+            version: Version::write(at, data.clone()),
+            data,
+        }
+    }
+
+    fn pair() -> Children {
+        let log = Arc::new(ChangeLog::new(100, Activity::default()));
+        Children::new(
+            "kids",
+            Arc::new(Table::new("parents", TableKind::Raw, log.clone())),
+            Arc::new(Table::listing("parents_kids", log)),
+            split,
+        )
+    }
+
+    fn ingest(children: &Children, w: Write) {
+        let cause = Cause::request("test");
+        if let Some(listing) = children.listing_write(&w) {
+            children.listing.apply(listing, &cause);
+        }
+        children.parent.apply(w, &cause);
+    }
+
+    fn ids(listing: Option<&Listing>) -> Vec<String> {
+        listing
+            .map(|l| l.children.iter().map(|(id, _)| id.to_string()).collect())
+            .unwrap_or_default()
     }
 
     #[test]
-    fn a_newer_list_removes_what_it_no_longer_lists() {
-        let sets = ChildSets::default();
-        let parent = RecordId::parse("s1").unwrap();
-        assert_eq!(
-            sets.replace(&parent, v(1), ids(&["e1", "e2"])),
-            Replaced::Current { removed: vec![] }
+    fn a_version_without_the_field_keeps_the_list() {
+        let children = pair();
+        ingest(
+            &children,
+            write(1, json!({"id": "p", "kids": [{"id": "a"}]})),
         );
-        assert_eq!(
-            sets.replace(&parent, v(2), ids(&["e1"])),
-            Replaced::Current {
-                removed: ids(&["e2"]).into_iter().collect()
-            }
+        ingest(&children, write(2, json!({"id": "p", "title": "new"})));
+        let p = RecordId::parse("p").unwrap();
+        assert_eq!(ids(children.current(&p).unwrap().as_ref()), ["a"]);
+        // An older version's list loses to the newer list.
+        ingest(&children, write(0, json!({"id": "p", "kids": []})));
+        assert_eq!(ids(children.current(&p).unwrap().as_ref()), ["a"]);
+    }
+
+    #[test]
+    fn refreshes_apply_in_sequence_order() {
+        let children = pair();
+        ingest(
+            &children,
+            write(1, json!({"id": "p", "kids": [{"id": "a"}]})),
         );
-        // A retry at the same version is told the same.
-        assert_eq!(
-            sets.replace(&parent, v(2), ids(&["e1"])),
-            Replaced::Current {
-                removed: ids(&["e2"]).into_iter().collect()
-            }
-        );
-        assert_eq!(
-            sets.replace(&parent, v(1), ids(&["e1", "e2"])),
-            Replaced::Outdated {
-                current: ids(&["e1"])
-            }
-        );
+        let p = RecordId::parse("p").unwrap();
+        let seen = children
+            .refresh(&p, 5, |prev, cur| Ok((ids(prev), ids(cur))))
+            .unwrap();
+        assert_eq!(seen, Some((vec![], vec!["a".to_string()])));
+        assert_eq!(children.refresh(&p, 4, |_, _| Ok(())).unwrap(), None);
+        assert_eq!(children.refresh(&p, 5, |_, _| Ok(())).unwrap(), None);
+        children
+            .parent
+            .delete(&p, Timestamp::now(), &Cause::request("test"));
+        let seen = children
+            .refresh(&p, 6, |prev, cur| Ok((ids(prev), ids(cur))))
+            .unwrap();
+        assert_eq!(seen, Some((vec!["a".to_string()], vec![])));
     }
 }

@@ -7,7 +7,7 @@
 //! - [`log`]: the change log, the outbox every table change goes through.
 //! - [`queue`]: bounded streams that deliver every event.
 //! - [`handler`]: worker pools with retry, dead letters, breaker, faults.
-//! - [`children`]: complete child lists (a parent's set of children).
+//! - [`children`]: parent-owned children (a parent's child list as a record).
 //! - [`settle`]: waiting until nothing is left to do.
 //! - [`topology`]: the shape of a pipeline, for display.
 
@@ -203,6 +203,14 @@ impl Engine {
 
     pub fn add_table(&mut self, name: &str, kind: TableKind) -> Arc<Table> {
         let table = Arc::new(Table::new(name, kind, self.log.clone()));
+        self.tables.push(table.clone());
+        self.topology.node(name, topology::NodeKind::Table);
+        table
+    }
+
+    /// A raw table of parents' child lists (see [`children`]).
+    pub fn add_listing_table(&mut self, name: &str) -> Arc<Table> {
+        let table = Arc::new(Table::listing(name, self.log.clone()));
         self.tables.push(table.clone());
         self.topology.node(name, topology::NodeKind::Table);
         table

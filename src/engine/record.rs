@@ -186,6 +186,13 @@ impl Serialize for RecordId {
     }
 }
 
+impl<'de> Deserialize<'de> for RecordId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        RecordId::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
 impl std::borrow::Borrow<str> for RecordId {
     fn borrow(&self) -> &str {
         &self.0
@@ -231,6 +238,13 @@ impl Data {
         let raw = serde_json::value::to_raw_value(value)
             .map_err(|e| ValueError::Canonical(e.to_string()))?;
         Ok(Self(Arc::from(raw)))
+    }
+
+    /// A value inside canonical JSON, which is canonical itself.
+    pub fn of_part(part: &RawValue) -> Option<Self> {
+        RawValue::from_string(part.get().to_owned())
+            .ok()
+            .map(|raw| Self(Arc::from(raw)))
     }
 
     /// [`Data::of_value`] for an object.

@@ -1,27 +1,41 @@
 //! Tables: versioned maps that drop stale and no-op writes.
 //!
-//! A table holds at most one live record per id with its [`Version`]. Each
-//! write has exactly one [`Outcome`], decided in this order:
+//! A table holds at most one live record per id. What is live is a function
+//! of the *set* of writes, deletes and reconciliations a table has received,
+//! never of their order or repetition (API.md, "The convergence law"):
 //!
-//! 1. a tombstone at or above the write's version: `stale`;
-//! 2. data equal to the stored data: `unchanged` (a newer version is still
-//!    recorded, so a later write between the two versions is stale whatever
-//!    the arrival order);
-//! 3. a version not newer than the stored one: `stale`;
-//! 4. otherwise `inserted` (nothing live) or `updated`.
+//! - **Versioned** tables (raw tables, written at ingest) keep, per id, the
+//!   greatest write of its own, the latest delete, and, for child tables,
+//!   the listing of every parent that lists it. The record is the greatest
+//!   of the own write and the listings ([`Version`] order), unless a delete
+//!   at or after it exists, or the current reconciliation lacks the id and
+//!   the record is not newer than its `as_of` (the record is then
+//!   *hidden*, and keeps its greatest write in case a newer reconciliation
+//!   lists it again).
+//! - **Sequenced** tables (derived tables, written by handlers) keep what
+//!   the source change with the greatest change-log sequence said. A
+//!   handler recomputes a derived record from its source on every source
+//!   change, so the last change's record wins whichever worker finishes
+//!   first; a delete is a tombstone at its sequence.
 //!
-//! A delete at or above the stored version leaves a tombstone. Only
-//! `inserted`, `updated` and `deleted` are changes: each is appended to the
-//! [`ChangeLog`] inside the same critical section as the write, so the log
-//! order per record is the write order and no change can be lost between
-//! the two. The final state is independent of the order and number of times
-//! writes arrive (see `tests/properties.rs`).
+//! Each write has exactly one [`Outcome`]. Only a change of what is visible
+//! (`inserted`, `updated`, `deleted`) is appended to the [`ChangeLog`], in
+//! the same critical section as the write, so the log order per record is
+//! the write order and no change can be lost between the two. A write
+//! whose data equal the visible data is `unchanged`: its version is kept
+//! (so a later write between the two versions is stale) but nothing is
+//! emitted, except by tables made with [`Table::listing`], whose versions
+//! are what their children inherit.
 //!
 //! Records are spread over shards, each a `BTreeMap` behind a `std` mutex:
 //! writes to different shards do not contend, and id-ordered paging is a
 //! merge of the shards' ordered ranges.
+//!
+//! Lock order: a table's reconciliation lock, then a shard, then the
+//! change log's lock (taken inside [`ChangeLog::append`]). Nothing awaits
+//! while holding any of them.
 
-use std::collections::{BTreeMap, btree_map};
+use std::collections::{BTreeMap, HashSet};
 use std::hash::BuildHasher;
 use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,7 +44,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use serde::Serialize;
 
 use super::log::{Cause, ChangeKind, ChangeLog, TableName};
-use super::record::{Data, RecordId, Tie, Timestamp, Version};
+use super::record::{Data, RecordId, Timestamp, Version};
 
 const SHARDS: usize = 16;
 
@@ -43,7 +57,7 @@ pub enum Outcome {
     Unchanged,
     Stale,
     Deleted,
-    /// A delete of a record that was not live (a tombstone is still kept,
+    /// A delete of a record that was not live (the delete is still kept,
     /// so older writes arriving later are stale).
     Absent,
 }
@@ -70,7 +84,9 @@ impl Outcome {
     ];
 }
 
-/// Who writes a table: ingest (`raw`, as received) or handlers (`standard`).
+/// Who writes a table: ingest (`raw`, as received, versioned by the
+/// records' own versions) or handlers (`standard`, derived from changes and
+/// sequenced by them).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum TableKind {
@@ -118,7 +134,8 @@ pub struct Reconciliation {
     pub updated: u64,
     pub unchanged: u64,
     pub stale: u64,
-    /// Ids deleted because the set did not contain them, in id order.
+    /// Ids this reconciliation hid because its set did not contain them,
+    /// in id order (none unless it became the current one).
     pub deleted: Vec<RecordId>,
 }
 
@@ -138,67 +155,150 @@ struct Counters {
     live: AtomicU64,
 }
 
-/// A stored entry: a live record, or a tombstone when `data` is `None`.
-///
-/// The version is kept as its two halves rather than as a [`Version`],
-/// whose padding would make every entry 8 bytes larger (64 rather than 56;
-/// a table holds one entry per id it has seen).
+/// A version and the data written with it.
+#[derive(Clone, Debug)]
+struct Stored {
+    version: Version,
+    data: Data,
+}
+
+/// One parent's listing of a child: the parent's listing version, and the
+/// child's data as that version lists it.
+#[derive(Clone, Debug)]
+struct Listed {
+    parent: RecordId,
+    value: Stored,
+}
+
+/// The reconciliation that counts: the greatest `as_of`, ties broken by
+/// the greater canonical JSON of its sorted id list.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Current {
+    as_of: Timestamp,
+    ids: Data,
+}
+
+/// What one id has received. What is visible follows from it
+/// ([`Entry::visible`]), never from the order it arrived in.
+#[derive(Default)]
 struct Entry {
-    tie: Tie,
-    data: Option<Data>,
-    at: Timestamp,
-    /// The latest reconciliation whose set contained this id.
-    seen: Option<Timestamp>,
+    /// Versioned: the greatest write of the id's own, kept while it is
+    /// deleted or hidden. Sequenced: the record, `None` once deleted.
+    own: Option<Stored>,
+    /// Versioned: the latest delete; writes at or before it are dead.
+    deleted: Option<Timestamp>,
+    /// Child tables: each parent that lists this id, at its listing version
+    /// (usually none or one).
+    listed: Vec<Listed>,
+    /// Sequenced: the change-log sequence of the source change that last
+    /// set this entry.
+    seq: u64,
+    /// Versioned: whether the current reconciliation's set has this id.
+    in_set: bool,
 }
 
 impl Entry {
-    fn new(version: Version, data: Option<Data>, seen: Option<Timestamp>) -> Self {
-        Self {
-            tie: version.tie,
-            data,
-            at: version.at,
-            seen,
+    /// The greatest of the own write and the listings.
+    fn best(&self) -> Option<&Stored> {
+        self.own
+            .iter()
+            .chain(self.listed.iter().map(|l| &l.value))
+            .max_by(|a, b| a.version.cmp(&b.version))
+    }
+
+    /// Whether a write at `at` is dead here: at or before the latest
+    /// delete, or hidden by the current reconciliation.
+    fn dead_at(&self, at: Timestamp, current: Option<&Current>) -> bool {
+        self.deleted.is_some_and(|d| at <= d)
+            || current.is_some_and(|c| !self.in_set && at <= c.as_of)
+    }
+
+    /// The record as read, if live.
+    fn visible(&self, order: Order, current: Option<&Current>) -> Option<&Stored> {
+        match order {
+            Order::Sequenced => self.own.as_ref(),
+            Order::Versioned => self
+                .best()
+                .filter(|best| !self.dead_at(best.version.at, current)),
         }
     }
 
-    fn version(&self) -> Version {
-        Version {
-            at: self.at,
-            tie: self.tie.clone(),
-        }
-    }
-
-    /// The stored version against `version`, as `Version`'s order has it.
-    fn cmp_version(&self, version: &Version) -> std::cmp::Ordering {
-        (self.at, &self.tie).cmp(&(version.at, &version.tie))
-    }
-
-    fn set_version(&mut self, version: Version) {
-        self.at = version.at;
-        self.tie = version.tie;
+    /// Holds nothing worth keeping (a child no parent lists any more and
+    /// that was never written or deleted itself).
+    fn is_empty(&self) -> bool {
+        self.own.is_none() && self.deleted.is_none() && self.listed.is_empty()
     }
 }
 
-type Shard = BTreeMap<RecordId, Entry>;
+/// How a table orders the writes to one id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Order {
+    /// By the records' versions (raw tables).
+    Versioned,
+    /// By the change-log sequence of the source change (derived tables).
+    Sequenced,
+}
+
+struct Shard {
+    entries: BTreeMap<RecordId, Entry>,
+    /// This shard's copy of the table's current reconciliation, changed
+    /// under the shard lock together with its entries' `in_set` flags, so a
+    /// write always sees the two agree.
+    current: Option<Arc<Current>>,
+}
 
 pub struct Table {
     name: TableName,
     kind: TableKind,
+    order: Order,
+    /// Whether a newer version with equal data is a change (listing
+    /// tables: children inherit their parent's listing version).
+    versions_are_changes: bool,
     shards: Box<[Mutex<Shard>]>,
     hasher: std::collections::hash_map::RandomState,
+    /// The current reconciliation; held while one is applied, so that
+    /// reconciliations of one table run one at a time.
+    reconciling: Mutex<Option<Arc<Current>>>,
     counters: Counters,
     log: Arc<ChangeLog>,
 }
+
+/// What a change of one entry did to what is visible.
+type Seen = Option<Stored>;
 
 impl Table {
     pub fn new(name: &str, kind: TableKind, log: Arc<ChangeLog>) -> Self {
         Self {
             name: name.into(),
             kind,
-            shards: (0..SHARDS).map(|_| Mutex::new(Shard::new())).collect(),
+            order: match kind {
+                TableKind::Raw => Order::Versioned,
+                TableKind::Standard => Order::Sequenced,
+            },
+            versions_are_changes: false,
+            shards: (0..SHARDS)
+                .map(|_| {
+                    Mutex::new(Shard {
+                        entries: BTreeMap::new(),
+                        current: None,
+                    })
+                })
+                .collect(),
             hasher: Default::default(),
+            reconciling: Mutex::new(None),
             counters: Counters::default(),
             log,
+        }
+    }
+
+    /// A raw table of parents' child lists: written at ingest by the
+    /// parent versions that carry the list, and emitting a change whenever
+    /// the listing version moves, since that version is the one each listed
+    /// child is written with.
+    pub fn listing(name: &str, log: Arc<ChangeLog>) -> Self {
+        Self {
+            versions_are_changes: true,
+            ..Self::new(name, TableKind::Raw, log)
         }
     }
 
@@ -210,21 +310,28 @@ impl Table {
         self.kind
     }
 
-    fn shard(&self, id: &str) -> MutexGuard<'_, Shard> {
-        let index = (self.hasher.hash_one(id) as usize) % SHARDS;
+    fn shard_index(&self, id: &str) -> usize {
+        (self.hasher.hash_one(id) as usize) % SHARDS
+    }
+
+    fn lock_shard(&self, index: usize) -> MutexGuard<'_, Shard> {
         // Critical sections never panic midway through a change to an entry,
         // so a poisoned shard is still consistent.
         self.shards[index].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn shard(&self, id: &str) -> MutexGuard<'_, Shard> {
+        self.lock_shard(self.shard_index(id))
     }
 
     fn count(&self, outcome: Outcome) {
         self.counters.outcomes[outcome as usize].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Applies one write.
+    /// Applies one write (versioned tables).
     pub fn apply(&self, write: Write, cause: &Cause) -> Outcome {
         let mut shard = self.shard(write.id.as_str());
-        self.apply_locked(&mut shard, write, cause, None)
+        self.apply_locked(&mut shard, write, cause)
     }
 
     /// Applies one write if the stored record meets `expect`; nothing is
@@ -236,19 +343,21 @@ impl Table {
         cause: &Cause,
     ) -> Result<Outcome, PreconditionFailed> {
         let mut shard = self.shard(write.id.as_str());
-        let current = shard
+        let current = shard.current.clone();
+        let stored = shard
+            .entries
             .get(&write.id)
-            .filter(|e| e.data.is_some())
-            .map(|e| e.at);
-        let met = match (expect, current) {
+            .and_then(|e| e.visible(self.order, current.as_deref()))
+            .map(|s| s.version.at);
+        let met = match (expect, stored) {
             (Expect::Exists, Some(_)) => true,
             (Expect::Version(want), Some(have)) => want == have,
             (_, None) => false,
         };
         if !met {
-            return Err(PreconditionFailed { current });
+            return Err(PreconditionFailed { current: stored });
         }
-        Ok(self.apply_locked(&mut shard, write, cause, None))
+        Ok(self.apply_locked(&mut shard, write, cause))
     }
 
     /// Applies many writes, in order.
@@ -260,159 +369,199 @@ impl Table {
         writes.into_iter().map(|w| self.apply(w, cause)).collect()
     }
 
-    fn apply_locked(
-        &self,
-        shard: &mut Shard,
-        write: Write,
-        cause: &Cause,
-        seen: Option<Timestamp>,
-    ) -> Outcome {
+    fn apply_locked(&self, shard: &mut Shard, write: Write, cause: &Cause) -> Outcome {
         let Write { id, version, data } = write;
-        // One search of the map, whether the id is new or not.
-        let outcome = match shard.entry(id) {
-            btree_map::Entry::Vacant(slot) => {
-                self.record_change(
-                    ChangeKind::Inserted,
-                    slot.key(),
-                    &version,
-                    Some(&data),
-                    cause,
-                );
-                slot.insert(Entry::new(version, Some(data), seen));
-                Outcome::Inserted
-            }
-            btree_map::Entry::Occupied(mut slot) => {
-                let id = slot.key().clone();
-                let entry = slot.get_mut();
-                if let Some(seen) = seen {
-                    entry.seen = entry.seen.max(Some(seen));
-                }
-                let newer = entry.cmp_version(&version).is_lt();
-                match &entry.data {
-                    None if !newer => Outcome::Stale,
-                    None => {
-                        self.record_change(ChangeKind::Inserted, &id, &version, Some(&data), cause);
-                        entry.set_version(version);
-                        entry.data = Some(data);
-                        Outcome::Inserted
-                    }
-                    Some(stored) if *stored == data => {
-                        if newer {
-                            entry.set_version(version);
-                        }
-                        Outcome::Unchanged
-                    }
-                    Some(_) if !newer => Outcome::Stale,
-                    Some(_) => {
-                        self.record_change(ChangeKind::Updated, &id, &version, Some(&data), cause);
-                        entry.set_version(version);
-                        entry.data = Some(data);
-                        Outcome::Updated
-                    }
-                }
+        let current = shard.current.clone();
+        let current = current.as_deref();
+        let entry = shard.entries.entry(id.clone()).or_default();
+        let before = entry.visible(self.order, current).cloned();
+        let outcome = if entry.dead_at(version.at, current) {
+            Outcome::Stale
+        } else {
+            match &before {
+                None => Outcome::Inserted,
+                Some(b) if b.data == data => Outcome::Unchanged,
+                Some(b) if version <= b.version => Outcome::Stale,
+                Some(_) => Outcome::Updated,
             }
         };
-        if outcome == Outcome::Inserted {
-            self.counters.live.fetch_add(1, Ordering::Relaxed);
+        if entry.own.as_ref().is_none_or(|own| version > own.version) {
+            entry.own = Some(Stored {
+                version: version.clone(),
+                data,
+            });
         }
+        let after = entry.visible(self.order, current).cloned();
+        self.emit(&id, before, after, Version::delete(version.at), cause);
         self.count(outcome);
         outcome
     }
 
-    fn record_change(
-        &self,
-        kind: ChangeKind,
-        id: &RecordId,
-        version: &Version,
-        data: Option<&Data>,
-        cause: &Cause,
-    ) {
-        self.log.append(
-            &self.name,
-            id.clone(),
-            kind,
-            version.clone(),
-            data.cloned(),
-            cause,
-        );
-    }
-
-    /// Deletes `id` as of `at`: a tombstone at `at` unless something newer
-    /// is stored.
-    pub fn delete(&self, id: &RecordId, at: Timestamp, cause: &Cause) -> Outcome {
-        let mut shard = self.shard(id.as_str());
-        self.delete_locked(&mut shard, id, Version::delete(at), cause)
-    }
-
-    fn delete_locked(
-        &self,
-        shard: &mut Shard,
-        id: &RecordId,
-        version: Version,
-        cause: &Cause,
-    ) -> Outcome {
-        let outcome = match shard.get_mut(id) {
-            None => {
-                shard.insert(id.clone(), Entry::new(version, None, None));
-                Outcome::Absent
+    /// Appends the change that turned `before` into `after`, if any, and
+    /// keeps the live count. `deleted` is the version a delete is recorded
+    /// with.
+    fn emit(&self, id: &RecordId, before: Seen, after: Seen, deleted: Version, cause: &Cause) {
+        let (kind, version, data) = match (before, after) {
+            (None, None) => return,
+            (None, Some(a)) => {
+                self.counters.live.fetch_add(1, Ordering::Relaxed);
+                (ChangeKind::Inserted, a.version, Some(a.data))
             }
-            Some(entry) if entry.data.is_none() => {
-                if entry.cmp_version(&version).is_gt() {
-                    Outcome::Stale
-                } else {
-                    entry.set_version(version);
-                    Outcome::Absent
-                }
-            }
-            Some(entry) if entry.cmp_version(&version).is_gt() => Outcome::Stale,
-            Some(entry) => {
-                self.record_change(ChangeKind::Deleted, id, &version, None, cause);
-                entry.set_version(version);
-                entry.data = None;
+            (Some(_), None) => {
                 self.counters.live.fetch_sub(1, Ordering::Relaxed);
-                Outcome::Deleted
+                (ChangeKind::Deleted, deleted, None)
+            }
+            (Some(b), Some(a)) => {
+                let moved = self.versions_are_changes && b.version != a.version;
+                if b.data == a.data && !moved {
+                    return;
+                }
+                (ChangeKind::Updated, a.version, Some(a.data))
             }
         };
+        self.log
+            .append(&self.name, id.clone(), kind, version, data, cause);
+    }
+
+    /// Deletes `id` as of `at` (versioned tables): writes at or before `at`
+    /// are dead from now on.
+    pub fn delete(&self, id: &RecordId, at: Timestamp, cause: &Cause) -> Outcome {
+        let mut shard = self.shard(id.as_str());
+        let current = shard.current.clone();
+        let current = current.as_deref();
+        let entry = shard.entries.entry(id.clone()).or_default();
+        let before = entry.visible(self.order, current).cloned();
+        let was = entry.deleted;
+        entry.deleted = was.max(Some(at));
+        let after = entry.visible(self.order, current).cloned();
+        let outcome = match (&before, &after) {
+            (_, Some(_)) => Outcome::Stale,
+            (Some(_), None) => Outcome::Deleted,
+            (None, None) if was.is_some_and(|w| w > at) => Outcome::Stale,
+            (None, None) => Outcome::Absent,
+        };
+        self.emit(id, before, after, Version::delete(at), cause);
         if outcome != Outcome::Absent {
             self.count(outcome);
         }
         outcome
     }
 
-    /// Full-set reconciliation: `writes` are the complete set as of `as_of`.
+    /// Sets what the source change `seq` says of `id` (sequenced tables):
+    /// `Some` writes it, `None` deletes it; a change older than the one
+    /// already applied is stale. `version` is the source's version, shown
+    /// with the record (and with the change, for a delete).
+    pub fn derive(
+        &self,
+        id: &RecordId,
+        seq: u64,
+        version: Version,
+        data: Option<Data>,
+        cause: &Cause,
+    ) -> Outcome {
+        let mut shard = self.shard(id.as_str());
+        let entry = shard.entries.entry(id.clone()).or_default();
+        if seq <= entry.seq {
+            self.count(Outcome::Stale);
+            return Outcome::Stale;
+        }
+        entry.seq = seq;
+        let before = entry.own.take();
+        entry.own = data.map(|data| Stored {
+            version: version.clone(),
+            data,
+        });
+        let after = entry.own.clone();
+        let outcome = match (&before, &after) {
+            (None, None) => Outcome::Absent,
+            (None, Some(_)) => Outcome::Inserted,
+            (Some(_), None) => Outcome::Deleted,
+            (Some(b), Some(a)) if b.data == a.data => Outcome::Unchanged,
+            (Some(_), Some(_)) => Outcome::Updated,
+        };
+        self.emit(id, before, after, version, cause);
+        if outcome != Outcome::Absent {
+            self.count(outcome);
+        }
+        outcome
+    }
+
+    /// Sets `parent`'s listing of the child `id` to `listing` (its version
+    /// and the child's data), or removes it (`None`) (child tables). The
+    /// child's record is the greatest of its own write and its listings; a
+    /// child no longer listed by anyone and never written itself is
+    /// deleted, the change recorded with `removed`.
+    pub fn list(
+        &self,
+        id: &RecordId,
+        parent: &RecordId,
+        listing: Option<(Version, Data)>,
+        removed: Version,
+        cause: &Cause,
+    ) {
+        let mut shard = self.shard(id.as_str());
+        let current = shard.current.clone();
+        let current = current.as_deref();
+        let entry = shard.entries.entry(id.clone()).or_default();
+        let before = entry.visible(self.order, current).cloned();
+        entry.listed.retain(|l| l.parent != *parent);
+        if let Some((version, data)) = listing {
+            entry.listed.push(Listed {
+                parent: parent.clone(),
+                value: Stored { version, data },
+            });
+        }
+        let after = entry.visible(self.order, current).cloned();
+        if entry.is_empty() {
+            shard.entries.remove(id);
+        }
+        self.emit(id, before, after, removed, cause);
+    }
+
+    /// Full-set reconciliation (versioned tables): `writes` are the
+    /// complete set as of `as_of`.
     ///
-    /// Each is applied and marked seen at `as_of`; then every live record
-    /// neither seen at or after `as_of` nor versioned at or after `as_of` is
-    /// deleted with version `as_of`. A reconciliation older than one already
-    /// applied therefore deletes nothing newer.
+    /// Each is applied as a write. If this reconciliation is now the
+    /// current one (API.md: the greatest `as_of`, then the greater JSON of
+    /// its sorted ids), every id its set lacks is hidden unless its record
+    /// is newer than `as_of`, and ids an older current one hid that this
+    /// set has come back. A reconciliation that is not current hides
+    /// nothing.
     pub fn reconcile(&self, as_of: Timestamp, writes: Vec<Write>, cause: &Cause) -> Reconciliation {
         let mut report = Reconciliation {
             as_of: Some(as_of),
             ..Default::default()
         };
+        let mut ids: Vec<&str> = writes.iter().map(|w| w.id.as_str()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        // Ids cannot hold control characters, so serde_json writes their
+        // list as RFC 8785 does.
+        let candidate = Data::of_canonical(&ids).map(|ids| Arc::new(Current { as_of, ids }));
+        let mut by_shard: Vec<Vec<Write>> = (0..SHARDS).map(|_| Vec::new()).collect();
         for write in writes {
-            let mut shard = self.shard(write.id.as_str());
-            match self.apply_locked(&mut shard, write, cause, Some(as_of)) {
-                Outcome::Inserted => report.inserted += 1,
-                Outcome::Updated => report.updated += 1,
-                Outcome::Unchanged => report.unchanged += 1,
-                _ => report.stale += 1,
-            }
+            by_shard[self.shard_index(write.id.as_str())].push(write);
         }
-        let tombstone = Version::delete(as_of);
-        for shard in self.shards.iter() {
-            let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
-            let unseen: Vec<RecordId> = shard
-                .iter()
-                .filter(|(_, e)| {
-                    e.data.is_some() && e.seen.is_none_or(|s| s < as_of) && e.at < as_of
-                })
-                .map(|(id, _)| id.clone())
-                .collect();
-            for id in unseen {
-                if self.delete_locked(&mut shard, &id, tombstone.clone(), cause) == Outcome::Deleted
-                {
-                    report.deleted.push(id);
+        let mut reconciling = self.reconciling.lock().unwrap_or_else(|e| e.into_inner());
+        let becomes_current = match &candidate {
+            Ok(c) => reconciling.as_ref().is_none_or(|old| **c > **old),
+            Err(_) => false,
+        };
+        let current = candidate.ok().filter(|_| becomes_current);
+        if let Some(current) = &current {
+            *reconciling = Some(current.clone());
+        }
+        for (index, writes) in by_shard.into_iter().enumerate() {
+            let mut shard = self.lock_shard(index);
+            if let Some(current) = &current {
+                self.make_current(&mut shard, current, &writes, cause, &mut report.deleted);
+            }
+            for write in writes {
+                match self.apply_locked(&mut shard, write, cause) {
+                    Outcome::Inserted => report.inserted += 1,
+                    Outcome::Updated => report.updated += 1,
+                    Outcome::Unchanged => report.unchanged += 1,
+                    _ => report.stale += 1,
                 }
             }
         }
@@ -420,14 +569,44 @@ impl Table {
         report
     }
 
+    /// Makes `current` this shard's current reconciliation: its members are
+    /// in the set (created if new, so their writes are judged as members),
+    /// everyone else is not; records that leave view are deleted, ids that
+    /// come back are inserted.
+    fn make_current(
+        &self,
+        shard: &mut Shard,
+        current: &Arc<Current>,
+        members: &[Write],
+        cause: &Cause,
+        hid: &mut Vec<RecordId>,
+    ) {
+        let old = shard.current.replace(current.clone());
+        for write in members {
+            shard.entries.entry(write.id.clone()).or_default();
+        }
+        let members: HashSet<&str> = members.iter().map(|w| w.id.as_str()).collect();
+        let hide = Version::delete(current.as_of);
+        for (id, entry) in shard.entries.iter_mut() {
+            let before = entry.visible(self.order, old.as_deref()).cloned();
+            entry.in_set = members.contains(id.as_str());
+            let after = entry.visible(self.order, Some(current)).cloned();
+            if before.is_some() && after.is_none() {
+                hid.push(id.clone());
+            }
+            self.emit(id, before, after, hide.clone(), cause);
+        }
+    }
+
     /// The live record `id`, if any.
     pub fn get(&self, id: &str) -> Option<Record> {
         let shard = self.shard(id);
-        let (id, entry) = shard.get_key_value(id)?;
+        let (id, entry) = shard.entries.get_key_value(id)?;
+        let stored = entry.visible(self.order, shard.current.as_deref())?;
         Some(Record {
             id: id.clone(),
-            version: entry.version(),
-            data: entry.data.clone()?,
+            version: stored.version.clone(),
+            data: stored.data.clone(),
         })
     }
 
@@ -438,14 +617,17 @@ impl Table {
         let mut records = Vec::new();
         for shard in self.shards.iter() {
             let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            let current = shard.current.as_deref();
             records.extend(
                 shard
+                    .entries
                     .range::<str, _>((lower, Bound::Unbounded))
                     .filter_map(|(id, e)| {
+                        let stored = e.visible(self.order, current)?;
                         Some(Record {
                             id: id.clone(),
-                            version: e.version(),
-                            data: e.data.clone()?,
+                            version: stored.version.clone(),
+                            data: stored.data.clone(),
                         })
                     })
                     .take(limit + 1),
@@ -471,6 +653,14 @@ impl Table {
         self.len() == 0
     }
 
+    /// Ids the table keeps state for: live, deleted, hidden or listed.
+    pub fn entries(&self) -> u64 {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).entries.len() as u64)
+            .sum()
+    }
+
     pub fn stats(&self) -> TableStats {
         let n = |o: Outcome| self.counters.outcomes[o as usize].load(Ordering::Relaxed);
         TableStats {
@@ -482,22 +672,19 @@ impl Table {
         }
     }
 
-    /// Every entry as `(id, version, data)`, tombstones included (`None`);
-    /// for tests and tools that compare whole tables.
-    pub fn snapshot(&self) -> Vec<(RecordId, Version, Option<Data>)> {
-        let mut all: Vec<_> = self
-            .shards
-            .iter()
-            .flat_map(|shard| {
-                let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
-                shard
-                    .iter()
-                    .map(|(id, e)| (id.clone(), e.version(), e.data.clone()))
-                    .collect::<Vec<_>>()
-            })
-            .collect();
-        all.sort_by(|a, b| a.0.cmp(&b.0));
-        all
+    /// Every live record in id order; for tests and tools that compare
+    /// whole tables.
+    pub fn snapshot(&self) -> Vec<Record> {
+        let mut all = Vec::new();
+        let mut after: Option<RecordId> = None;
+        loop {
+            let (page, next) = self.page(after.as_ref().map(|a| a.as_str()), 10_000);
+            all.extend(page);
+            match next {
+                Some(next) => after = Some(next),
+                None => return all,
+            }
+        }
     }
 }
 
@@ -784,34 +971,5 @@ mod tests {
         }
         assert_eq!(seen.len(), 249);
         assert!(seen.windows(2).all(|w| w[0] < w[1]));
-    }
-
-    #[test]
-    #[cfg(target_pointer_width = "64")]
-    fn an_entry_is_the_sum_of_its_parts_without_padding() {
-        // tie and data (16 each), at and seen (12 each).
-        assert_eq!(std::mem::size_of::<Entry>(), 56);
-    }
-
-    #[test]
-    fn entries_order_versions_as_versions_do() {
-        let key = |text: &str| Data::canonical(&json!({ "k": text })).unwrap();
-        let versions = [
-            Version::write(at("00:00:01"), key("a")),
-            Version::write(at("00:00:01"), key("b")),
-            Version::delete(at("00:00:01")),
-            Version::write(at("00:00:02"), key("a")),
-        ];
-        for stored in &versions {
-            let entry = Entry::new(stored.clone(), None, None);
-            assert_eq!(&entry.version(), stored);
-            for other in &versions {
-                assert_eq!(
-                    entry.cmp_version(other),
-                    stored.cmp(other),
-                    "{stored:?} vs {other:?}"
-                );
-            }
-        }
     }
 }

@@ -232,17 +232,12 @@ pub async fn post(
                 outcome: outcome.as_str(),
             })
             .collect(),
-        (None, Some(keys)) => writes
+        (None, Some(keys)) => pipeline
+            .ingest_events(kind, keys.into_iter().zip(writes).collect(), &cause)
             .into_iter()
-            .zip(keys)
-            .map(|(write, key)| {
-                let id = write.id.clone();
-                let outcome = if pipeline.dedup.first_time(&key) {
-                    pipeline.raw_table(kind).apply(write, &cause).as_str()
-                } else {
-                    "duplicate"
-                };
-                IngestResult { id, outcome }
+            .map(|(id, outcome)| IngestResult {
+                id,
+                outcome: outcome.map_or("duplicate", Outcome::as_str),
             })
             .collect(),
     };

@@ -583,6 +583,7 @@ mod tests {
                 height: 720,
                 bitrate_kbps: Some(3000),
             },
+            seq: 7,
             version: Version::write(Timestamp::now(), data()),
             cause: Cause::request("req-1"),
         };

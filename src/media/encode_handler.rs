@@ -1,8 +1,9 @@
 //! `encode_handler`: the slow secondary work of scenario 3.
 //!
 //! Each job encodes one rendition of a video (simulated by a delay) and
-//! writes the `encodes` record `{video_id}:{rendition_id}` with the video's
-//! version, so a job from an outdated video version is stale on arrival.
+//! writes the `encodes` record `{video_id}:{rendition_id}` at the sequence
+//! of the video change that asked for it, so a job outdated by a later
+//! change of that rendition is stale on arrival.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +17,7 @@ use crate::engine::handler::{Failure, Process};
 use crate::engine::log::Cause;
 use crate::engine::queue::QueueItem;
 use crate::engine::record::{Data, RecordId, Version};
-use crate::engine::table::{Table, Write};
+use crate::engine::table::Table;
 
 use super::raw_handler::encode_id;
 use super::records::Rendition;
@@ -27,7 +28,11 @@ pub struct EncodeJob {
     pub id: Uuid,
     pub video_id: RecordId,
     pub rendition: Rendition,
-    /// The video's version.
+    /// The change-log sequence of the video change that asked for it; the
+    /// encode is derived at it, so a job outdated by a later change of the
+    /// rendition (or its removal) is stale.
+    pub seq: u64,
+    /// The video's listing version.
     pub version: Version,
     /// The raw video change that asked for it.
     pub cause: Cause,
@@ -84,14 +89,8 @@ impl Process<EncodeJob> for EncodeHandler {
         }))
         .map_err(|e| Failure::Permanent(e.to_string()))?;
         // The encode's causation is the raw video change, which is in the log.
-        self.encodes.apply(
-            Write {
-                id,
-                version: job.version.clone(),
-                data,
-            },
-            &job.cause,
-        );
+        self.encodes
+            .derive(&id, job.seq, job.version.clone(), Some(data), &job.cause);
         Ok(())
     }
 }

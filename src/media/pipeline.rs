@@ -11,9 +11,11 @@
 //! Ingest (`POST`/`PUT`/`DELETE /raw/{kind}`) writes raw tables only; the
 //! rest follows from their changes.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::engine::children::Children;
 use crate::engine::dedup::DedupWindow;
 use crate::engine::handler::{BreakerPolicy, HandlerConfig, RetryPolicy};
 use crate::engine::log::{Cause, Change, SubscriberId};
@@ -28,8 +30,8 @@ use crate::engine::{Engine, EngineConfig};
 use prometheus_client::metrics::histogram::Histogram;
 
 use super::encode_handler::{EncodeHandler, EncodeJob};
-use super::raw_handler::RawHandler;
-use super::records::Kind;
+use super::raw_handler::{ChildRecords, ChildSink, EncodeJobs, Parent, RawHandler, Route};
+use super::records::{ByKind, Kind};
 
 /// Everything the pipeline's shape and speed depend on.
 #[derive(Clone, Debug)]
@@ -82,8 +84,9 @@ pub struct Overloaded {
 
 pub struct Pipeline {
     pub engine: Engine,
-    /// Raw tables, indexed like [`Kind::ALL`].
-    raw: [Arc<Table>; 5],
+    raw: ByKind<Arc<Table>>,
+    /// Parent kinds' child lists (`None` for kinds without children).
+    children: ByKind<Option<Arc<Children>>>,
     raw_feed: SubscriberId,
     pub raw_queue: Arc<Queue<Arc<Change>>>,
     pub encode_queue: Arc<Queue<EncodeJob>>,
@@ -102,29 +105,61 @@ impl Pipeline {
             event_retention: config.event_retention,
             max_dead_letters: config.max_dead_letters,
         });
-        let raw = Kind::ALL.map(|k| engine.add_table(k.raw_table(), TableKind::Raw));
-        let standard = Kind::ALL.map(|k| engine.add_table(k.standard_table(), TableKind::Standard));
+        let raw = ByKind::new(|k| engine.add_table(k.raw_table(), TableKind::Raw));
+        let standard = ByKind::new(|k| engine.add_table(k.standard_table(), TableKind::Standard));
         let encodes = engine.add_table("encodes", TableKind::Standard);
-        let raw_refs: Vec<&Arc<Table>> = raw.iter().collect();
-        let (raw_queue, raw_feed) =
-            engine.add_fed_queue("raw_queue", config.queue_capacity, &raw_refs);
+        let children = ByKind::new(|k| {
+            k.children().map(|(field, listing, split)| {
+                let listing = engine.add_listing_table(listing);
+                Arc::new(Children::new(field, raw.get(k).clone(), listing, split))
+            })
+        });
+        let mut fed: Vec<&Arc<Table>> = Kind::ALL.iter().map(|k| raw.get(*k)).collect();
+        fed.extend(
+            Kind::ALL
+                .iter()
+                .filter_map(|k| children.get(*k).as_ref().map(|c| &c.listing)),
+        );
+        let (raw_queue, raw_feed) = engine.add_fed_queue("raw_queue", config.queue_capacity, &fed);
         let encode_queue = engine.add_queue::<EncodeJob>("encode_queue", config.queue_capacity);
         let ingest_to_visible = latency_histogram();
-        let raw_episodes = raw[Kind::ALL
-            .iter()
-            .position(|k| *k == Kind::Episodes)
-            .unwrap_or(3)]
-        .clone();
+        let mut routes = HashMap::new();
+        for kind in Kind::ALL {
+            let parent = children.get(kind).as_ref().map(|children| {
+                // Where each parent kind's children go: episodes are records
+                // that come back through raw_queue, renditions are jobs.
+                let sink: Box<dyn ChildSink> = match kind {
+                    Kind::Series => Box::new(ChildRecords {
+                        table: raw.episodes.clone(),
+                    }),
+                    _ => Box::new(EncodeJobs {
+                        encodes: encodes.clone(),
+                    }),
+                };
+                Arc::new(Parent {
+                    children: children.clone(),
+                    sink,
+                })
+            });
+            let route = |parent| Route {
+                kind,
+                standard: standard.get(kind).clone(),
+                parent,
+            };
+            if let Some(parent) = &parent {
+                routes.insert(
+                    parent.children.listing.name().clone(),
+                    route(Some(parent.clone())),
+                );
+            }
+            routes.insert(raw.get(kind).name().clone(), route(parent));
+        }
         engine.add_handler(
             "raw_handler",
             &raw_queue,
             RawHandler {
-                standard: standard.clone(),
-                raw_episodes,
-                encodes: encodes.clone(),
+                routes,
                 encode_queue: encode_queue.clone(),
-                episodes_of: Default::default(),
-                renditions_of: Default::default(),
                 visible: ingest_to_visible.clone(),
             },
             HandlerConfig {
@@ -152,6 +187,7 @@ impl Pipeline {
         Self {
             engine,
             raw,
+            children,
             raw_feed,
             raw_queue,
             encode_queue,
@@ -162,7 +198,7 @@ impl Pipeline {
     }
 
     pub fn raw_table(&self, kind: Kind) -> &Arc<Table> {
-        &self.raw[Kind::ALL.iter().position(|k| *k == kind).unwrap_or(0)]
+        self.raw.get(kind)
     }
 
     pub fn config(&self) -> &PipelineConfig {
@@ -182,6 +218,22 @@ impl Pipeline {
         Ok(())
     }
 
+    /// The listing-table write that goes with a parent write, if it
+    /// carries its child list.
+    fn listing(&self, kind: Kind, write: &Write) -> Option<(&Arc<Table>, Write)> {
+        let children = self.children.get(kind).as_ref()?;
+        Some((&children.listing, children.listing_write(write)?))
+    }
+
+    /// One raw write, with its child list if it carries one. The list goes
+    /// first, so the handler that sees the parent's change sees it too.
+    fn write(&self, kind: Kind, write: Write, cause: &Cause) -> Outcome {
+        if let Some((listing, list)) = self.listing(kind, &write) {
+            listing.apply(list, cause);
+        }
+        self.raw.get(kind).apply(write, cause)
+    }
+
     /// Writes raw records of `kind`, in order.
     pub fn ingest(
         &self,
@@ -189,12 +241,30 @@ impl Pipeline {
         writes: Vec<Write>,
         cause: &Cause,
     ) -> Vec<(RecordId, Outcome)> {
-        let table = self.raw_table(kind);
         writes
             .into_iter()
-            .map(|w| {
+            .map(|w| (w.id.clone(), self.write(kind, w, cause)))
+            .collect()
+    }
+
+    /// Writes raw records that came as CloudEvents, each with its `source`
+    /// and `id` as its dedup key: an event already applied within the
+    /// window is not applied again (`None`).
+    pub fn ingest_events(
+        &self,
+        kind: Kind,
+        events: Vec<(String, Write)>,
+        cause: &Cause,
+    ) -> Vec<(RecordId, Option<Outcome>)> {
+        events
+            .into_iter()
+            .map(|(key, w)| {
                 let id = w.id.clone();
-                (id, table.apply(w, cause))
+                let outcome = self
+                    .dedup
+                    .first_time(&key)
+                    .then(|| self.write(kind, w, cause));
+                (id, outcome)
             })
             .collect()
     }
@@ -207,7 +277,12 @@ impl Pipeline {
         expect: Expect,
         cause: &Cause,
     ) -> Result<Outcome, PreconditionFailed> {
-        self.raw_table(kind).apply_if(write, expect, cause)
+        let list = self.listing(kind, &write);
+        let outcome = self.raw.get(kind).apply_if(write, expect, cause)?;
+        if let Some((listing, list)) = list {
+            listing.apply(list, cause);
+        }
+        Ok(outcome)
     }
 
     /// Applies a complete set of `kind` as of `as_of`.
@@ -218,11 +293,14 @@ impl Pipeline {
         writes: Vec<Write>,
         cause: &Cause,
     ) -> Reconciliation {
-        self.raw_table(kind).reconcile(as_of, writes, cause)
+        for (listing, list) in writes.iter().filter_map(|w| self.listing(kind, w)) {
+            listing.apply(list, cause);
+        }
+        self.raw.get(kind).reconcile(as_of, writes, cause)
     }
 
     pub fn delete(&self, kind: Kind, id: &RecordId, at: Timestamp, cause: &Cause) -> Outcome {
-        self.raw_table(kind).delete(id, at, cause)
+        self.raw.get(kind).delete(id, at, cause)
     }
 }
 
@@ -262,6 +340,13 @@ fn describe(t: &mut Topology) {
             "standard record",
             scenarios,
         );
+    }
+    // Ingest writes a parent's child list beside it, in the same step.
+    for (kind, scenario) in [(Kind::Series, 2), (Kind::Videos, 3)] {
+        if let Some((_, listing, _)) = kind.children() {
+            t.edge(kind.raw_table(), listing, "child list", &[scenario]);
+            t.edge(listing, "raw_queue", "change", &[scenario]);
+        }
     }
     t.edge("raw_queue", "raw_handler", "event", &[1, 2, 3, 4]);
     t.edge("raw_handler", "raw_episodes", "episodes split off", &[2]);

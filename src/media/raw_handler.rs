@@ -1,174 +1,265 @@
 //! `raw_handler`: from raw changes to standard records (scenarios 1 to 4).
 //!
-//! For each change on `raw_queue` it writes (or deletes) the standard
-//! record of the change's kind, carrying the raw version so every table
-//! agrees on which write won. Two kinds list children:
+//! Each change on `raw_queue` names the table it came from, and that table
+//! has one [`Route`]: the standard table its records become, and, for a
+//! parent kind (or its listing table), the [`Children`] pair and the
+//! [`ChildSink`] its children go to:
 //!
-//! - a series' `episodes` become `raw_episodes` writes, which come back
-//!   through `raw_queue` (recursive breakdown); episodes the series no longer
-//!   lists are deleted;
-//! - a video's `renditions` become one job each on `encode_queue` (async
-//!   secondary work); encodes of renditions no longer listed are deleted.
+//! - a series' episodes become listings in `raw_episodes`, which come back
+//!   through `raw_queue` (recursive breakdown);
+//! - a video's renditions become encode jobs on `encode_queue`, one per
+//!   rendition whose data changed (async secondary work), and its
+//!   `rendition_ids`.
 //!
-//! Everything here is safe to redo: a retried event writes again, gets
-//! `unchanged`, and carries on with the rest of its work.
+//! Standard records are derived: each is written with the change-log
+//! sequence of the change it was computed for, so the record of the last
+//! change wins whichever worker finishes first. Everything here is safe to
+//! redo: a retried change that was applied already is stale.
 
-use std::collections::BTreeSet;
+use std::collections::HashMap;
 use std::sync::Arc;
 
+use prometheus_client::metrics::histogram::Histogram;
 use uuid::Uuid;
 
-use crate::engine::children::{ChildSets, Replaced};
+use crate::engine::children::{Children, Listing};
 use crate::engine::handler::{Failure, Process};
-use crate::engine::log::{Cause, Change, ChangeKind};
+use crate::engine::log::{Cause, Change, ChangeKind, TableName};
 use crate::engine::queue::Queue;
-use crate::engine::record::{RecordId, Timestamp, Version};
+use crate::engine::record::{Data, RecordId, Tie, Version};
 use crate::engine::table::{Outcome, Table};
-use prometheus_client::metrics::histogram::Histogram;
 
 use super::encode_handler::EncodeJob;
-use super::records::{Kind, Standard, standardise};
+use super::records::{Kind, Rendition, standardise};
+
+/// Where a parent's children go once its listing changes.
+pub trait ChildSink: Send + Sync {
+    /// Applies the change from `previous` to `current` for `parent`, made
+    /// for `change`; runs under the pair's lock, so it must not block.
+    /// Returns the encode jobs to send.
+    fn apply(
+        &self,
+        parent: &RecordId,
+        change: &Change,
+        previous: Option<&Listing>,
+        current: Option<&Listing>,
+        cause: &Cause,
+    ) -> Result<Vec<EncodeJob>, String>;
+}
+
+/// A parent kind's children and where they go.
+pub struct Parent {
+    pub children: Arc<Children>,
+    pub sink: Box<dyn ChildSink>,
+}
+
+/// What one raw table's changes become.
+pub struct Route {
+    pub kind: Kind,
+    pub standard: Arc<Table>,
+    /// Set for a parent kind's table and for its listing table.
+    pub parent: Option<Arc<Parent>>,
+}
 
 pub struct RawHandler {
-    /// Standard tables, indexed like [`Kind::ALL`].
-    pub(crate) standard: [Arc<Table>; 5],
-    pub(crate) raw_episodes: Arc<Table>,
-    pub(crate) encodes: Arc<Table>,
+    /// By the name of the table a change comes from.
+    pub(crate) routes: HashMap<TableName, Route>,
     pub(crate) encode_queue: Arc<Queue<EncodeJob>>,
-    /// Which episodes each series listed last.
-    pub(crate) episodes_of: ChildSets,
-    /// Which renditions each video listed last.
-    pub(crate) renditions_of: ChildSets,
     /// Seconds from a raw change being recorded to the standard write it
     /// caused.
     pub(crate) visible: Histogram,
 }
 
-fn standard_index(kind: Kind) -> usize {
-    Kind::ALL.iter().position(|k| *k == kind).unwrap_or(0)
-}
-
 impl Process<Arc<Change>> for RawHandler {
     async fn process(&self, change: &Arc<Change>) -> Result<(), Failure> {
-        let kind = Kind::from_raw_table(&change.table).ok_or_else(|| {
+        let route = self.routes.get(&change.table).ok_or_else(|| {
             Failure::Permanent(format!("no standard table for `{}`", change.table))
         })?;
         let cause = Cause::caused_by(change);
-        let table = &self.standard[standard_index(kind)];
-        match (&change.kind, &change.data) {
-            (ChangeKind::Deleted, _) | (_, None) => {
-                if table.delete(&change.key, change.version.at, &cause) == Outcome::Deleted {
-                    self.became_visible(change);
-                }
-                self.delete_children(kind, &change.key, change.version.at, &cause);
-                Ok(())
+        let jobs = match &route.parent {
+            None => {
+                self.derive(route, change, &cause)?;
+                Vec::new()
             }
-            (_, Some(raw)) => {
-                let standard =
-                    standardise(kind, &change.key, change.version.at, raw).map_err(|e| {
-                        Failure::Permanent(format!(
-                            "cannot standardise {kind} `{}`: {e}",
-                            change.key
-                        ))
-                    })?;
-                let outcome = table.apply(
-                    crate::engine::table::Write {
-                        id: change.key.clone(),
-                        version: change.version.clone(),
-                        data: standard.data.clone(),
-                    },
-                    &cause,
-                );
-                if matches!(outcome, Outcome::Inserted | Outcome::Updated) {
-                    self.became_visible(change);
-                }
-                self.write_children(change, standard, &cause).await
-            }
+            Some(parent) => self.refresh(route, parent, change, &cause)?,
+        };
+        for job in jobs {
+            self.encode_queue
+                .send(job)
+                .await
+                .map_err(|e| Failure::Transient(e.to_string()))?;
         }
+        Ok(())
     }
 }
 
 impl RawHandler {
-    fn became_visible(&self, change: &Change) {
-        let elapsed = chrono::Utc::now() - change.time.as_datetime();
-        self.visible
-            .observe(elapsed.to_std().unwrap_or_default().as_secs_f64());
+    fn became_visible(&self, change: &Change, outcome: Outcome) {
+        if matches!(
+            outcome,
+            Outcome::Inserted | Outcome::Updated | Outcome::Deleted
+        ) {
+            let elapsed = chrono::Utc::now() - change.time.as_datetime();
+            self.visible
+                .observe(elapsed.to_std().unwrap_or_default().as_secs_f64());
+        }
     }
 
-    async fn write_children(
-        &self,
-        change: &Change,
-        standard: Standard,
-        cause: &Cause,
-    ) -> Result<(), Failure> {
-        let at = change.version.at;
-        if let Some(episodes) = standard.episodes {
-            let listed = episodes.iter().map(|e| e.write.id.clone()).collect();
-            let keep = self.replace(&self.episodes_of, change, listed, |id| {
-                self.raw_episodes.delete(id, at, cause);
-            });
-            for episode in episodes.into_iter().filter(|e| keep.contains(&e.write.id)) {
-                self.raw_episodes.apply(episode.write, cause);
-            }
-        }
-        if let Some(renditions) = standard.renditions {
-            let listed = renditions.iter().map(|r| r.id.clone()).collect();
-            let keep = self.replace(&self.renditions_of, change, listed, |rendition| {
-                self.encodes
-                    .delete(&encode_id(&change.key, rendition), at, cause);
-            });
-            for rendition in renditions.into_iter().filter(|r| keep.contains(&r.id)) {
-                let job = EncodeJob {
-                    id: Uuid::now_v7(),
-                    video_id: change.key.clone(),
-                    rendition,
-                    version: change.version.clone(),
-                    cause: cause.clone(),
-                };
-                self.encode_queue
-                    .send(job)
-                    .await
-                    .map_err(|e| Failure::Transient(e.to_string()))?;
-            }
-        }
+    /// A kind without children: the standard record of what the change says.
+    fn derive(&self, route: &Route, change: &Change, cause: &Cause) -> Result<(), Failure> {
+        let data = match (&change.kind, &change.data) {
+            (ChangeKind::Deleted, _) | (_, None) => None,
+            (_, Some(raw)) => Some(standard(route.kind, &change.key, raw, &[])?),
+        };
+        let outcome =
+            route
+                .standard
+                .derive(&change.key, change.seq, change.version.clone(), data, cause);
+        self.became_visible(change, outcome);
         Ok(())
     }
 
-    /// Records the new child list and deletes what it dropped; returns which
-    /// listed children to write.
-    fn replace(
+    /// A parent kind: its standard record and its children, from the
+    /// parent's current record and listing.
+    fn refresh(
         &self,
-        sets: &ChildSets,
+        route: &Route,
+        parent: &Parent,
         change: &Change,
-        listed: BTreeSet<RecordId>,
-        delete: impl Fn(&RecordId),
-    ) -> Keep {
-        match sets.replace(&change.key, change.version.clone(), listed) {
-            Replaced::Current { removed } => {
-                removed.iter().for_each(delete);
-                Keep::All
+        cause: &Cause,
+    ) -> Result<Vec<EncodeJob>, Failure> {
+        let id = &change.key;
+        let applied = parent
+            .children
+            .refresh(id, change.seq, |previous, current| {
+                let record = parent.children.parent.get(id.as_str());
+                let (version, data) = match &record {
+                    Some(r) => {
+                        let ids: Vec<RecordId> = current
+                            .map(|l| l.children.iter().map(|(id, _)| id.clone()).collect())
+                            .unwrap_or_default();
+                        let data = standardise(route.kind, id, &r.data, &ids).map_err(|e| {
+                            format!("cannot standardise {} `{id}`: {e}", route.kind)
+                        })?;
+                        (r.version.clone(), Some(data))
+                    }
+                    None => (change.version.clone(), None),
+                };
+                let jobs = parent.sink.apply(id, change, previous, current, cause)?;
+                let outcome = route.standard.derive(id, change.seq, version, data, cause);
+                Ok((jobs, outcome))
+            })
+            .map_err(Failure::Permanent)?;
+        Ok(match applied {
+            Some((jobs, outcome)) => {
+                self.became_visible(change, outcome);
+                jobs
             }
-            Replaced::Outdated { current } => Keep::Only(current),
-        }
+            None => Vec::new(),
+        })
     }
+}
 
-    fn delete_children(&self, kind: Kind, parent: &RecordId, at: Timestamp, cause: &Cause) {
-        let sets = match kind {
-            Kind::Series => &self.episodes_of,
-            Kind::Videos => &self.renditions_of,
-            _ => return,
-        };
-        let Replaced::Current { removed } =
-            sets.replace(parent, Version::delete(at), BTreeSet::new())
-        else {
-            return;
-        };
-        for child in &removed {
-            match kind {
-                Kind::Series => self.raw_episodes.delete(child, at, cause),
-                _ => self.encodes.delete(&encode_id(parent, child), at, cause),
-            };
+fn standard(kind: Kind, id: &RecordId, raw: &Data, children: &[RecordId]) -> Result<Data, Failure> {
+    standardise(kind, id, raw, children)
+        .map_err(|e| Failure::Permanent(format!("cannot standardise {kind} `{id}`: {e}")))
+}
+
+/// The children listed by `previous` that `current` no longer lists.
+fn dropped<'a>(
+    previous: Option<&'a Listing>,
+    current: Option<&'a Listing>,
+) -> impl Iterator<Item = &'a RecordId> {
+    previous
+        .into_iter()
+        .flat_map(|p| p.children.iter().map(|(id, _)| id))
+        .filter(move |id| current.is_none_or(|c| c.child(id).is_none()))
+}
+
+/// Episodes: each listed episode is a listing in `raw_episodes`, at the
+/// series' listing version.
+pub struct ChildRecords {
+    pub table: Arc<Table>,
+}
+
+impl ChildSink for ChildRecords {
+    fn apply(
+        &self,
+        parent: &RecordId,
+        change: &Change,
+        previous: Option<&Listing>,
+        current: Option<&Listing>,
+        cause: &Cause,
+    ) -> Result<Vec<EncodeJob>, String> {
+        let removed = Version::delete(change.version.at);
+        for child in dropped(previous, current) {
+            self.table.list(child, parent, None, removed.clone(), cause);
         }
+        for (child, data) in current.iter().flat_map(|c| c.children.iter()) {
+            let unchanged = previous.is_some_and(|p| {
+                current.is_some_and(|c| c.version == p.version) && p.child(child) == Some(data)
+            });
+            if !unchanged {
+                let version = current
+                    .map(|c| c.version.clone())
+                    .unwrap_or(removed.clone());
+                self.table.list(
+                    child,
+                    parent,
+                    Some((version, data.clone())),
+                    removed.clone(),
+                    cause,
+                );
+            }
+        }
+        Ok(Vec::new())
+    }
+}
+
+/// Renditions: one encode job per rendition whose data changed; the encode
+/// of a rendition no longer listed is deleted.
+pub struct EncodeJobs {
+    pub encodes: Arc<Table>,
+}
+
+impl ChildSink for EncodeJobs {
+    fn apply(
+        &self,
+        video: &RecordId,
+        change: &Change,
+        previous: Option<&Listing>,
+        current: Option<&Listing>,
+        cause: &Cause,
+    ) -> Result<Vec<EncodeJob>, String> {
+        for rendition in dropped(previous, current) {
+            self.encodes.derive(
+                &encode_id(video, rendition),
+                change.seq,
+                change.version.clone(),
+                None,
+                cause,
+            );
+        }
+        let Some(current) = current else {
+            return Ok(Vec::new());
+        };
+        current
+            .children
+            .iter()
+            .filter(|(id, data)| previous.and_then(|p| p.child(id)) != Some(data))
+            .map(|(id, data)| {
+                let rendition: Rendition = serde_json::from_str(data.as_str())
+                    .map_err(|e| format!("rendition `{id}` of video `{video}`: {e}"))?;
+                Ok(EncodeJob {
+                    id: job_id(video, id, &current.version),
+                    video_id: video.clone(),
+                    rendition,
+                    seq: change.seq,
+                    version: current.version.clone(),
+                    cause: cause.clone(),
+                })
+            })
+            .collect()
     }
 }
 
@@ -177,18 +268,16 @@ pub fn encode_id(video: &RecordId, rendition: &RecordId) -> RecordId {
     RecordId::derived(format!("{video}:{rendition}"))
 }
 
-/// Which children of a list to write: all of them, unless a newer list is
-/// known, in which case only those it still lists.
-enum Keep {
-    All,
-    Only(BTreeSet<RecordId>),
+/// An encode job's id: the same for the same video, rendition and listing
+/// version, so a redelivered job is recognisable.
+pub fn job_id(video: &RecordId, rendition: &RecordId, version: &Version) -> Uuid {
+    let key = match &version.tie {
+        Tie::Key(key) => key.as_str(),
+        Tie::Tombstone => "",
+    };
+    let name = format!("{video}\n{rendition}\n{}\n{key}", version.at);
+    Uuid::new_v5(&JOB_NAMESPACE, name.as_bytes())
 }
 
-impl Keep {
-    fn contains(&self, id: &RecordId) -> bool {
-        match self {
-            Keep::All => true,
-            Keep::Only(current) => current.contains(id),
-        }
-    }
-}
+/// The UUID namespace of encode job ids.
+const JOB_NAMESPACE: Uuid = Uuid::from_u128(0x6576_656e_7473_7973_2d65_6e63_6f64_6531);

@@ -15,6 +15,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
+use crate::engine::children::Split;
 use crate::engine::record::{Data, RecordId, Timestamp, ValueError, Version};
 use crate::engine::table::Write;
 
@@ -72,10 +73,49 @@ impl Kind {
 
     /// The field that lists this kind's children, if it has any.
     pub fn child_list(self) -> Option<&'static str> {
+        self.children().map(|(field, _, _)| field)
+    }
+
+    /// For a parent kind: the field listing its children, the raw table
+    /// of its child lists, and how a list splits into children.
+    pub fn children(self) -> Option<(&'static str, &'static str, Split)> {
         match self {
-            Kind::Series => Some("episodes"),
-            Kind::Videos => Some("renditions"),
+            Kind::Series => Some(("episodes", "raw_series_episodes", split_episodes)),
+            Kind::Videos => Some(("renditions", "raw_videos_renditions", split_renditions)),
             _ => None,
+        }
+    }
+}
+
+/// One value per kind, found by kind: adding a kind fails to compile until
+/// every `ByKind` has one.
+#[derive(Clone, Debug)]
+pub struct ByKind<T> {
+    pub actors: T,
+    pub movies: T,
+    pub series: T,
+    pub episodes: T,
+    pub videos: T,
+}
+
+impl<T> ByKind<T> {
+    pub fn new(mut make: impl FnMut(Kind) -> T) -> Self {
+        Self {
+            actors: make(Kind::Actors),
+            movies: make(Kind::Movies),
+            series: make(Kind::Series),
+            episodes: make(Kind::Episodes),
+            videos: make(Kind::Videos),
+        }
+    }
+
+    pub fn get(&self, kind: Kind) -> &T {
+        match kind {
+            Kind::Actors => &self.actors,
+            Kind::Movies => &self.movies,
+            Kind::Series => &self.series,
+            Kind::Episodes => &self.episodes,
+            Kind::Videos => &self.videos,
         }
     }
 }
@@ -206,13 +246,22 @@ fn child_list(map: &Map<String, Value>, field: &str) -> Result<(), InvalidField>
     match map.get(field) {
         None | Some(Value::Null) => Ok(()),
         Some(Value::Array(items)) => {
+            let mut seen = std::collections::HashMap::new();
             for (i, item) in items.iter().enumerate() {
                 let path = format!("{field}[{i}]");
                 let Value::Object(child) = item else {
                     return Err(InvalidField::new(path, "must be an object"));
                 };
-                record_id(child, "id")
+                let id = record_id(child, "id")
                     .map_err(|e| InvalidField::new(format!("{path}.id"), e.reason))?;
+                if let Some(first) = seen.insert(id, i) {
+                    return Err(InvalidField::new(
+                        format!("{path}.id"),
+                        format_args!(
+                            "repeats the id of {field}[{first}]; a list names each child once"
+                        ),
+                    ));
+                }
                 if let Some(at) = child.get("updated_at") {
                     timestamp(at, "updated_at")
                         .map_err(|e| InvalidField::new(format!("{path}.updated_at"), e.reason))?;
@@ -466,22 +515,6 @@ impl<'a> Fields<'a> {
             .collect()
     }
 
-    /// The objects of a child list, each with its own `Fields` and JSON
-    /// text (ingest checked that every item is an object).
-    fn children(&self, field: Field) -> Option<Vec<(Fields<'a>, &'a str)>> {
-        let items: Vec<&'a RawValue> = serde_json::from_str(self.present(field)?.get()).ok()?;
-        Some(
-            items
-                .into_iter()
-                .enumerate()
-                .filter_map(|(i, item)| {
-                    let prefix = format!("{}[{i}].", self.path(field));
-                    Some((Fields::parse(item.get(), prefix)?, item.get()))
-                })
-                .collect(),
-        )
-    }
-
     fn id(&self) -> Result<RecordId, InvalidField> {
         match self.present(Field::Id) {
             None => Err(self.invalid(Field::Id, "is required")),
@@ -608,44 +641,28 @@ mod standard {
     }
 }
 
-/// An episode a series lists, as a raw episode write.
-#[derive(Debug, Clone)]
-pub struct ListedEpisode {
-    pub write: Write,
-}
-
 /// A rendition a video lists, for its encode job.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct Rendition {
-    pub id: RecordId,
+    pub bitrate_kbps: Option<u64>,
     pub codec: String,
     pub height: u64,
-    pub bitrate_kbps: Option<u64>,
+    pub id: RecordId,
 }
 
-/// A standard record, and the children its raw record listed (`None` when
-/// the list field was absent, which changes nothing).
-#[derive(Debug, Clone)]
-pub struct Standard {
-    pub data: Data,
-    pub episodes: Option<Vec<ListedEpisode>>,
-    pub renditions: Option<Vec<Rendition>>,
-}
-
-/// Turns raw data of `kind` into its standard record. `id` and `at` are
-/// the raw record's id and version time (the default for listed episodes
-/// without an `updated_at` of their own).
+/// Turns raw data of `kind` into its standard record. `children` are the
+/// ids its parent's listing names now (a video's `rendition_ids`), which
+/// may come from another version than `raw` (API.md, "Children belong to
+/// their parent").
 pub fn standardise(
     kind: Kind,
     id: &RecordId,
-    at: Timestamp,
     raw: &Data,
-) -> Result<Standard, InvalidField> {
+    children: &[RecordId],
+) -> Result<Data, InvalidField> {
     let f = Fields::parse(raw.as_str(), String::new())
         .ok_or_else(|| InvalidField::new("", "a record must be a JSON object"))?;
-    let mut episodes = None;
-    let mut renditions = None;
-    let data = match kind {
+    match kind {
         Kind::Actors => written(&standard::Actor {
             birth_date: f.date(Field::BirthDate)?,
             id,
@@ -660,18 +677,10 @@ pub fn standardise(
                 year: f.integer(Field::Year)?.map(Exact),
             })
         }
-        Kind::Series => {
-            let title = f.required_string(Field::Title)?;
-            episodes = f
-                .children(Field::Episodes)
-                .map(|list| {
-                    list.iter()
-                        .map(|(e, json)| listed_episode(e, json, id, at))
-                        .collect()
-                })
-                .transpose()?;
-            written(&standard::Series { id, title: &title })
-        }
+        Kind::Series => written(&standard::Series {
+            id,
+            title: &f.required_string(Field::Title)?,
+        }),
         Kind::Episodes => written(&standard::Episode {
             id,
             number: f.unsigned(Field::Number)?.map(Exact),
@@ -679,32 +688,13 @@ pub fn standardise(
             series_id: &f.required_string(Field::SeriesId)?,
             title: &f.required_string(Field::Title)?,
         }),
-        Kind::Videos => {
-            let title = f.required_string(Field::Title)?;
-            let duration = f.non_negative(Field::DurationS)?;
-            let rendition_list = f
-                .children(Field::Renditions)
-                .map(|list| {
-                    list.iter()
-                        .map(|(r, _)| rendition(r))
-                        .collect::<Result<Vec<_>, _>>()
-                })
-                .transpose()?;
-            let data = written(&standard::Video {
-                duration_s: duration.map(Exact),
-                id,
-                rendition_ids: rendition_list.iter().flatten().map(|r| &r.id).collect(),
-                title: &title,
-            });
-            renditions = rendition_list;
-            data
-        }
-    };
-    Ok(Standard {
-        data: data?,
-        episodes,
-        renditions,
-    })
+        Kind::Videos => written(&standard::Video {
+            duration_s: f.non_negative(Field::DurationS)?.map(Exact),
+            id,
+            rendition_ids: children.iter().collect(),
+            title: &f.required_string(Field::Title)?,
+        }),
+    }
 }
 
 /// A standard record as [`Data`]; it is canonical as written.
@@ -712,30 +702,59 @@ fn written(record: &impl Serialize) -> Result<Data, InvalidField> {
     Data::of_canonical(record).map_err(|e| InvalidField::new("", e))
 }
 
-fn listed_episode(
-    f: &Fields<'_>,
-    json: &str,
-    series: &RecordId,
-    series_at: Timestamp,
-) -> Result<ListedEpisode, InvalidField> {
-    let id = f.id()?;
-    let at = match f.present(Field::UpdatedAt) {
-        Some(raw) => timestamp_from(text(raw).as_deref())
-            .map_err(|e| InvalidField::new(f.path(Field::UpdatedAt), e))?,
-        None => series_at,
-    };
-    let mut map: Map<String, Value> =
-        serde_json::from_str(json).map_err(|e| InvalidField::new(f.prefix.clone(), e))?;
-    map.remove("updated_at");
-    map.insert("series_id".into(), Value::String(series.to_string()));
-    let data = Data::of_object(&map).map_err(|e| InvalidField::new(f.prefix.clone(), e))?;
-    Ok(ListedEpisode {
-        write: Write {
-            id,
-            version: Version::write(at, data.clone()),
-            data,
-        },
-    })
+/// The items of a child list (`field`) as `Fields`, each with its JSON.
+fn items<'a>(field: &str, list: &'a Data) -> Result<Vec<(Fields<'a>, &'a str)>, InvalidField> {
+    let items: Vec<&'a RawValue> = serde_json::from_str(list.as_str())
+        .map_err(|_| InvalidField::new(field, "must be an array of objects"))?;
+    items
+        .into_iter()
+        .enumerate()
+        .map(|(i, item)| {
+            Fields::parse(item.get(), format!("{field}[{i}]."))
+                .map(|f| (f, item.get()))
+                .ok_or_else(|| InvalidField::new(format!("{field}[{i}]"), "must be an object"))
+        })
+        .collect()
+}
+
+/// A series' `episodes` as raw episode records: each as listed, without
+/// `updated_at` (a listed episode is versioned by its series) and with
+/// `series_id` set to the series.
+pub fn split_episodes(series: &RecordId, list: &Data) -> Result<Vec<(RecordId, Data)>, String> {
+    episodes_of(series, list)
+        .map_err(|e| format!("cannot split the episodes of series `{series}`: {e}"))
+}
+
+/// A video's `renditions`, each checked and written as a [`Rendition`].
+pub fn split_renditions(video: &RecordId, list: &Data) -> Result<Vec<(RecordId, Data)>, String> {
+    renditions_of(list).map_err(|e| format!("cannot standardise videos `{video}`: {e}"))
+}
+
+fn episodes_of(series: &RecordId, list: &Data) -> Result<Vec<(RecordId, Data)>, InvalidField> {
+    items("episodes", list)?
+        .into_iter()
+        .map(|(f, json)| {
+            let id = f.id()?;
+            let mut map: Map<String, Value> =
+                serde_json::from_str(json).map_err(|e| InvalidField::new(f.prefix.clone(), e))?;
+            map.remove("updated_at");
+            map.insert("series_id".into(), Value::String(series.to_string()));
+            let data = Data::of_object(&map).map_err(|e| InvalidField::new(f.prefix.clone(), e))?;
+            Ok((id, data))
+        })
+        .collect()
+}
+
+fn renditions_of(list: &Data) -> Result<Vec<(RecordId, Data)>, InvalidField> {
+    items("renditions", list)?
+        .into_iter()
+        .map(|(f, _)| {
+            let rendition = rendition(&f)?;
+            let data = Data::of_canonical(&rendition)
+                .map_err(|e| InvalidField::new(f.prefix.clone(), e))?;
+            Ok((rendition.id, data))
+        })
+        .collect()
 }
 
 fn rendition(f: &Fields<'_>) -> Result<Rendition, InvalidField> {
@@ -754,14 +773,21 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn raw(value: Value) -> (RecordId, Timestamp, Data) {
+    fn raw(value: Value) -> (RecordId, Data) {
         let write = parse_record(value, Timestamp::now(), Kind::Videos).unwrap();
-        (write.id, write.version.at, write.data)
+        (write.id, write.data)
     }
 
+    /// The standard record, with a video's renditions as its listing.
     fn standard(kind: Kind, value: Value) -> Result<Value, InvalidField> {
-        let (id, at, data) = raw(value);
-        standardise(kind, &id, at, &data).map(|s| serde_json::from_str(s.data.as_str()).unwrap())
+        let renditions = value
+            .get("renditions")
+            .map(|list| renditions_of(&Data::canonical(list).unwrap()))
+            .transpose()?
+            .unwrap_or_default();
+        let ids: Vec<RecordId> = renditions.into_iter().map(|(id, _)| id).collect();
+        let (id, data) = raw(value);
+        standardise(kind, &id, &data, &ids).map(|s| serde_json::from_str(s.as_str()).unwrap())
     }
 
     #[test]
@@ -915,22 +941,38 @@ mod tests {
     }
 
     #[test]
-    fn a_series_lists_its_episodes_with_series_id_set() {
-        let (id, at, data) = raw(
+    fn a_series_lists_its_episodes_with_series_id_set_and_no_version_of_their_own() {
+        let (id, data) = raw(
             json!({"id":"s1","title":"S","episodes":[{"id":"e1","title":"P"},{"id":"e2","title":"Q","updated_at":"2020-01-01T00:00:00Z"}]}),
         );
-        let s = standardise(Kind::Series, &id, at, &data).unwrap();
-        let episodes = s.episodes.unwrap();
+        let list =
+            Data::canonical(&serde_json::from_str::<Value>(data.as_str()).unwrap()["episodes"])
+                .unwrap();
+        let episodes = split_episodes(&id, &list).unwrap();
         assert_eq!(episodes.len(), 2);
         assert_eq!(
-            episodes[0].write.data.as_str(),
+            episodes[0].1.as_str(),
             r#"{"id":"e1","series_id":"s1","title":"P"}"#
         );
-        assert_eq!(episodes[0].write.version.at, at);
         assert_eq!(
-            episodes[1].write.version.at.to_string(),
-            "2020-01-01T00:00:00Z"
+            episodes[1].1.as_str(),
+            r#"{"id":"e2","series_id":"s1","title":"Q"}"#
         );
-        assert_eq!(s.data.as_str(), r#"{"id":"s1","title":"S"}"#);
+        assert_eq!(
+            standardise(Kind::Series, &id, &data, &[]).unwrap().as_str(),
+            r#"{"id":"s1","title":"S"}"#
+        );
+    }
+
+    #[test]
+    fn a_child_list_names_each_child_once() {
+        let err = parse_record(
+            json!({"id":"s","episodes":[{"id":"e1"},{"id":"e2"},{"id":"e1"}]}),
+            Timestamp::now(),
+            Kind::Series,
+        )
+        .unwrap_err();
+        assert_eq!(err.field, "episodes[2].id");
+        assert!(err.reason.contains("episodes[0]"), "{}", err.reason);
     }
 }

@@ -396,8 +396,10 @@ async fn inspection_endpoints_describe_the_pipeline() {
             )
         })
         .collect();
-    assert_eq!(names.len(), 11);
+    assert_eq!(names.len(), 13);
     assert!(names.contains(&("raw_series".into(), "raw".into())));
+    assert!(names.contains(&("raw_series_episodes".into(), "raw".into())));
+    assert!(names.contains(&("raw_videos_renditions".into(), "raw".into())));
     assert!(names.contains(&("encodes".into(), "standard".into())));
 
     let queues = app.get("/queues").await;
@@ -427,7 +429,7 @@ async fn inspection_endpoints_describe_the_pipeline() {
 
     let topology = app.get("/topology").await;
     let topology = topology.ok();
-    assert_eq!(topology["nodes"].as_array().unwrap().len(), 11 + 2 + 2);
+    assert_eq!(topology["nodes"].as_array().unwrap().len(), 13 + 2 + 2);
     assert_eq!(topology["scenarios"].as_array().unwrap().len(), 4);
     let edge = |from: &str, to: &str| {
         topology["edges"]
