@@ -18,6 +18,8 @@
 //! then drains the pipeline. `main.rs` is a thin shell around both, so tests
 //! drive the same code on port 0.
 
+#![forbid(unsafe_code)]
+
 /// Every record costs several small allocations that live as long as the
 /// record; mimalloc serves them faster than the system allocator and keeps
 /// less memory for them. Applications embedding the engine may turn it off

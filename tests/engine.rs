@@ -44,6 +44,18 @@ impl Process<Job> for Succeeds {
     }
 }
 
+/// Panics on every attempt at odd jobs.
+struct PanicsOnOdd;
+
+impl Process<Job> for PanicsOnOdd {
+    async fn process(&self, job: &Job) -> Result<(), Failure> {
+        if job.0 % 2 == 1 {
+            panic!("odd job {}", job.0);
+        }
+        Ok(())
+    }
+}
+
 fn engine() -> Engine {
     Engine::new(EngineConfig {
         event_retention: 1000,
@@ -282,4 +294,46 @@ async fn slow_events_are_counted_as_they_finish_not_at_the_end_of_their_batch() 
     assert_eq!(queue.counts().in_flight, 4 - queue.counts().processed);
     assert!(engine.settle(Duration::from_secs(60)).await);
     assert_eq!(queue.counts().processed, 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_handler_loses_nothing() {
+    let policy = RetryPolicy {
+        max_attempts: 3,
+        base: Duration::from_millis(10),
+        cap: Duration::from_millis(100),
+    };
+    let mut engine = engine();
+    let queue = engine.add_queue::<Job>("q", 8);
+    let handler = engine.add_handler("h", &queue, PanicsOnOdd, config(2, policy));
+    for i in 0..20 {
+        queue.send(Job(i)).await.unwrap();
+    }
+    assert!(
+        engine.settle(Duration::from_secs(3600)).await,
+        "a panic settles like any failure"
+    );
+    let view = engine.queue("q").unwrap();
+    let dead = view.dead_letters();
+    assert_eq!(dead.len(), 10, "every odd job is dead-lettered");
+    assert!(dead.iter().all(|d| d.attempts == 3), "{dead:?}");
+    assert!(
+        dead[0].error.starts_with("the handler panicked: odd job"),
+        "{}",
+        dead[0].error
+    );
+    let counts = view.snapshot().counts;
+    assert_eq!(
+        (counts.enqueued, counts.processed, counts.dead_lettered),
+        (20, 10, 10)
+    );
+    assert_eq!(
+        handler.stats().failed,
+        30,
+        "three failed attempts per odd job"
+    );
+    // The workers survived: new work is still done.
+    queue.send(Job(100)).await.unwrap();
+    assert!(engine.settle(Duration::from_secs(3600)).await);
+    assert_eq!(view.snapshot().counts.processed, 11);
 }

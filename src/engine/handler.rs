@@ -12,10 +12,12 @@
 //! close again on its success. [`Fault`]s can be injected to see all this.
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use prometheus_client::metrics::histogram::Histogram;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
@@ -276,6 +278,16 @@ impl Breaker {
     }
 }
 
+/// A failure's text for a panic's payload.
+fn panicked(payload: &(dyn std::any::Any + Send)) -> String {
+    let message = payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("a panic without a message");
+    format!("the handler panicked: {message}")
+}
+
 /// The most work (time spent handling events) a worker does before it
 /// counts the successes of its batch so far.
 const COUNT_EVERY: Duration = Duration::from_millis(5);
@@ -449,14 +461,18 @@ impl<T: QueueItem, P: Process<T>> Handler<T, P> {
             event = %envelope.item.event_id(), attempt = envelope.attempts);
         let fault = self.fault();
         let started = Instant::now();
-        let result = async {
+        // A panic inside the step is a failed attempt like any other: the
+        // worker survives and the event is retried or dead-lettered.
+        let result = AssertUnwindSafe(async {
             if let Some(fault) = fault {
                 fault.strike().await?;
             }
             self.process.process(&envelope.item).await
-        }
+        })
+        .catch_unwind()
         .instrument(span.clone())
-        .await;
+        .await
+        .unwrap_or_else(|panic| Err(Failure::Transient(panicked(&*panic))));
         let took = started.elapsed();
         self.duration.observe(took.as_secs_f64());
         let ok = match result {

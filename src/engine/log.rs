@@ -204,6 +204,9 @@ impl ChangeLog {
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
+        // Lock order: a table's shard, then this. Tables append while
+        // holding a shard (that is what makes a write and its change one
+        // step), so nothing may take a shard while holding this lock.
         // A poisoned lock means a panic mid-append; the log itself is still
         // a valid deque, so keep serving rather than cascade the panic.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())

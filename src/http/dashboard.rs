@@ -12,7 +12,11 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
-use super::AppState;
+use super::{AppState, NoQuery};
+
+/// The dashboard's paths (all `GET`), as [`routes`] declares them (the
+/// OpenAPI tests read those declarations from this file's source).
+pub const PATHS: [&str; 3] = ["/", "/dashboard/app.js", "/dashboard/style.css"];
 
 /// One embedded file: its bytes, media type and content-derived `ETag`.
 struct Asset {
@@ -48,15 +52,15 @@ pub fn routes() -> Router<AppState> {
     Router::new()
         .route(
             "/",
-            get(|headers: HeaderMap| async move { serve(&INDEX, &headers) }),
+            get(|_: NoQuery, headers: HeaderMap| async move { serve(&INDEX, &headers) }),
         )
         .route(
             "/dashboard/app.js",
-            get(|headers: HeaderMap| async move { serve(&SCRIPT, &headers) }),
+            get(|_: NoQuery, headers: HeaderMap| async move { serve(&SCRIPT, &headers) }),
         )
         .route(
             "/dashboard/style.css",
-            get(|headers: HeaderMap| async move { serve(&STYLE, &headers) }),
+            get(|_: NoQuery, headers: HeaderMap| async move { serve(&STYLE, &headers) }),
         )
 }
 

@@ -22,7 +22,7 @@ use super::openapi::{CloudEvent, CloudEventBatch, IngestOutcome, KindName, RawRe
 use super::problem::Problem;
 use super::problem::shared::{NotJson, Overloaded, TooLarge, UnknownKind};
 
-use super::{ApiError, AppState, Query, RequestId};
+use super::{ApiError, AppState, NoQuery, Query, RequestId};
 
 #[derive(Serialize, ToSchema)]
 pub struct IngestResult {
@@ -161,6 +161,7 @@ fn if_match(headers: &HeaderMap) -> Result<Option<Expect>, ApiError> {
     ),
 )]
 pub async fn post(
+    _: NoQuery,
     State(state): State<AppState>,
     Path(kind_name): Path<String>,
     RequestId(request): RequestId,
@@ -280,6 +281,7 @@ pub struct ReconcileBody {
     ),
 )]
 pub async fn put(
+    _: NoQuery,
     State(state): State<AppState>,
     Path(kind_name): Path<String>,
     RequestId(request): RequestId,

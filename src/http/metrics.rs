@@ -26,7 +26,7 @@ use crate::engine::metrics::{LatencyFamily, latency_histogram};
 use crate::engine::table::Outcome;
 use crate::media::pipeline::Pipeline;
 
-use super::{AppState, RequestId};
+use super::{AppState, NoQuery, RequestId};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -328,7 +328,7 @@ impl Collector for PipelineCollector {
     responses((status = 200, description = "Prometheus text exposition format 0.0.4",
         body = String, content_type = "text/plain; version=0.0.4; charset=utf-8")),
 )]
-pub async fn scrape(State(state): State<AppState>) -> Response {
+pub async fn scrape(_: NoQuery, State(state): State<AppState>) -> Response {
     let mut body = String::new();
     if let Err(error) = prometheus_client::encoding::text::encode(&mut body, state.registry()) {
         tracing::error!(%error, "encoding metrics failed");

@@ -114,6 +114,12 @@ fn api() -> OpenApiRouter<AppState> {
         ))
 }
 
+/// Every path the dashboard serves (`GET`), beside the API routes of
+/// [`openapi()`]: together, every route the router serves.
+pub fn dashboard_paths() -> &'static [&'static str] {
+    &dashboard::PATHS
+}
+
 /// The OpenAPI 3.1 description of every API route, as `/openapi.json`
 /// serves it.
 pub fn openapi() -> utoipa::openapi::OpenApi {
@@ -183,6 +189,37 @@ impl<S: Send + Sync> FromRequestParts<S> for RequestId {
             .get::<RequestId>()
             .cloned()
             .unwrap_or_else(|| RequestId(new_request_id())))
+    }
+}
+
+/// For a route that reads no query parameters: any parameter is a 400, so
+/// a convention a client tries (`PUT /raw/actors?dry_run=true`) is never
+/// silently ignored while the request does something else.
+pub struct NoQuery;
+
+impl<S: Send + Sync> FromRequestParts<S> for NoQuery {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        match parts.uri.query().filter(|q| !q.is_empty()) {
+            None => Ok(NoQuery),
+            Some(query) => {
+                let names: Vec<String> = serde_urlencoded_query::<Vec<(String, String)>>(query)
+                    .map(|pairs| pairs.into_iter().map(|(name, _)| name).collect())
+                    .unwrap_or_else(|_| vec![query.to_string()]);
+                let all = names
+                    .iter()
+                    .map(|n| format!("`{n}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                Err(ApiError::invalid(
+                    names.first().map_or(query, String::as_str),
+                    format_args!(
+                        "is not a query parameter of this route, which takes none (got {all})"
+                    ),
+                ))
+            }
+        }
     }
 }
 

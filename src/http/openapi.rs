@@ -73,7 +73,7 @@ static DOCUMENT: LazyLock<OpenApi> = LazyLock::new(super::openapi);
     responses((status = 200, description = "The OpenAPI 3.1 description of every API route",
         body = Object, content_type = "application/json")),
 )]
-pub async fn document() -> Json<&'static OpenApi> {
+pub async fn document(_: super::NoQuery) -> Json<&'static OpenApi> {
     Json(&DOCUMENT)
 }
 

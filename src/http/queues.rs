@@ -17,7 +17,7 @@ use crate::engine::{HandlerView, QueueSnapshot, QueueView};
 use super::openapi::QueuedEvent;
 use super::problem::Problem;
 use super::problem::shared::{NoSuchHandler, NoSuchQueue, NotJson, TooLarge};
-use super::{ApiError, AppState};
+use super::{ApiError, AppState, NoQuery};
 
 #[derive(Serialize, ToSchema)]
 pub struct QueueList {
@@ -32,7 +32,7 @@ pub struct QueueList {
     tag = "queues",
     responses((status = 200, description = "Every queue", body = QueueList)),
 )]
-pub async fn list(State(state): State<AppState>) -> Json<QueueList> {
+pub async fn list(_: NoQuery, State(state): State<AppState>) -> Json<QueueList> {
     let queues = state
         .pipeline()
         .engine
@@ -73,6 +73,7 @@ pub struct DeadLetters {
     ),
 )]
 pub async fn dead_letters(
+    _: NoQuery,
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<Json<DeadLetters>, ApiError> {
@@ -101,6 +102,7 @@ pub struct Redriven {
     ),
 )]
 pub async fn redrive(
+    _: NoQuery,
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<Json<Redriven>, ApiError> {
@@ -129,6 +131,7 @@ pub struct Discarded {
     ),
 )]
 pub async fn discard(
+    _: NoQuery,
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<Json<Discarded>, ApiError> {
@@ -150,7 +153,7 @@ pub struct HandlerList {
     tag = "queues",
     responses((status = 200, description = "Every handler", body = HandlerList)),
 )]
-pub async fn handlers(State(state): State<AppState>) -> Json<HandlerList> {
+pub async fn handlers(_: NoQuery, State(state): State<AppState>) -> Json<HandlerList> {
     let handlers = state
         .pipeline()
         .engine
@@ -209,7 +212,7 @@ const HANDLER: &str = "A handler's name, as `GET /handlers` lists";
     tag = "queues",
     responses((status = 200, description = "Faults by handler", body = FaultList)),
 )]
-pub async fn faults(State(state): State<AppState>) -> Json<FaultList> {
+pub async fn faults(_: NoQuery, State(state): State<AppState>) -> Json<FaultList> {
     let faults = state
         .pipeline()
         .engine
@@ -233,6 +236,7 @@ pub async fn faults(State(state): State<AppState>) -> Json<FaultList> {
     ),
 )]
 pub async fn fault(
+    _: NoQuery,
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<Json<FaultView>, ApiError> {
@@ -264,6 +268,7 @@ pub async fn fault(
     ),
 )]
 pub async fn set_fault(
+    _: NoQuery,
     State(state): State<AppState>,
     Path(name): Path<String>,
     headers: axum::http::HeaderMap,
@@ -305,6 +310,7 @@ pub async fn set_fault(
     ),
 )]
 pub async fn clear_fault(
+    _: NoQuery,
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<Json<FaultView>, ApiError> {

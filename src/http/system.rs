@@ -11,7 +11,7 @@ use crate::engine::topology::Topology;
 
 use super::problem::Problem;
 use super::problem::shared::BadQuery;
-use super::{ApiError, AppState, Query};
+use super::{ApiError, AppState, NoQuery, Query};
 
 #[derive(Serialize, ToSchema)]
 pub struct Health {
@@ -28,7 +28,7 @@ pub struct Health {
     tag = "system",
     responses((status = 200, description = "Serving", body = Health)),
 )]
-pub async fn healthz() -> Json<Health> {
+pub async fn healthz(_: NoQuery) -> Json<Health> {
     Json(Health { status: "ok" })
 }
 
@@ -100,6 +100,6 @@ pub async fn settle(
     tag = "system",
     responses((status = 200, description = "Nodes and edges", body = Topology)),
 )]
-pub async fn topology(State(state): State<AppState>) -> Json<Topology> {
+pub async fn topology(_: NoQuery, State(state): State<AppState>) -> Json<Topology> {
     Json(state.pipeline().engine.topology.clone())
 }

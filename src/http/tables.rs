@@ -14,7 +14,7 @@ use crate::engine::table::{Record, Table, TableKind, TableStats};
 
 use super::problem::Problem;
 use super::problem::shared::BadQuery;
-use super::{ApiError, AppState, Query};
+use super::{ApiError, AppState, NoQuery, Query};
 
 #[derive(Serialize, ToSchema)]
 pub struct TableSummary {
@@ -39,7 +39,7 @@ pub struct TableList {
     tag = "tables",
     responses((status = 200, description = "Raw and standard tables", body = TableList)),
 )]
-pub async fn list(State(state): State<AppState>) -> Json<TableList> {
+pub async fn list(_: NoQuery, State(state): State<AppState>) -> Json<TableList> {
     let tables = state
         .pipeline()
         .engine
@@ -162,6 +162,7 @@ pub async fn page(
     ),
 )]
 pub async fn record(
+    _: NoQuery,
     State(state): State<AppState>,
     Path((name, id)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {

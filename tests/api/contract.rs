@@ -472,3 +472,59 @@ async fn request_ids_are_echoed_or_made() {
     let made = app.get("/healthz").await;
     assert_eq!(made.headers["x-request-id"].len(), 36);
 }
+
+/// A request to `path` that would succeed if its query were right.
+fn sensible_request(method: &Method, path: &str) -> Request<Body> {
+    let body = match (method.as_str(), path) {
+        ("POST", p) if p.starts_with("/raw/") => json!({"id": "a1", "name": "Ann"}).to_string(),
+        ("PUT", p) if p.starts_with("/raw/") => {
+            json!({"records": [{"id": "a1", "name": "Ann"}]}).to_string()
+        }
+        ("PUT", p) if p.starts_with("/faults/") => json!({"failure_rate": 1.0}).to_string(),
+        _ => String::new(),
+    };
+    let mut request = Request::builder().method(method.clone()).uri(path);
+    if !body.is_empty() {
+        request = request.header(header::CONTENT_TYPE, "application/json");
+    }
+    request.body(Body::from(body)).unwrap()
+}
+
+#[tokio::test]
+async fn an_unknown_query_parameter_is_a_400_on_every_route() {
+    let app = TestApp::start();
+    let document = serde_json::to_value(eventsys::http::openapi()).unwrap();
+    let mut routes: Vec<(Method, String)> = eventsys::http::dashboard_paths()
+        .iter()
+        .map(|p| (Method::GET, p.to_string()))
+        .collect();
+    for (template, operations) in document["paths"].as_object().unwrap() {
+        for method in operations.as_object().unwrap().keys() {
+            let path = template
+                .replace("{kind}", "actors")
+                .replace("{table}", "raw_actors")
+                .replace("{queue}", "raw_queue")
+                .replace("{handler}", "raw_handler")
+                .replace("{id}", "a1");
+            routes.push((method.to_uppercase().parse().unwrap(), path));
+        }
+    }
+    assert!(routes.len() >= 20, "{routes:?}");
+    for (method, path) in &routes {
+        // The unknown parameter alone, and before another.
+        for query in ["dry_run=true", "dry_run=true&limit=5"] {
+            let uri = format!("{path}?{query}");
+            let reply = app.send(sensible_request(method, &uri)).await;
+            let problem = reply.problem(400);
+            assert!(
+                problem["detail"].as_str().unwrap().contains("dry_run"),
+                "{method} {uri}: {}",
+                reply.text
+            );
+        }
+    }
+    assert_nothing_stored(&app).await;
+    let faults = app.get("/faults").await;
+    let faults = faults.ok()["faults"].as_object().unwrap();
+    assert!(faults.values().all(|f| f.is_null()), "{faults:?}");
+}
