@@ -337,3 +337,30 @@ async fn a_panicking_handler_loses_nothing() {
     assert!(engine.settle(Duration::from_secs(3600)).await);
     assert_eq!(view.snapshot().counts.processed, 11);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_abandoned_at_shutdown_still_adds_up() {
+    let policy = RetryPolicy {
+        max_attempts: 5,
+        base: Duration::from_secs(60),
+        cap: Duration::from_secs(60),
+    };
+    let mut engine = engine();
+    let queue = engine.add_queue::<Job>("q", 8);
+    let process = AlwaysFails::default();
+    let attempts = process.attempts.clone();
+    engine.add_handler("h", &queue, process, config(1, policy));
+    queue.send(Job(1)).await.unwrap();
+    while attempts.lock().unwrap().is_empty() {
+        tokio::task::yield_now().await;
+    }
+    let left = engine.shutdown(Duration::ZERO).await;
+    assert_eq!(left, 1, "the retrying event is left unfinished");
+    let c = engine.queue("q").unwrap().snapshot().counts;
+    assert_eq!(c.retrying, 1, "{c:?}");
+    assert_eq!(
+        c.enqueued,
+        c.processed + c.dead_lettered + c.depth + c.in_flight + c.retrying,
+        "{c:?}"
+    );
+}

@@ -496,3 +496,55 @@ fn a_drain_past_the_timeout_is_logged_and_still_exits_zero() {
 fn an_injected_fault_delay_does_not_hold_shutdown_past_the_timeout() {
     gives_up_after_the_timeout("0", true);
 }
+
+/// A `GET /settle?timeout_ms=600000` waiting on a minute of encodes ends
+/// when shutdown starts (503, not settled), so the 300 ms shutdown timeout
+/// still holds.
+#[test]
+fn a_pending_settle_does_not_hold_shutdown() {
+    let mut server = Server::start(&[
+        "--encode-delay-ms",
+        "60000",
+        "--encode-workers",
+        "1",
+        "--shutdown-timeout",
+        "300ms",
+    ]);
+    let mut stream = Stream::open(server.addr);
+    start_work(&server, &mut stream);
+    let addr = server.addr;
+    // Requests in flight, as the server counts them (this scrape included).
+    let in_flight = || {
+        let (_, metrics) = http(addr, "GET", "/metrics", None);
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("eventsys_http_requests_in_flight "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no in-flight gauge in:\n{metrics}"))
+    };
+    let before = in_flight();
+    let settle = thread::spawn(move || http(addr, "GET", "/settle?timeout_ms=600000", None));
+    // Wait until the server is serving the settle request.
+    let deadline = Instant::now() + DEADLINE;
+    while in_flight() <= before {
+        assert!(
+            Instant::now() < deadline,
+            "the settle request never arrived"
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+
+    server.signal("TERM");
+    let (status, body) = settle.join().expect("the settle client");
+    stream.read_to_end();
+    let (exit, took) = server.wait_for_exit(Duration::from_secs(10));
+    let log = show(&server.entries());
+    assert_eq!(status, 503, "the pending settle: {body}");
+    let problem: Value = serde_json::from_str(&body).expect("problem+json");
+    assert_eq!(problem["settled"], false, "{body}");
+    assert!(exit.success(), "exit status {exit}; log:\n{log}");
+    assert!(
+        took < Duration::from_secs(5),
+        "took {took:?} to exit with a 300 ms shutdown timeout and a pending settle; log:\n{log}"
+    );
+}

@@ -219,10 +219,11 @@ impl<T: QueueItem> Queue<T> {
         counts.retrying += 1;
     }
 
-    /// A retry could not be put back (shutdown): the event ends here.
+    /// A retry could not be put back (shutdown): the event stays counted
+    /// as retrying, which is what it is, unfinished, so the counters still
+    /// add up for whoever reads them last.
     pub(crate) fn retry_abandoned(&self) {
-        self.counts_mut().retrying -= 1;
-        self.activity.end(1);
+        tracing::debug!(queue = %self.name, "retry abandoned at shutdown");
     }
 
     /// The last attempt failed, or the failure is permanent.

@@ -19,7 +19,7 @@ use prometheus_client::encoding::{
 };
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::registry::Registry;
 
 use crate::engine::metrics::{LatencyFamily, latency_histogram};
@@ -93,6 +93,25 @@ fn method_label(method: &Method) -> &'static str {
 pub struct HttpMetrics {
     requests: Family<RequestLabels, Counter>,
     duration: LatencyFamily<RouteLabels>,
+    /// Requests being served now (long polls and streams included).
+    in_flight: Gauge,
+}
+
+/// Counts a request in flight for as long as it lives, including when the
+/// client goes away and its future is dropped.
+struct InFlight(Gauge);
+
+impl InFlight {
+    fn start(gauge: &Gauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// Builds the registry: the pipeline's instruments, the HTTP ones, and the
@@ -102,7 +121,13 @@ pub fn registry(pipeline: &Arc<Pipeline>) -> (Registry, HttpMetrics) {
     let http = HttpMetrics {
         requests: Family::default(),
         duration: Family::new_with_constructor(latency_histogram),
+        in_flight: Gauge::default(),
     };
+    registry.register(
+        "eventsys_http_requests_in_flight",
+        "HTTP requests being served now, long polls and streams included",
+        http.in_flight.clone(),
+    );
     registry.register(
         "eventsys_handler_duration_seconds",
         "Time one attempt of a handler takes",
@@ -356,6 +381,7 @@ pub async fn observe(State(state): State<AppState>, request: Request, next: Next
         .map(|r| r.0.clone())
         .unwrap_or_default();
     let span = tracing::debug_span!("request", %method, %route, request_id = %id, status = tracing::field::Empty);
+    let _in_flight = InFlight::start(&state.http_metrics().in_flight);
     let started = Instant::now();
     let response = tracing::Instrument::instrument(next.run(request), span.clone()).await;
     let elapsed = started.elapsed();

@@ -43,6 +43,8 @@ pub enum ApiError {
         "the pipeline did not settle within {timeout_ms} ms ({outstanding} events outstanding)"
     )]
     NotSettled { timeout_ms: u64, outstanding: u64 },
+    #[error("the server is shutting down ({outstanding} events outstanding)")]
+    ShuttingDown { outstanding: u64 },
 }
 
 impl ApiError {
@@ -54,9 +56,9 @@ impl ApiError {
             }
             ApiError::PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ApiError::Overloaded(_) | ApiError::NotSettled { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ApiError::Overloaded(_)
+            | ApiError::NotSettled { .. }
+            | ApiError::ShuttingDown { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Gone(_) => StatusCode::GONE,
         }
     }
@@ -69,7 +71,7 @@ impl ApiError {
             ApiError::PreconditionFailed(e) => json!({ "current_version": e.current }),
             ApiError::Overloaded(e) => json!({ "backlog": e.backlog, "limit": e.limit }),
             ApiError::Gone(e) => json!({ "oldest": e.oldest }),
-            ApiError::NotSettled { outstanding, .. } => {
+            ApiError::NotSettled { outstanding, .. } | ApiError::ShuttingDown { outstanding } => {
                 json!({ "settled": false, "outstanding": outstanding })
             }
             _ => json!({}),

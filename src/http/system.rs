@@ -81,13 +81,22 @@ pub async fn settle(
         ));
     }
     let engine = &state.pipeline().engine;
-    if engine.settle(Duration::from_millis(timeout_ms)).await {
-        Ok(Json(Settled { settled: true }))
-    } else {
-        Err(ApiError::NotSettled {
-            timeout_ms,
+    // A long poll ends when shutdown starts, so that a pending settle does
+    // not hold the server past its shutdown timeout.
+    let stopping = state.stopping();
+    tokio::select! {
+        biased;
+        settled = engine.settle(Duration::from_millis(timeout_ms)) => if settled {
+            Ok(Json(Settled { settled: true }))
+        } else {
+            Err(ApiError::NotSettled {
+                timeout_ms,
+                outstanding: engine.activity.outstanding(),
+            })
+        },
+        _ = stopping.cancelled() => Err(ApiError::ShuttingDown {
             outstanding: engine.activity.outstanding(),
-        })
+        }),
     }
 }
 

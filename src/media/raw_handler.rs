@@ -281,3 +281,21 @@ pub fn job_id(video: &RecordId, rendition: &RecordId, version: &Version) -> Uuid
 
 /// The UUID namespace of encode job ids.
 const JOB_NAMESPACE: Uuid = Uuid::from_u128(0x6576_656e_7473_7973_2d65_6e63_6f64_6531);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::record::Timestamp;
+
+    #[test]
+    fn a_job_id_is_the_same_for_the_same_video_rendition_and_version() {
+        let id = |s: &str| RecordId::parse(s).unwrap();
+        let at = Timestamp::parse("2024-01-01T00:00:00Z").unwrap();
+        let version = |key: &str| Version::write(at, Data::canonical(&key).unwrap());
+        let job = job_id(&id("v1"), &id("r1"), &version("a"));
+        assert_eq!(job, job_id(&id("v1"), &id("r1"), &version("a")));
+        assert_ne!(job, job_id(&id("v1"), &id("r2"), &version("a")));
+        assert_ne!(job, job_id(&id("v2"), &id("r1"), &version("a")));
+        assert_ne!(job, job_id(&id("v1"), &id("r1"), &version("b")));
+    }
+}

@@ -229,6 +229,109 @@ async fn scenario_2_recursion_at_queue_capacity_1_with_one_worker_does_not_deadl
 }
 
 #[tokio::test]
+async fn scenario_3_a_new_video_version_encodes_only_the_renditions_it_changed() {
+    let app = TestApp::start();
+    let video = |title: &str, at: &str, height_4k: u64| {
+        json!({"id": "v1", "title": title, "updated_at": at, "renditions": [
+            {"id": "1080p", "codec": "h264", "height": 1080},
+            {"id": "4k", "codec": "av1", "height": height_4k}
+        ]})
+    };
+    let enqueued = |q: serde_json::Value| q["enqueued"].as_u64().unwrap();
+    app.outcomes("videos", video("Trailer", "2024-01-01T00:00:00Z", 2160))
+        .await;
+    app.settle().await;
+    assert_eq!(enqueued(app.queue("encode_queue").await), 2);
+
+    // A title fix leaves both renditions as they were: no encode.
+    app.outcomes(
+        "videos",
+        video("Trailer (fixed)", "2024-01-02T00:00:00Z", 2160),
+    )
+    .await;
+    app.settle().await;
+    assert_eq!(
+        enqueued(app.queue("encode_queue").await),
+        2,
+        "a title fix re-encodes nothing"
+    );
+    assert_eq!(
+        app.record("videos", "v1").await.unwrap()["title"],
+        "Trailer (fixed)"
+    );
+
+    // A version without renditions keeps the list, and encodes nothing.
+    app.outcomes(
+        "videos",
+        json!({"id": "v1", "title": "Trailer", "updated_at": "2024-01-03T00:00:00Z"}),
+    )
+    .await;
+    app.settle().await;
+    assert_eq!(enqueued(app.queue("encode_queue").await), 2);
+    assert_eq!(
+        app.record("videos", "v1").await.unwrap()["rendition_ids"],
+        json!(["1080p", "4k"])
+    );
+
+    // Changing one rendition encodes that one only.
+    app.outcomes("videos", video("Trailer", "2024-01-04T00:00:00Z", 1440))
+        .await;
+    app.settle().await;
+    assert_eq!(enqueued(app.queue("encode_queue").await), 3);
+    assert_eq!(
+        app.record("encodes", "v1:4k").await.unwrap()["height"],
+        1440
+    );
+    assert_eq!(app.ids("encodes").await, ["v1:1080p", "v1:4k"]);
+}
+
+#[tokio::test]
+async fn an_encode_job_keeps_its_id_when_redelivered() {
+    let app = TestApp::start();
+    app.put(
+        "/faults/encode_handler",
+        json!({"failure_rate": 1.0, "permanent": true}),
+    )
+    .await
+    .ok();
+    app.outcomes(
+        "videos",
+        json!({"id": "v1", "title": "T", "renditions": [{"id": "r1", "codec": "h264", "height": 720}]}),
+    )
+    .await;
+    app.settle().await;
+    let job_ids = |reply: serde_json::Value| -> Vec<String> {
+        reply["dead_letters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["event"]["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let first = job_ids(
+        app.get("/queues/encode_queue/dead-letters")
+            .await
+            .ok()
+            .clone(),
+    );
+    assert_eq!(first.len(), 1);
+    app.post("/queues/encode_queue/dead-letters/redrive", json!(null))
+        .await
+        .ok();
+    app.settle().await;
+    let again = job_ids(
+        app.get("/queues/encode_queue/dead-letters")
+            .await
+            .ok()
+            .clone(),
+    );
+    assert_eq!(
+        again, first,
+        "the redelivered job is recognisably the same job"
+    );
+}
+
+#[tokio::test]
 async fn scenario_3_a_video_is_written_at_once_and_its_encodes_follow_on_their_own_queue() {
     let app = TestApp::start();
     let video = json!({"id": "v1", "title": "Trailer", "duration_s": 90.5, "renditions": [
