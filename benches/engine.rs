@@ -381,6 +381,7 @@ mod log_queue_hop {
         let mut engine = Engine::new(EngineConfig {
             event_retention: RETENTION,
             max_dead_letters: 1000,
+            max_records: u64::MAX,
         });
         let table = engine.add_table("raw_movies", TableKind::Raw);
         let (queue, _) = engine.add_fed_queue("raw_queue", 1024, &[&table]);

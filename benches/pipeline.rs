@@ -135,11 +135,14 @@ fn child(retention: usize) {
                 let cause = Cause::request("bench");
                 let mut refused = 0u64;
                 for (kind, writes) in batches {
-                    while pipeline.admit().is_err() {
+                    // A refused batch is stored in no part, and tried again
+                    // (the clone shares its records' data).
+                    while pipeline.admit().is_err()
+                        || pipeline.ingest(kind, writes.clone(), &cause).is_err()
+                    {
                         refused += 1;
                         tokio::time::sleep(Duration::from_millis(1)).await;
                     }
-                    pipeline.ingest(kind, writes, &cause);
                     // As an HTTP handler would between requests.
                     tokio::task::yield_now().await;
                 }

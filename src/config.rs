@@ -82,13 +82,46 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub max_dead_letters: u64,
 
-    /// Raw changes waiting for raw_queue above which ingest answers 503.
+    /// Events outstanding in the queues ingest feeds (raw_queue, encode_queue)
+    /// above which ingest answers 503.
     #[arg(long, env = "EVENTSYS_INGEST_BACKLOG_LIMIT", default_value_t = 100_000)]
     pub ingest_backlog_limit: u64,
+
+    /// Ids each table keeps at most (live, deleted and hidden ones all
+    /// count); ingest past it answers 507 and stores nothing.
+    #[arg(long, env = "EVENTSYS_MAX_RECORDS", default_value_t = 10_000_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_records: u64,
 
     /// How long shutdown waits for the pipeline to drain (e.g. 10s, 500ms).
     #[arg(long, env = "EVENTSYS_SHUTDOWN_TIMEOUT", default_value = "10s")]
     pub shutdown_timeout: humantime::Duration,
+
+    /// Requests handled at once; one more is answered 503 at once (live
+    /// streams and /settle do not count).
+    #[arg(long, env = "EVENTSYS_MAX_REQUESTS", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_requests: u32,
+
+    /// How long a request (its body included) may take before it is answered
+    /// 408 (live streams and /settle excepted).
+    #[arg(long, env = "EVENTSYS_REQUEST_TIMEOUT", default_value = "30s")]
+    pub request_timeout: humantime::Duration,
+
+    /// Connections open at once; one more is answered 503 and closed.
+    #[arg(long, env = "EVENTSYS_MAX_CONNECTIONS", default_value_t = 4096,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
+    /// How long a client may take to send a request header, from its first
+    /// byte, before its connection is closed.
+    #[arg(long, env = "EVENTSYS_HEADER_READ_TIMEOUT", default_value = "10s")]
+    pub header_read_timeout: humantime::Duration,
+
+    /// How long a connection may wait for its next request before it is
+    /// closed.
+    #[arg(long, env = "EVENTSYS_IDLE_TIMEOUT", default_value = "60s")]
+    pub idle_timeout: humantime::Duration,
 
     /// Log format.
     #[arg(long, env = "EVENTSYS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
@@ -114,6 +147,18 @@ impl Config {
         self.shutdown_timeout.into()
     }
 
+    pub fn connection_limits(&self) -> crate::http::ConnectionLimits {
+        crate::http::ConnectionLimits {
+            max_connections: self.max_connections as usize,
+            header_read_timeout: self.header_read_timeout.into(),
+            idle_timeout: self.idle_timeout.into(),
+        }
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        self.request_timeout.into()
+    }
+
     pub fn pipeline(&self) -> PipelineConfig {
         PipelineConfig {
             queue_capacity: self.queue_capacity as usize,
@@ -132,6 +177,7 @@ impl Config {
             event_retention: usize::try_from(self.event_retention).unwrap_or(usize::MAX),
             max_dead_letters: usize::try_from(self.max_dead_letters).unwrap_or(usize::MAX),
             ingest_backlog_limit: self.ingest_backlog_limit,
+            max_records: self.max_records,
             dedup_window: self.dedup_window,
         }
     }

@@ -87,11 +87,12 @@ pub async fn serve(
         shutdown.await;
         signalled.cancel();
     });
-    axum::serve(listener, app.router())
-        .with_graceful_shutdown(async move {
-            stopping.cancelled().await;
-            tracing::info!("shutting down: no new requests");
-        })
-        .await?;
+    let logged = stopping.clone();
+    tokio::spawn(async move {
+        logged.cancelled().await;
+        tracing::info!("shutting down: no new requests");
+    });
+    let limits = app.state.config().connection_limits();
+    http::serve_connections(listener, app.router(), limits, stopping).await;
     Ok(app.shutdown().await)
 }

@@ -392,17 +392,23 @@ fn apply(pipeline: &Pipeline, op: &Op) {
     match op {
         Op::Post(kind, value) => {
             let write = parse_record(value.clone(), ts(0), *kind).unwrap();
-            pipeline.ingest(*kind, vec![write], &cause);
+            pipeline
+                .ingest(*kind, vec![write], &cause)
+                .expect("admitted");
         }
         Op::Delete(kind, id, at) => {
-            pipeline.delete(*kind, &rid(id), ts(*at), &cause);
+            pipeline
+                .delete(*kind, &rid(id), ts(*at), &cause)
+                .expect("admitted");
         }
         Op::Reconcile(kind, as_of, records) => {
             let writes = records
                 .iter()
                 .map(|r| parse_record(r.clone(), ts(*as_of), *kind).unwrap())
                 .collect();
-            pipeline.reconcile(*kind, ts(*as_of), writes, &cause);
+            pipeline
+                .reconcile(*kind, ts(*as_of), writes, &cause)
+                .expect("admitted");
         }
     }
 }

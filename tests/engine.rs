@@ -60,6 +60,7 @@ fn engine() -> Engine {
     Engine::new(EngineConfig {
         event_retention: 1000,
         max_dead_letters: 1000,
+        max_records: u64::MAX,
     })
 }
 

@@ -11,168 +11,17 @@
 //! own output (its log, the event stream) and poll only for the process to
 //! exit or the port to close, each with a deadline.
 
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc::{self, Receiver};
-use std::sync::{Arc, Mutex};
-use std::thread::{self, JoinHandle};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-/// How long a server may take to start, or to exit after a signal when it
-/// has to drain 1.2 s of work.
-const DEADLINE: Duration = Duration::from_secs(20);
+#[path = "support/server.rs"]
+mod server;
 
-/// A running `eventsys` process and everything it logged.
-struct Server {
-    child: Child,
-    addr: SocketAddr,
-    /// Every line of stdout and stderr so far (stdout lines are JSON).
-    log: Arc<Mutex<Vec<String>>>,
-    readers: Vec<JoinHandle<()>>,
-}
-
-impl Server {
-    fn start(flags: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_eventsys"))
-            .args(["--addr", "127.0.0.1:0", "--log-format", "json"])
-            .args(flags)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn the eventsys binary");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (lines, listening) = mpsc::channel();
-        let stdout = child.stdout.take().expect("stdout is piped");
-        let stderr = child.stderr.take().expect("stderr is piped");
-        let readers = vec![
-            collect(stdout, log.clone(), Some(lines)),
-            collect(stderr, log.clone(), None),
-        ];
-        let mut server = Server {
-            child,
-            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            log,
-            readers,
-        };
-        server.addr = server.wait_for_address(listening);
-        server
-    }
-
-    /// The `addr` of the "eventsys listening" line.
-    fn wait_for_address(&mut self, lines: Receiver<String>) -> SocketAddr {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = match lines.recv_timeout(left) {
-                Ok(line) => line,
-                Err(_) => {
-                    let _ = self.child.kill();
-                    panic!(
-                        "no \"eventsys listening\" line within {DEADLINE:?}; log:\n{}",
-                        self.log_text()
-                    );
-                }
-            };
-            let Ok(entry) = serde_json::from_str::<Value>(&line) else {
-                continue;
-            };
-            if message(&entry).starts_with("eventsys listening") {
-                let addr = entry["fields"]["addr"]
-                    .as_str()
-                    .unwrap_or_else(|| panic!("the listening line has no `addr`: {line}"));
-                return addr
-                    .parse()
-                    .unwrap_or_else(|e| panic!("bad addr `{addr}`: {e}"));
-            }
-        }
-    }
-
-    fn log_text(&self) -> String {
-        self.log
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .join("\n")
-    }
-
-    fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{signal}"), &self.child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -{signal} failed: {status}");
-    }
-
-    /// Waits for the process to exit, up to `limit`; kills it and fails
-    /// if it does not.
-    fn wait_for_exit(&mut self, limit: Duration) -> (ExitStatus, Duration) {
-        let started = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return (status, started.elapsed());
-            }
-            if started.elapsed() > limit {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                panic!(
-                    "eventsys did not exit within {limit:?} of the signal; log:\n{}",
-                    self.log_text()
-                );
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// The JSON log entries, once the process has exited and its output
-    /// is read to the end.
-    fn entries(&mut self) -> Vec<Value> {
-        for reader in self.readers.drain(..) {
-            reader.join().expect("log reader");
-        }
-        self.log
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .filter_map(|line| serde_json::from_str(line).ok())
-            .collect()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// Reads `from` line by line into `log`, forwarding lines to `lines`.
-fn collect(
-    from: impl Read + Send + 'static,
-    log: Arc<Mutex<Vec<String>>>,
-    lines: Option<mpsc::Sender<String>>,
-) -> JoinHandle<()> {
-    thread::spawn(move || {
-        for line in BufReader::new(from).lines() {
-            let Ok(line) = line else { break };
-            log.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(line.clone());
-            if let Some(lines) = &lines {
-                let _ = lines.send(line);
-            }
-        }
-    })
-}
-
-fn message(entry: &Value) -> &str {
-    entry["fields"]["message"].as_str().unwrap_or("")
-}
+use server::{DEADLINE, Server, http, message};
 
 fn find<'a>(entries: &'a [Value], text: &str) -> Vec<&'a Value> {
     entries
@@ -191,36 +40,6 @@ fn show(entries: &[Value]) -> String {
         .map(Value::to_string)
         .collect::<Vec<_>>()
         .join("\n")
-}
-
-/// One HTTP/1.1 request on its own connection; the status and body.
-fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&Value>) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).expect("connect");
-    stream
-        .set_read_timeout(Some(DEADLINE))
-        .expect("read timeout");
-    let body = body.map(Value::to_string).unwrap_or_default();
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("send the request");
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .expect("read the response");
-    let status = response
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("not an HTTP response: {response}"));
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
 }
 
 /// A live `GET /events/stream` from the start of the log, read raw.

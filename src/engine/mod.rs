@@ -168,6 +168,8 @@ pub struct EngineConfig {
     pub event_retention: usize,
     /// Dead letters kept per queue.
     pub max_dead_letters: usize,
+    /// Ids each table keeps at most (`u64::MAX` for no limit).
+    pub max_records: u64,
 }
 
 /// The running parts of a pipeline and the tasks that drive them.
@@ -203,6 +205,7 @@ impl Engine {
 
     pub fn add_table(&mut self, name: &str, kind: TableKind) -> Arc<Table> {
         let table = Arc::new(Table::new(name, kind, self.log.clone()));
+        table.set_limit(self.config.max_records);
         self.tables.push(table.clone());
         self.topology.node(name, topology::NodeKind::Table);
         table
@@ -211,6 +214,7 @@ impl Engine {
     /// A raw table of parents' child lists (see [`children`]).
     pub fn add_listing_table(&mut self, name: &str) -> Arc<Table> {
         let table = Arc::new(Table::listing(name, self.log.clone()));
+        table.set_limit(self.config.max_records);
         self.tables.push(table.clone());
         self.topology.node(name, topology::NodeKind::Table);
         table

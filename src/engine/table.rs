@@ -31,10 +31,17 @@
 //! writes to different shards do not contend, and id-ordered paging is a
 //! merge of the shards' ordered ranges.
 //!
+//! A table holds at most its limit of entries (`--max-records`; live,
+//! deleted, hidden and listed ids all count). Ingest reserves room for the
+//! new ids of a request before writing any of it ([`Table::reserve`]), so
+//! a request over the limit stores nothing; a handler's write of a new id
+//! past the limit fails with [`Full`].
+//!
 //! Lock order: a table's reconciliation lock, then a shard, then the
 //! change log's lock (taken inside [`ChangeLog::append`]). Nothing awaits
 //! while holding any of them.
 
+use std::collections::btree_map::Entry as Slot;
 use std::collections::{BTreeMap, HashSet};
 use std::hash::BuildHasher;
 use std::ops::Bound;
@@ -153,6 +160,48 @@ pub struct TableStats {
 struct Counters {
     outcomes: [AtomicU64; Outcome::ALL.len()],
     live: AtomicU64,
+    /// Ids kept, whatever their state.
+    entries: AtomicU64,
+    /// Room promised to ingest requests that are writing now.
+    reserved: AtomicU64,
+}
+
+/// A write of a new id found the table at its limit of entries.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("table `{table}` is full: it keeps {entries} ids and its limit (--max-records) is {limit}")]
+pub struct Full {
+    pub table: TableName,
+    pub entries: u64,
+    pub limit: u64,
+}
+
+/// Room for new ids, held while an ingest request writes; given back when
+/// dropped (by then the ids it was for are entries of their own).
+#[must_use]
+pub struct Reservation<'t> {
+    table: Option<&'t Table>,
+    room: u64,
+}
+
+impl Reservation<'_> {
+    /// A reservation of nothing, for a table a request does not write.
+    pub fn none() -> Self {
+        Self {
+            table: None,
+            room: 0,
+        }
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if let Some(table) = self.table {
+            table
+                .counters
+                .reserved
+                .fetch_sub(self.room, Ordering::AcqRel);
+        }
+    }
 }
 
 /// A version and the data written with it.
@@ -259,6 +308,8 @@ pub struct Table {
     /// The current reconciliation; held while one is applied, so that
     /// reconciliations of one table run one at a time.
     reconciling: Mutex<Option<Arc<Current>>>,
+    /// The most entries this table keeps.
+    limit: AtomicU64,
     counters: Counters,
     log: Arc<ChangeLog>,
 }
@@ -286,6 +337,7 @@ impl Table {
                 .collect(),
             hasher: Default::default(),
             reconciling: Mutex::new(None),
+            limit: AtomicU64::new(u64::MAX),
             counters: Counters::default(),
             log,
         }
@@ -308,6 +360,94 @@ impl Table {
 
     pub fn kind(&self) -> TableKind {
         self.kind
+    }
+
+    /// Sets the most entries this table keeps (`u64::MAX`, the default,
+    /// for no limit).
+    pub fn set_limit(&self, limit: u64) {
+        self.limit.store(limit, Ordering::Relaxed);
+    }
+
+    pub fn limit(&self) -> u64 {
+        self.limit.load(Ordering::Relaxed)
+    }
+
+    fn full(&self) -> Full {
+        Full {
+            table: self.name.clone(),
+            entries: self.entries(),
+            limit: self.limit(),
+        }
+    }
+
+    /// Reserves room for those of `ids` the table does not keep yet, or
+    /// fails if they would take it past its limit. Held while the writes
+    /// for them are applied, so concurrent requests cannot all pass one
+    /// check.
+    pub fn reserve<'i>(
+        &self,
+        ids: impl IntoIterator<Item = &'i RecordId>,
+    ) -> Result<Reservation<'_>, Full> {
+        let limit = self.limit();
+        if limit == u64::MAX {
+            return Ok(Reservation::none());
+        }
+        let mut ids: Vec<&RecordId> = ids.into_iter().collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let new = ids
+            .into_iter()
+            .filter(|id| !self.shard(id.as_str()).entries.contains_key(*id))
+            .count() as u64;
+        let counters = &self.counters;
+        counters
+            .reserved
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |reserved| {
+                let entries = counters.entries.load(Ordering::Acquire);
+                (entries.saturating_add(reserved).saturating_add(new) <= limit)
+                    .then_some(reserved + new)
+            })
+            .map_err(|_| self.full())?;
+        Ok(Reservation {
+            table: Some(self),
+            room: new,
+        })
+    }
+
+    /// The entry for `id`, made if new, for a handler's write: a new entry
+    /// must find room beside what ingest has reserved.
+    fn slot<'s>(
+        &self,
+        entries: &'s mut BTreeMap<RecordId, Entry>,
+        id: &RecordId,
+    ) -> Result<&'s mut Entry, Full> {
+        let limit = self.limit();
+        if limit != u64::MAX && !entries.contains_key(id) {
+            let counters = &self.counters;
+            let used = counters
+                .entries
+                .load(Ordering::Acquire)
+                .saturating_add(counters.reserved.load(Ordering::Acquire));
+            if used >= limit {
+                return Err(self.full());
+            }
+        }
+        Ok(self.reserved_slot(entries, id))
+    }
+
+    /// The entry for `id`, made if new, for a write ingest reserved room for.
+    fn reserved_slot<'s>(
+        &self,
+        entries: &'s mut BTreeMap<RecordId, Entry>,
+        id: &RecordId,
+    ) -> &'s mut Entry {
+        match entries.entry(id.clone()) {
+            Slot::Occupied(entry) => entry.into_mut(),
+            Slot::Vacant(vacant) => {
+                self.counters.entries.fetch_add(1, Ordering::AcqRel);
+                vacant.insert(Entry::default())
+            }
+        }
     }
 
     fn shard_index(&self, id: &str) -> usize {
@@ -373,7 +513,7 @@ impl Table {
         let Write { id, version, data } = write;
         let current = shard.current.clone();
         let current = current.as_deref();
-        let entry = shard.entries.entry(id.clone()).or_default();
+        let entry = self.reserved_slot(&mut shard.entries, &id);
         let before = entry.visible(self.order, current).cloned();
         let outcome = if entry.dead_at(version.at, current) {
             Outcome::Stale
@@ -429,7 +569,7 @@ impl Table {
         let mut shard = self.shard(id.as_str());
         let current = shard.current.clone();
         let current = current.as_deref();
-        let entry = shard.entries.entry(id.clone()).or_default();
+        let entry = self.reserved_slot(&mut shard.entries, id);
         let before = entry.visible(self.order, current).cloned();
         let was = entry.deleted;
         entry.deleted = was.max(Some(at));
@@ -458,12 +598,12 @@ impl Table {
         version: Version,
         data: Option<Data>,
         cause: &Cause,
-    ) -> Outcome {
+    ) -> Result<Outcome, Full> {
         let mut shard = self.shard(id.as_str());
-        let entry = shard.entries.entry(id.clone()).or_default();
+        let entry = self.slot(&mut shard.entries, id)?;
         if seq <= entry.seq {
             self.count(Outcome::Stale);
-            return Outcome::Stale;
+            return Ok(Outcome::Stale);
         }
         entry.seq = seq;
         let before = entry.own.take();
@@ -483,7 +623,7 @@ impl Table {
         if outcome != Outcome::Absent {
             self.count(outcome);
         }
-        outcome
+        Ok(outcome)
     }
 
     /// Sets `parent`'s listing of the child `id` to `listing` (its version
@@ -498,11 +638,14 @@ impl Table {
         listing: Option<(Version, Data)>,
         removed: Version,
         cause: &Cause,
-    ) {
+    ) -> Result<(), Full> {
         let mut shard = self.shard(id.as_str());
+        if listing.is_none() && !shard.entries.contains_key(id) {
+            return Ok(());
+        }
         let current = shard.current.clone();
         let current = current.as_deref();
-        let entry = shard.entries.entry(id.clone()).or_default();
+        let entry = self.slot(&mut shard.entries, id)?;
         let before = entry.visible(self.order, current).cloned();
         entry.listed.retain(|l| l.parent != *parent);
         if let Some((version, data)) = listing {
@@ -514,8 +657,10 @@ impl Table {
         let after = entry.visible(self.order, current).cloned();
         if entry.is_empty() {
             shard.entries.remove(id);
+            self.counters.entries.fetch_sub(1, Ordering::AcqRel);
         }
         self.emit(id, before, after, removed, cause);
+        Ok(())
     }
 
     /// Full-set reconciliation (versioned tables): `writes` are the
@@ -583,7 +728,7 @@ impl Table {
     ) {
         let old = shard.current.replace(current.clone());
         for write in members {
-            shard.entries.entry(write.id.clone()).or_default();
+            self.reserved_slot(&mut shard.entries, &write.id);
         }
         let members: HashSet<&str> = members.iter().map(|w| w.id.as_str()).collect();
         let hide = Version::delete(current.as_of);
@@ -655,10 +800,7 @@ impl Table {
 
     /// Ids the table keeps state for: live, deleted, hidden or listed.
     pub fn entries(&self) -> u64 {
-        self.shards
-            .iter()
-            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).entries.len() as u64)
-            .sum()
+        self.counters.entries.load(Ordering::Acquire)
     }
 
     pub fn stats(&self) -> TableStats {

@@ -9,6 +9,7 @@ use axum::http::HeaderMap;
 use base64::Engine as _;
 use serde_json::{Map, Value};
 
+use crate::engine::dedup::DedupKey;
 use crate::engine::record::Timestamp;
 
 use super::ApiError;
@@ -18,8 +19,8 @@ pub const BATCH: &str = "application/cloudevents-batch+json";
 
 /// One accepted event: its dedup key and its record.
 pub struct Envelope {
-    /// `source` and `id`, joined so the pair is one key.
-    pub key: String,
+    /// A digest of `source` and `id`: fixed-size, however long they are.
+    pub key: DedupKey,
     pub record: Value,
     /// The event's `time`, the record's version when it has no `updated_at`.
     pub time: Option<Timestamp>,
@@ -68,8 +69,8 @@ fn required_string<'a>(
     }
 }
 
-fn key(source: &str, id: &str) -> String {
-    format!("{source}\u{0}{id}")
+fn key(source: &str, id: &str) -> DedupKey {
+    DedupKey::of(&[source, id])
 }
 
 fn time(value: Option<&str>, index: Option<usize>) -> Result<Option<Timestamp>, ApiError> {

@@ -20,7 +20,7 @@ use crate::media::records::{InvalidField, InvalidRecord, Kind, parse_record, par
 use super::cloudevents::{self, Mode};
 use super::openapi::{CloudEvent, CloudEventBatch, IngestOutcome, KindName, RawRecord, RawRecords};
 use super::problem::Problem;
-use super::problem::shared::{NotJson, Overloaded, TooLarge, UnknownKind};
+use super::problem::shared::{NotJson, Overloaded, TableFull, TooLarge, UnknownKind};
 
 use super::{ApiError, AppState, NoQuery, Query, RequestId};
 
@@ -158,6 +158,7 @@ fn if_match(headers: &HeaderMap) -> Result<Option<Expect>, ApiError> {
         TooLarge,
         NotJson,
         Overloaded,
+        TableFull,
     ),
 )]
 pub async fn post(
@@ -218,7 +219,7 @@ pub async fn post(
             .into_iter()
             .map(|write| {
                 let id = write.id.clone();
-                let outcome = pipeline.ingest_if(kind, write, expect, &cause)?;
+                let outcome = pipeline.ingest_if(kind, write, expect, &cause)??;
                 Ok(IngestResult {
                     id,
                     outcome: outcome.as_str(),
@@ -226,7 +227,7 @@ pub async fn post(
             })
             .collect::<Result<_, ApiError>>()?,
         (None, None) => pipeline
-            .ingest(kind, writes, &cause)
+            .ingest(kind, writes, &cause)?
             .into_iter()
             .map(|(id, outcome)| IngestResult {
                 id,
@@ -234,7 +235,7 @@ pub async fn post(
             })
             .collect(),
         (None, Some(keys)) => pipeline
-            .ingest_events(kind, keys.into_iter().zip(writes).collect(), &cause)
+            .ingest_events(kind, keys.into_iter().zip(writes).collect(), &cause)?
             .into_iter()
             .map(|(id, outcome)| IngestResult {
                 id,
@@ -278,6 +279,7 @@ pub struct ReconcileBody {
         TooLarge,
         NotJson,
         Overloaded,
+        TableFull,
     ),
 )]
 pub async fn put(
@@ -319,7 +321,7 @@ pub async fn put(
         as_of,
         writes,
         &Cause::request(request),
-    )))
+    )?))
 }
 
 fn invalid(field: &str, reason: impl std::fmt::Display) -> ApiError {
@@ -364,6 +366,7 @@ pub struct DeleteResponse {
             content_type = "application/problem+json"),
         UnknownKind,
         Overloaded,
+        TableFull,
     ),
 )]
 pub async fn delete(
@@ -382,6 +385,6 @@ pub async fn delete(
         Some(text) => Timestamp::parse(&text).map_err(|e| invalid("version", e))?,
     };
     let pipeline = state.pipeline();
-    let outcome = pipeline.delete(kind, &id, at, &Cause::request(request));
+    let outcome = pipeline.delete(kind, &id, at, &Cause::request(request))?;
     Ok(Json(DeleteResponse { id, outcome }))
 }

@@ -5,6 +5,7 @@
 //! `/openapi.json`).
 
 mod cloudevents;
+mod connections;
 mod dashboard;
 mod events;
 mod ingest;
@@ -18,11 +19,13 @@ mod tables;
 use std::sync::Arc;
 
 use axum::Router;
+use axum::extract::State;
 use axum::extract::{DefaultBodyLimit, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{HeaderName, HeaderValue};
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::limit::RequestBodyLimitLayer;
@@ -33,6 +36,7 @@ use utoipa_axum::routes;
 use crate::config::Config;
 use crate::media::pipeline::Pipeline;
 
+pub use connections::{Limits as ConnectionLimits, serve as serve_connections};
 pub use problem::ApiError;
 
 /// What every handler can reach; cheap to clone.
@@ -48,6 +52,8 @@ struct Inner {
     /// Cancelled when shutdown begins: live streams end on it so that the
     /// server's graceful shutdown does not wait for them.
     stopping: CancellationToken,
+    /// One permit per request being handled (`--max-requests`).
+    requests: Arc<Semaphore>,
 }
 
 impl AppState {
@@ -56,10 +62,11 @@ impl AppState {
         let (registry, http_metrics) = metrics::registry(&pipeline);
         Self(Arc::new(Inner {
             pipeline,
-            config,
             registry,
             http_metrics,
             stopping: CancellationToken::new(),
+            requests: Arc::new(Semaphore::new(config.max_requests as usize)),
+            config,
         }))
     }
 
@@ -144,10 +151,38 @@ pub fn router(state: AppState) -> Router {
         ))
         .layer(middleware::from_fn_with_state(
             state.clone(),
+            limit_requests,
+        ))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
             metrics::observe,
         ))
         .layer(middleware::from_fn(request_id))
         .with_state(state)
+}
+
+/// Sheds a request over `--max-requests` with a 503 at once, and answers
+/// one that takes longer than `--request-timeout` (a slow body, usually)
+/// with a 408. Long polls are neither counted nor timed: `/settle` has its
+/// own timeout and a live stream runs until it ends.
+async fn limit_requests(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    if matches!(request.uri().path(), "/settle" | "/events/stream") {
+        return next.run(request).await;
+    }
+    let Ok(_permit) = state.0.requests.clone().try_acquire_owned() else {
+        return ApiError::Busy {
+            limit: state.config().max_requests,
+        }
+        .into_response();
+    };
+    let timeout = state.config().request_timeout();
+    match tokio::time::timeout(timeout, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::TimedOut {
+            timeout: humantime::format_duration(timeout).to_string(),
+        }
+        .into_response(),
+    }
 }
 
 /// The id of the request that started a chain of changes.

@@ -13,8 +13,8 @@ use serde_json::{Map, Value, json};
 use utoipa::ToSchema;
 
 use crate::engine::log::Gone;
-use crate::engine::table::PreconditionFailed;
-use crate::media::pipeline::Overloaded;
+use crate::engine::table::{Full, PreconditionFailed};
+use crate::media::pipeline::{Overloaded, Refused};
 use crate::media::records::InvalidRecord;
 
 pub const PROBLEM_JSON: &str = "application/problem+json";
@@ -39,12 +39,24 @@ pub enum ApiError {
     Overloaded(#[from] Overloaded),
     #[error(transparent)]
     Gone(#[from] Gone),
+    /// A table is at its limit of ids (`--max-records`).
+    #[error(transparent)]
+    Full(#[from] Full),
     #[error(
         "the pipeline did not settle within {timeout_ms} ms ({outstanding} events outstanding)"
     )]
     NotSettled { timeout_ms: u64, outstanding: u64 },
     #[error("the server is shutting down ({outstanding} events outstanding)")]
     ShuttingDown { outstanding: u64 },
+    /// More requests than `--max-requests` at once.
+    #[error("the server is handling its limit of {limit} requests at once (--max-requests)")]
+    Busy { limit: u32 },
+    /// The request was not done within `--request-timeout`.
+    #[error(
+        "the request was not complete within {timeout} (--request-timeout); send its body \
+         faster, or in smaller requests"
+    )]
+    TimedOut { timeout: String },
 }
 
 impl ApiError {
@@ -58,8 +70,11 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Overloaded(_)
             | ApiError::NotSettled { .. }
-            | ApiError::ShuttingDown { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            | ApiError::ShuttingDown { .. }
+            | ApiError::Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::TimedOut { .. } => StatusCode::REQUEST_TIMEOUT,
             ApiError::Gone(_) => StatusCode::GONE,
+            ApiError::Full(_) => StatusCode::INSUFFICIENT_STORAGE,
         }
     }
 
@@ -71,6 +86,8 @@ impl ApiError {
             ApiError::PreconditionFailed(e) => json!({ "current_version": e.current }),
             ApiError::Overloaded(e) => json!({ "backlog": e.backlog, "limit": e.limit }),
             ApiError::Gone(e) => json!({ "oldest": e.oldest }),
+            ApiError::Full(e) => json!({ "table": e.table, "limit": e.limit }),
+            ApiError::Busy { limit } => json!({ "limit": limit }),
             ApiError::NotSettled { outstanding, .. } | ApiError::ShuttingDown { outstanding } => {
                 json!({ "settled": false, "outstanding": outstanding })
             }
@@ -79,6 +96,15 @@ impl ApiError {
         match value {
             Value::Object(map) => map,
             _ => Map::new(),
+        }
+    }
+}
+
+impl From<Refused> for ApiError {
+    fn from(refused: Refused) -> Self {
+        match refused {
+            Refused::Overloaded(e) => e.into(),
+            Refused::Full(e) => e.into(),
         }
     }
 }
@@ -96,10 +122,16 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = problem(self.status(), &self.to_string(), self.extensions());
-        if matches!(self, ApiError::Overloaded(_)) {
+        if matches!(self, ApiError::Overloaded(_) | ApiError::Busy { .. }) {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if matches!(self, ApiError::TimedOut { .. }) {
+            // What is left of the body would be read as the next request.
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         response
     }
@@ -132,7 +164,8 @@ pub struct Problem {
     /// Members that help a client act on the error: `index` and `field`
     /// (400, a bad record), `field` (400, a bad parameter or header),
     /// `current_version` (412), `backlog` and `limit` (503 while
-    /// overloaded), `oldest` (410), `settled` and `outstanding` (503 from
+    /// overloaded), `table` and `limit` (507, a table at its limit of
+    /// records), `oldest` (410), `settled` and `outstanding` (503 from
     /// `/settle`).
     #[serde(flatten)]
     extensions: Map<String, Value>,
@@ -140,6 +173,16 @@ pub struct Problem {
 
 /// A problem+json response.
 pub fn problem(status: StatusCode, detail: &str, extensions: Map<String, Value>) -> Response {
+    let body = problem_json(status, detail, extensions);
+    let mut response = (status, body).into_response();
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+    response
+}
+
+/// The `application/problem+json` body of a problem.
+pub fn problem_json(status: StatusCode, detail: &str, extensions: Map<String, Value>) -> String {
     let title = status.canonical_reason().unwrap_or("Error");
     let slug = title.to_ascii_lowercase().replace([' ', '\''], "-");
     let body = Problem {
@@ -150,12 +193,7 @@ pub fn problem(status: StatusCode, detail: &str, extensions: Map<String, Value>)
         extensions,
     };
     // Strings, numbers and a map of JSON values: serialising cannot fail.
-    let body = serde_json::to_string(&body).unwrap_or_default();
-    let mut response = (status, body).into_response();
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
-    response
+    serde_json::to_string(&body).unwrap_or_default()
 }
 
 /// Rewrites any error response that is not yet problem+json; `body_limit`
@@ -253,6 +291,9 @@ pub mod shared {
         TooLarge = 413, "The body is over the limit (`--body-limit-bytes`)";
         /// 415 from any route that takes a JSON body.
         NotJson = 415, "The body is not declared as JSON";
+        /// 507 from ingest when a table is at its limit of ids.
+        TableFull = 507, "A table is at its limit of records (`--max-records`); the problem \
+            names the `table` and its `limit`";
     }
 
     /// 503 from ingest while the backlog is over its bound.

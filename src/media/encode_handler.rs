@@ -90,7 +90,8 @@ impl Process<EncodeJob> for EncodeHandler {
         .map_err(|e| Failure::Permanent(e.to_string()))?;
         // The encode's causation is the raw video change, which is in the log.
         self.encodes
-            .derive(&id, job.seq, job.version.clone(), Some(data), &job.cause);
+            .derive(&id, job.seq, job.version.clone(), Some(data), &job.cause)
+            .map_err(|full| Failure::Permanent(full.to_string()))?;
         Ok(())
     }
 }

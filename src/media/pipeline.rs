@@ -13,17 +13,18 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::engine::children::Children;
-use crate::engine::dedup::DedupWindow;
+use crate::engine::dedup::{DedupKey, DedupWindow};
 use crate::engine::handler::{BreakerPolicy, HandlerConfig, RetryPolicy};
 use crate::engine::log::{Cause, Change, SubscriberId};
 use crate::engine::metrics::latency_histogram;
-use crate::engine::queue::Queue;
+use crate::engine::queue::{Queue, QueueCounts};
 use crate::engine::record::{RecordId, Timestamp};
 use crate::engine::table::{
-    Expect, Outcome, PreconditionFailed, Reconciliation, Table, TableKind, Write,
+    Expect, Full, Outcome, PreconditionFailed, Reconciliation, Reservation, Table, TableKind, Write,
 };
 use crate::engine::topology::Topology;
 use crate::engine::{Engine, EngineConfig};
@@ -44,8 +45,12 @@ pub struct PipelineConfig {
     pub breaker: BreakerPolicy,
     pub event_retention: usize,
     pub max_dead_letters: usize,
-    /// Raw changes waiting for `raw_queue` above which ingest is refused.
+    /// Events outstanding in the queues ingest feeds (changes not yet on
+    /// `raw_queue`, and what waits, runs or retries on `raw_queue` and
+    /// `encode_queue`) above which ingest is refused.
     pub ingest_backlog_limit: u64,
+    /// Ids each table keeps at most; ingest past it is refused.
+    pub max_records: u64,
     /// CloudEvent `source`+`id` pairs remembered for duplicate detection.
     pub dedup_window: usize,
 }
@@ -69,6 +74,7 @@ impl Default for PipelineConfig {
             event_retention: 1_000_000,
             max_dead_letters: 10_000,
             ingest_backlog_limit: 100_000,
+            max_records: 10_000_000,
             dedup_window: 100_000,
         }
     }
@@ -76,10 +82,37 @@ impl Default for PipelineConfig {
 
 /// Ingest was refused because the pipeline is behind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("the pipeline is behind: {backlog} changes wait for raw_queue (limit {limit})")]
+#[error(
+    "the pipeline is behind: {backlog} events are outstanding in raw_queue and encode_queue \
+     (limit {limit})"
+)]
 pub struct Overloaded {
     pub backlog: u64,
     pub limit: u64,
+}
+
+/// Why ingest refused a request (nothing of it was stored).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error(transparent)]
+    Overloaded(#[from] Overloaded),
+    #[error(transparent)]
+    Full(#[from] Full),
+}
+
+/// The room an admitted request holds while its writes are applied: its
+/// share of the backlog, and the new ids it may add to each table.
+struct Admitted<'p> {
+    reserved: &'p AtomicU64,
+    changes: u64,
+    _tables: [Reservation<'p>; 2],
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        // By now its changes are in the log, counted by the backlog itself.
+        self.reserved.fetch_sub(self.changes, Ordering::AcqRel);
+    }
 }
 
 pub struct Pipeline {
@@ -94,6 +127,8 @@ pub struct Pipeline {
     pub ingest_to_visible: Histogram,
     /// Events already applied, by CloudEvent `source` + `id`.
     pub dedup: DedupWindow,
+    /// Changes admitted requests are writing now, not yet in the backlog.
+    admitting: AtomicU64,
     config: PipelineConfig,
 }
 
@@ -104,6 +139,7 @@ impl Pipeline {
         let mut engine = Engine::new(EngineConfig {
             event_retention: config.event_retention,
             max_dead_letters: config.max_dead_letters,
+            max_records: config.max_records,
         });
         let raw = ByKind::new(|k| engine.add_table(k.raw_table(), TableKind::Raw));
         let standard = ByKind::new(|k| engine.add_table(k.standard_table(), TableKind::Standard));
@@ -193,6 +229,7 @@ impl Pipeline {
             encode_queue,
             ingest_to_visible,
             dedup: DedupWindow::new(config.dedup_window),
+            admitting: AtomicU64::new(0),
             config,
         }
     }
@@ -205,46 +242,115 @@ impl Pipeline {
         &self.config
     }
 
-    /// Refuses new ingest while too many raw changes wait for `raw_queue`.
-    /// Writes made by handlers are never refused.
+    /// Events outstanding in the queues ingest feeds, directly or through
+    /// `raw_handler`: raw changes not yet put on `raw_queue`, and what waits,
+    /// runs or retries on `raw_queue` and `encode_queue`.
+    pub fn backlog(&self) -> u64 {
+        fn outstanding(c: QueueCounts) -> u64 {
+            c.depth + c.in_flight + c.retrying
+        }
+        self.engine.log.backlog(self.raw_feed)
+            + outstanding(self.raw_queue.counts())
+            + outstanding(self.encode_queue.counts())
+    }
+
+    /// Refuses new ingest while the backlog, with what admitted requests
+    /// are writing now, is over its bound. A cheap check before a request
+    /// is parsed; the writes themselves reserve their share
+    /// ([`Pipeline::admit_writes`]). Writes made by handlers are never
+    /// refused.
     pub fn admit(&self) -> Result<(), Overloaded> {
-        let backlog = self.engine.log.backlog(self.raw_feed);
-        if backlog > self.config.ingest_backlog_limit {
-            return Err(Overloaded {
-                backlog,
-                limit: self.config.ingest_backlog_limit,
-            });
+        let backlog = self.backlog() + self.admitting.load(Ordering::Acquire);
+        let limit = self.config.ingest_backlog_limit;
+        if backlog > limit {
+            return Err(Overloaded { backlog, limit });
         }
         Ok(())
     }
 
-    /// The listing-table write that goes with a parent write, if it
+    /// Admits a request that writes `ids` to `kind`'s raw table and `lists`
+    /// to its listing table, or refuses it whole: reserves its changes in
+    /// the backlog, so that concurrent requests cannot all pass one check,
+    /// and room for its new ids in both tables.
+    fn admit_writes<'w>(
+        &self,
+        kind: Kind,
+        ids: &[&'w RecordId],
+        lists: &[&'w RecordId],
+    ) -> Result<Admitted<'_>, Refused> {
+        let limit = self.config.ingest_backlog_limit;
+        let changes = (ids.len() + lists.len()) as u64;
+        let backlog = self.backlog();
+        self.admitting
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |admitting| {
+                (backlog + admitting <= limit).then_some(admitting + changes)
+            })
+            .map_err(|admitting| Overloaded {
+                backlog: backlog + admitting,
+                limit,
+            })?;
+        // Made before the tables are reserved, so that a refusal by a table
+        // gives the backlog share back.
+        let mut room = Admitted {
+            reserved: &self.admitting,
+            changes,
+            _tables: [Reservation::none(), Reservation::none()],
+        };
+        room._tables[0] = self.raw.get(kind).reserve(ids.iter().copied())?;
+        if let Some(children) = self.children.get(kind) {
+            room._tables[1] = children.listing.reserve(lists.iter().copied())?;
+        }
+        Ok(room)
+    }
+
+    /// The listing-table write that goes with each of `writes` that
     /// carries its child list.
-    fn listing(&self, kind: Kind, write: &Write) -> Option<(&Arc<Table>, Write)> {
-        let children = self.children.get(kind).as_ref()?;
-        Some((&children.listing, children.listing_write(write)?))
+    fn lists(&self, kind: Kind, writes: &[Write]) -> Vec<Option<Write>> {
+        match self.children.get(kind) {
+            Some(children) => writes.iter().map(|w| children.listing_write(w)).collect(),
+            None => writes.iter().map(|_| None).collect(),
+        }
+    }
+
+    /// Admits writes to `kind` with their child lists, as a whole.
+    fn admit_all<'w>(
+        &self,
+        kind: Kind,
+        writes: impl Iterator<Item = &'w Write>,
+        lists: &'w [Option<Write>],
+    ) -> Result<Admitted<'_>, Refused> {
+        let ids: Vec<&RecordId> = writes.map(|w| &w.id).collect();
+        let listed: Vec<&RecordId> = lists.iter().flatten().map(|l| &l.id).collect();
+        self.admit_writes(kind, &ids, &listed)
+    }
+
+    fn listing_table(&self, kind: Kind) -> Option<&Arc<Table>> {
+        self.children.get(kind).as_ref().map(|c| &c.listing)
     }
 
     /// One raw write, with its child list if it carries one. The list goes
     /// first, so the handler that sees the parent's change sees it too.
-    fn write(&self, kind: Kind, write: Write, cause: &Cause) -> Outcome {
-        if let Some((listing, list)) = self.listing(kind, &write) {
+    fn write(&self, kind: Kind, write: Write, list: Option<Write>, cause: &Cause) -> Outcome {
+        if let (Some(list), Some(listing)) = (list, self.listing_table(kind)) {
             listing.apply(list, cause);
         }
         self.raw.get(kind).apply(write, cause)
     }
 
-    /// Writes raw records of `kind`, in order.
+    /// Writes raw records of `kind`, in order, or refuses them all.
     pub fn ingest(
         &self,
         kind: Kind,
         writes: Vec<Write>,
         cause: &Cause,
-    ) -> Vec<(RecordId, Outcome)> {
-        writes
+    ) -> Result<Vec<(RecordId, Outcome)>, Refused> {
+        let lists = self.lists(kind, &writes);
+        let _room = self.admit_all(kind, writes.iter(), &lists)?;
+        Ok(writes
             .into_iter()
-            .map(|w| (w.id.clone(), self.write(kind, w, cause)))
-            .collect()
+            .zip(lists.iter().cloned())
+            .map(|(w, list)| (w.id.clone(), self.write(kind, w, list, cause)))
+            .collect())
     }
 
     /// Writes raw records that came as CloudEvents, each with its `source`
@@ -253,20 +359,25 @@ impl Pipeline {
     pub fn ingest_events(
         &self,
         kind: Kind,
-        events: Vec<(String, Write)>,
+        events: Vec<(DedupKey, Write)>,
         cause: &Cause,
-    ) -> Vec<(RecordId, Option<Outcome>)> {
-        events
+    ) -> Result<Vec<(RecordId, Option<Outcome>)>, Refused> {
+        let (keys, writes): (Vec<DedupKey>, Vec<Write>) = events.into_iter().unzip();
+        let lists = self.lists(kind, &writes);
+        let _room = self.admit_all(kind, writes.iter(), &lists)?;
+        Ok(keys
             .into_iter()
-            .map(|(key, w)| {
+            .zip(writes)
+            .zip(lists.iter().cloned())
+            .map(|((key, w), list)| {
                 let id = w.id.clone();
                 let outcome = self
                     .dedup
-                    .first_time(&key)
-                    .then(|| self.write(kind, w, cause));
+                    .first_time(key)
+                    .then(|| self.write(kind, w, list, cause));
                 (id, outcome)
             })
-            .collect()
+            .collect())
     }
 
     /// Writes one raw record if the stored one meets `expect`.
@@ -276,31 +387,50 @@ impl Pipeline {
         write: Write,
         expect: Expect,
         cause: &Cause,
-    ) -> Result<Outcome, PreconditionFailed> {
-        let list = self.listing(kind, &write);
-        let outcome = self.raw.get(kind).apply_if(write, expect, cause)?;
-        if let Some((listing, list)) = list {
+    ) -> Result<Result<Outcome, PreconditionFailed>, Refused> {
+        let lists = self.lists(kind, std::slice::from_ref(&write));
+        let _room = self.admit_all(kind, std::iter::once(&write), &lists)?;
+        let outcome = match self.raw.get(kind).apply_if(write, expect, cause) {
+            Ok(outcome) => outcome,
+            Err(failed) => return Ok(Err(failed)),
+        };
+        if let (Some(Some(list)), Some(listing)) =
+            (lists.into_iter().next(), self.listing_table(kind))
+        {
             listing.apply(list, cause);
         }
-        Ok(outcome)
+        Ok(Ok(outcome))
     }
 
-    /// Applies a complete set of `kind` as of `as_of`.
+    /// Applies a complete set of `kind` as of `as_of`, or refuses it whole.
     pub fn reconcile(
         &self,
         kind: Kind,
         as_of: Timestamp,
         writes: Vec<Write>,
         cause: &Cause,
-    ) -> Reconciliation {
-        for (listing, list) in writes.iter().filter_map(|w| self.listing(kind, w)) {
-            listing.apply(list, cause);
+    ) -> Result<Reconciliation, Refused> {
+        let lists = self.lists(kind, &writes);
+        let _room = self.admit_all(kind, writes.iter(), &lists)?;
+        if let Some(listing) = self.listing_table(kind) {
+            for list in lists.into_iter().flatten() {
+                listing.apply(list, cause);
+            }
         }
-        self.raw.get(kind).reconcile(as_of, writes, cause)
+        Ok(self.raw.get(kind).reconcile(as_of, writes, cause))
     }
 
-    pub fn delete(&self, kind: Kind, id: &RecordId, at: Timestamp, cause: &Cause) -> Outcome {
-        self.raw.get(kind).delete(id, at, cause)
+    /// Deletes `id` of `kind` as of `at` (a tombstone is kept, so it needs
+    /// room too), or refuses it.
+    pub fn delete(
+        &self,
+        kind: Kind,
+        id: &RecordId,
+        at: Timestamp,
+        cause: &Cause,
+    ) -> Result<Outcome, Refused> {
+        let _room = self.admit_writes(kind, &[id], &[])?;
+        Ok(self.raw.get(kind).delete(id, at, cause))
     }
 }
 
@@ -353,4 +483,79 @@ fn describe(t: &mut Topology) {
     t.edge("raw_handler", "encode_queue", "one job per rendition", &[3]);
     t.edge("encode_queue", "encode_handler", "job", &[3]);
     t.edge("encode_handler", "encodes", "encoded rendition", &[3]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(n: usize) -> Vec<RecordId> {
+        (0..n)
+            .map(|i| RecordId::parse(&format!("m{i}")).unwrap())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn an_admitted_request_holds_its_share_of_the_backlog_while_it_writes() {
+        let pipeline = Pipeline::start(PipelineConfig {
+            ingest_backlog_limit: 10,
+            ..Default::default()
+        });
+        let batch = ids(8);
+        let batch: Vec<&RecordId> = batch.iter().collect();
+        let first = pipeline.admit_writes(Kind::Movies, &batch, &[]).unwrap();
+        // The existing backlog (8, reserved) is within the bound: admitted.
+        let second = pipeline.admit_writes(Kind::Movies, &batch, &[]).unwrap();
+        // Now it is not, though nothing is written yet.
+        let refused = pipeline.admit_writes(Kind::Movies, &batch, &[]);
+        assert!(
+            matches!(
+                refused,
+                Err(Refused::Overloaded(Overloaded {
+                    backlog: 16,
+                    limit: 10
+                }))
+            ),
+            "{:?}",
+            refused.err()
+        );
+        assert!(pipeline.admit().is_err(), "the cheap check sees it too");
+        drop((first, second));
+        assert!(pipeline.admit().is_ok());
+        assert!(pipeline.admit_writes(Kind::Movies, &batch, &[]).is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_backlog_counts_the_encodes_ingest_led_to() {
+        let pipeline = Pipeline::start(PipelineConfig {
+            encode_delay: Duration::from_secs(3600),
+            encode_workers: 1,
+            ingest_backlog_limit: 5,
+            ..Default::default()
+        });
+        let renditions: Vec<serde_json::Value> = (0..10)
+            .map(|i| serde_json::json!({"id": format!("r{i}"), "codec": "h264", "height": 720}))
+            .collect();
+        let video = serde_json::json!({"id": "v1", "title": "V", "renditions": renditions});
+        let write =
+            crate::media::records::parse_record(video, Timestamp::now(), Kind::Videos).unwrap();
+        pipeline
+            .ingest(Kind::Videos, vec![write], &Cause::request("r"))
+            .unwrap();
+        // raw_handler runs between yields; encodes wait an hour each.
+        while pipeline.engine.log.backlog(pipeline.raw_feed) > 0
+            || pipeline.raw_queue.counts().processed < 2
+        {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(pipeline.backlog(), 10, "ten encode jobs are outstanding");
+        let refused = pipeline.admit();
+        assert_eq!(
+            refused,
+            Err(Overloaded {
+                backlog: 10,
+                limit: 5
+            })
+        );
+    }
 }

@@ -111,10 +111,10 @@ impl RawHandler {
             (ChangeKind::Deleted, _) | (_, None) => None,
             (_, Some(raw)) => Some(standard(route.kind, &change.key, raw, &[])?),
         };
-        let outcome =
-            route
-                .standard
-                .derive(&change.key, change.seq, change.version.clone(), data, cause);
+        let outcome = route
+            .standard
+            .derive(&change.key, change.seq, change.version.clone(), data, cause)
+            .map_err(|full| Failure::Permanent(full.to_string()))?;
         self.became_visible(change, outcome);
         Ok(())
     }
@@ -146,7 +146,10 @@ impl RawHandler {
                     None => (change.version.clone(), None),
                 };
                 let jobs = parent.sink.apply(id, change, previous, current, cause)?;
-                let outcome = route.standard.derive(id, change.seq, version, data, cause);
+                let outcome = route
+                    .standard
+                    .derive(id, change.seq, version, data, cause)
+                    .map_err(|full| full.to_string())?;
                 Ok((jobs, outcome))
             })
             .map_err(Failure::Permanent)?;
@@ -193,7 +196,9 @@ impl ChildSink for ChildRecords {
     ) -> Result<Vec<EncodeJob>, String> {
         let removed = Version::delete(change.version.at);
         for child in dropped(previous, current) {
-            self.table.list(child, parent, None, removed.clone(), cause);
+            self.table
+                .list(child, parent, None, removed.clone(), cause)
+                .map_err(|full| full.to_string())?;
         }
         for (child, data) in current.iter().flat_map(|c| c.children.iter()) {
             let unchanged = previous.is_some_and(|p| {
@@ -203,13 +208,15 @@ impl ChildSink for ChildRecords {
                 let version = current
                     .map(|c| c.version.clone())
                     .unwrap_or(removed.clone());
-                self.table.list(
-                    child,
-                    parent,
-                    Some((version, data.clone())),
-                    removed.clone(),
-                    cause,
-                );
+                self.table
+                    .list(
+                        child,
+                        parent,
+                        Some((version, data.clone())),
+                        removed.clone(),
+                        cause,
+                    )
+                    .map_err(|full| full.to_string())?;
             }
         }
         Ok(Vec::new())
@@ -232,13 +239,15 @@ impl ChildSink for EncodeJobs {
         cause: &Cause,
     ) -> Result<Vec<EncodeJob>, String> {
         for rendition in dropped(previous, current) {
-            self.encodes.derive(
-                &encode_id(video, rendition),
-                change.seq,
-                change.version.clone(),
-                None,
-                cause,
-            );
+            self.encodes
+                .derive(
+                    &encode_id(video, rendition),
+                    change.seq,
+                    change.version.clone(),
+                    None,
+                    cause,
+                )
+                .map_err(|full| full.to_string())?;
         }
         let Some(current) = current else {
             return Ok(Vec::new());

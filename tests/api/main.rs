@@ -3,6 +3,7 @@
 mod contract;
 mod events;
 mod helpers;
+mod limits;
 mod observability;
 mod openapi;
 mod reliability;

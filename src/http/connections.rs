@@ -1,0 +1,336 @@
+//! Connections: accepting, bounding and closing them.
+//!
+//! Each connection costs memory for as long as it is open, so none may stay
+//! open on a client's whim:
+//!
+//! - at most `--max-connections` are served at once; one more is answered
+//!   `503` (`Connection: close`) and closed;
+//! - a request header not complete within `--header-read-timeout` of its
+//!   first byte closes the connection (nothing of it reached a handler);
+//! - a connection with no request for `--idle-timeout` is closed, after
+//!   finishing any response it is still sending (a live stream keeps its
+//!   connection for as long as it runs).
+//!
+//! When shutdown starts, the listener closes and every connection finishes
+//! its request in progress and closes; [`serve`] returns once all have.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::{Map, json};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
+
+use super::problem::problem_json;
+
+/// How many connections may be open and for how long they may wait.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+/// Connections over the limit being answered at once; more than this are
+/// closed without an answer, so that a flood costs nothing either.
+const REFUSALS: usize = 64;
+
+/// How long a refused connection is given to take its answer.
+const REFUSAL_TIME: Duration = Duration::from_secs(1);
+
+/// Serves `router` on `listener` until `stopping` is cancelled, then waits
+/// for open connections to finish their requests.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: Limits,
+    stopping: CancellationToken,
+) {
+    let open = Arc::new(Semaphore::new(limits.max_connections));
+    let refusing = Arc::new(Semaphore::new(REFUSALS));
+    let connections = TaskTracker::new();
+    loop {
+        let stream = tokio::select! {
+            biased;
+            () = stopping.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    // Out of file descriptors, most likely: give connections
+                    // in progress a moment to close rather than spin.
+                    tracing::warn!(%error, "cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        if let Ok(permit) = open.clone().try_acquire_owned() {
+            let (router, stopping) = (router.clone(), stopping.clone());
+            connections.spawn(async move {
+                connection(stream, router, limits, stopping).await;
+                drop(permit);
+            });
+        } else if let Ok(permit) = refusing.clone().try_acquire_owned() {
+            connections.spawn(async move {
+                refuse(stream, limits.max_connections).await;
+                drop(permit);
+            });
+        }
+        // Else the stream is dropped here: closed at once.
+    }
+    drop(listener);
+    connections.close();
+    connections.wait().await;
+}
+
+/// Serves one connection's requests until it closes, times out or shutdown
+/// asks it to.
+async fn connection(
+    stream: TcpStream,
+    router: Router,
+    limits: Limits,
+    stopping: CancellationToken,
+) {
+    // Responses are written whole; waiting to coalesce them only adds latency.
+    let _ = stream.set_nodelay(true);
+    let activity = Arc::new(Activity::new());
+    let io = TokioIo::new(Watched {
+        inner: stream,
+        activity: activity.clone(),
+    });
+    let requests = activity.clone();
+    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+        let busy = requests.request_started();
+        let router = router.clone();
+        async move {
+            let response = router.oneshot(request.map(Body::new)).await;
+            drop(busy);
+            response
+        }
+    });
+    let mut builder = http1::Builder::new();
+    // The header timeout is ours (below): hyper's would also close a
+    // connection that is merely idle.
+    builder.timer(TokioTimer::new()).header_read_timeout(None);
+    let conn = builder.serve_connection(io, service);
+    let mut conn = std::pin::pin!(conn);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(error) = result {
+                    tracing::debug!(%error, "connection ended with an error");
+                }
+                return;
+            }
+            () = stopping.cancelled(), if !closing => {
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            expired = activity.expired(limits), if !closing => match expired {
+                Expired::Header => {
+                    tracing::debug!("request header not received in time: connection closed");
+                    return;
+                }
+                Expired::Idle => {
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+            },
+        }
+    }
+}
+
+/// Answers a connection over the limit with a 503 and closes it.
+async fn refuse(mut stream: TcpStream, max: usize) {
+    let body = problem_json(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &format!("the server has its limit of {max} connections open (--max-connections)"),
+        Map::from_iter([("limit".to_string(), json!(max))]),
+    );
+    let response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/problem+json\r\n\
+         retry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let answer = async {
+        stream.write_all(response.as_bytes()).await?;
+        stream.shutdown().await?;
+        // Read what the client sent until it closes, so that closing does
+        // not reset the connection before the client has read the answer.
+        let mut sink = [0u8; 4096];
+        while stream.read(&mut sink).await? > 0 {}
+        io::Result::Ok(())
+    };
+    let _ = tokio::time::timeout(REFUSAL_TIME, answer).await;
+}
+
+/// What a connection's watchdog waits for.
+enum Expired {
+    /// A request header was begun and not finished in time.
+    Header,
+    /// No request came in time.
+    Idle,
+}
+
+/// When a connection last did something, shared by its socket, its
+/// requests and its watchdog.
+struct Activity {
+    state: Mutex<State>,
+    changed: Notify,
+}
+
+struct State {
+    /// Requests being handled (from their header to their response's head).
+    handling: usize,
+    /// Whether bytes of a request have come since the last request ended.
+    reading: bool,
+    /// When the connection last became idle, or began reading a header.
+    since: Instant,
+}
+
+/// A request in progress; the connection is idle again when it drops.
+struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let mut state = self.0.lock();
+        state.handling -= 1;
+        if state.handling == 0 {
+            state.reading = false;
+            state.since = Instant::now();
+        }
+        drop(state);
+        self.0.changed.notify_one();
+    }
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            state: Mutex::new(State {
+                handling: 0,
+                reading: false,
+                since: Instant::now(),
+            }),
+            changed: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn request_started(self: &Arc<Self>) -> Busy {
+        let mut state = self.lock();
+        state.handling += 1;
+        state.reading = false;
+        drop(state);
+        self.changed.notify_one();
+        Busy(self.clone())
+    }
+
+    /// Bytes arrived: while no request is being handled, they begin a header.
+    fn bytes_read(&self) {
+        let mut state = self.lock();
+        if state.handling == 0 && !state.reading {
+            state.reading = true;
+            state.since = Instant::now();
+            drop(state);
+            self.changed.notify_one();
+        }
+    }
+
+    /// Resolves when the connection has been idle, or reading one header,
+    /// for longer than `limits` allow; never while a request is handled.
+    async fn expired(&self, limits: Limits) -> Expired {
+        loop {
+            let deadline = {
+                let state = self.lock();
+                (state.handling == 0).then(|| {
+                    if state.reading {
+                        (state.since + limits.header_read_timeout, Expired::Header)
+                    } else {
+                        (state.since + limits.idle_timeout, Expired::Idle)
+                    }
+                })
+            };
+            match deadline {
+                // `notify_one` keeps a wake-up for a waiter that is not yet
+                // waiting, so a change between the check and here is not lost.
+                None => self.changed.notified().await,
+                Some((at, expired)) => {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(at) => return expired,
+                        () = self.changed.notified() => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A socket that tells its connection's [`Activity`] when bytes arrive.
+struct Watched {
+    inner: TcpStream,
+    activity: Arc<Activity>,
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(poll, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.activity.bytes_read();
+        }
+        poll
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

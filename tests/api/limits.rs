@@ -1,0 +1,145 @@
+//! Bounds at the edge: records per table, requests at once, request time,
+//! and the backlog ingest admits.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode, header};
+use serde_json::{Value, json};
+
+use crate::helpers::TestApp;
+
+fn movies(ids: &[&str]) -> Value {
+    json!(
+        ids.iter()
+            .map(|id| json!({"id": id, "title": "T"}))
+            .collect::<Vec<_>>()
+    )
+}
+
+#[tokio::test]
+async fn a_table_at_its_limit_answers_507_naming_it_and_stores_nothing() {
+    let app = TestApp::with(|c| c.max_records = 3);
+    app.post("/raw/movies", movies(&["m1", "m2"])).await.ok();
+
+    let refused = app.post("/raw/movies", movies(&["m1", "m3", "m4"])).await;
+    let problem = refused.problem(507);
+    assert_eq!(problem["table"], "raw_movies");
+    assert_eq!(problem["limit"], 3);
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("--max-records"),
+        "{problem}"
+    );
+    // A batch within the room left, repeats and updates included, is taken.
+    app.post("/raw/movies", movies(&["m3", "m3", "m1"]))
+        .await
+        .ok();
+    // A delete of an unknown id keeps a tombstone, so it needs room too.
+    app.delete("/raw/movies/m9").await.problem(507);
+    app.put(
+        "/raw/movies",
+        json!({"records": [{"id": "m5", "title": "T"}]}),
+    )
+    .await
+    .problem(507);
+    app.settle().await;
+    assert_eq!(app.ids("raw_movies").await, ["m1", "m2", "m3"]);
+    assert_eq!(app.ids("movies").await, ["m1", "m2", "m3"]);
+    // Updates of ids the table keeps are never refused.
+    app.post("/raw/movies", json!({"id": "m2", "title": "New"}))
+        .await
+        .ok();
+    app.delete("/raw/movies/m1").await.ok();
+    app.settle().await;
+    assert_eq!(app.ids("movies").await, ["m2", "m3"]);
+}
+
+#[tokio::test]
+async fn a_handler_write_past_the_limit_is_dead_lettered_with_the_reason() {
+    let app = TestApp::with(|c| c.max_records = 3);
+    let episodes: Vec<Value> = (1..=5)
+        .map(|n| json!({"id": format!("s1e{n}"), "title": "E", "number": n}))
+        .collect();
+    app.post(
+        "/raw/series",
+        json!({"id": "s1", "title": "S", "episodes": episodes}),
+    )
+    .await
+    .ok();
+    app.settle().await;
+    let letters = app.get("/queues/raw_queue/dead-letters").await;
+    let errors: Vec<&str> = letters.ok()["dead_letters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["error"].as_str().unwrap())
+        .collect();
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("table `raw_episodes` is full")),
+        "{errors:?}"
+    );
+    assert!(app.count("raw_episodes").await <= 3);
+    let queue = app.queue("raw_queue").await;
+    let n = |k: &str| queue[k].as_u64().unwrap();
+    assert_eq!(
+        n("enqueued"),
+        n("processed") + n("dead_lettered") + n("depth") + n("in_flight") + n("retrying"),
+        "{queue}"
+    );
+}
+
+/// A request whose body never finishes holds its place until the request
+/// timeout answers it.
+fn endless_post() -> Request<Body> {
+    let body = futures_util::stream::pending::<Result<Vec<u8>, std::io::Error>>();
+    Request::builder()
+        .method(Method::POST)
+        .uri("/raw/movies")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from_stream(body))
+        .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn requests_past_the_limit_are_shed_and_a_slow_body_times_out() {
+    let app = std::sync::Arc::new(TestApp::with(|c| {
+        c.max_requests = 1;
+        c.request_timeout = Duration::from_secs(5).into();
+    }));
+    let slow = {
+        let app = app.clone();
+        tokio::spawn(async move { app.send(endless_post()).await })
+    };
+    // Until the slow request holds the only permit, requests pass.
+    let shed = loop {
+        let reply = app.post("/raw/movies", movies(&["m1"])).await;
+        if reply.status == StatusCode::SERVICE_UNAVAILABLE {
+            break reply;
+        }
+        reply.ok();
+        tokio::task::yield_now().await;
+    };
+    assert_eq!(shed.headers[header::RETRY_AFTER], "1");
+    assert_eq!(shed.problem(503)["limit"], 1);
+    // Long polls are not counted against the limit.
+    app.get("/settle?timeout_ms=1000").await.ok();
+
+    let timed_out = slow.await.unwrap();
+    timed_out.problem(408);
+    assert_eq!(timed_out.headers[header::CONNECTION], "close");
+    assert!(
+        timed_out.body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("--request-timeout"),
+        "{}",
+        timed_out.text
+    );
+    // The permit is back.
+    app.post("/raw/movies", movies(&["m2"])).await.ok();
+}
