@@ -11,6 +11,12 @@
 //!   finishing any response it is still sending (a live stream keeps its
 //!   connection for as long as it runs).
 //!
+//! - a client that stops reading holds at most [`SEND_BUFFER`] of the
+//!   kernel's memory for what it has not read (the kernel would otherwise
+//!   grow a connection's send buffer to megabytes, and a few hundred
+//!   stalled live streams would put every connection under memory
+//!   pressure).
+//!
 //! When shutdown starts, the listener closes and every connection finishes
 //! its request in progress and closes; [`serve`] returns once all have.
 
@@ -48,6 +54,10 @@ pub struct Limits {
 /// Connections over the limit being answered at once; more than this are
 /// closed without an answer, so that a flood costs nothing either.
 const REFUSALS: usize = 64;
+
+/// The send buffer of every connection (the kernel doubles it for its own
+/// bookkeeping). Enough for a full page of `/events` in a few round trips.
+pub const SEND_BUFFER: usize = 64 * 1024;
 
 /// How long a refused connection is given to take its answer.
 const REFUSAL_TIME: Duration = Duration::from_secs(1);
@@ -107,6 +117,7 @@ async fn connection(
 ) {
     // Responses are written whole; waiting to coalesce them only adds latency.
     let _ = stream.set_nodelay(true);
+    let _ = socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER);
     let activity = Arc::new(Activity::new());
     let io = TokioIo::new(Watched {
         inner: stream,

@@ -1,25 +1,24 @@
 //! `GET /events` and `GET /events/stream`: the change log as CloudEvents.
 //!
-//! Both read the retained log from a cursor. A live stream is a reader that
-//! keeps its own cursor and waits for appends, so a slow client never holds
+//! Both read the retained log from a cursor. A live stream keeps its own
+//! cursor and takes new changes from the one [`Fanout`](super::stream::Fanout)
+//! that serialises them for every stream, so a slow client never holds
 //! anything back: if it falls so far behind that its next event is no
 //! longer retained, it gets an explicit `lagged` event and the stream
 //! closes, rather than a silent gap.
 
-use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Json;
+use axum::body::Body;
 use axum::extract::State;
-use axum::http::HeaderMap;
-use axum::response::sse::{Event, KeepAlive, Sse};
-use futures_util::stream::{self, Stream, StreamExt};
+use axum::http::{HeaderMap, header};
+use axum::response::{IntoResponse, Response};
+use futures_util::stream::StreamExt;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use utoipa::{IntoParams, ToSchema};
 
-use crate::engine::log::{Change, ChangeKind, ChangeLog, Gone};
+use crate::engine::log::{Change, ChangeKind, ChangeLog};
 
 use super::problem::Problem;
 use super::problem::shared::BadQuery;
@@ -163,9 +162,6 @@ pub struct StreamQuery {
     kind: Option<String>,
 }
 
-/// How many events a stream reads from the log at a time.
-const STREAM_BATCH: usize = 256;
-
 /// The change log as Server-Sent Events, live.
 ///
 /// The backlog after the cursor, then live changes. The cursor is
@@ -196,7 +192,7 @@ pub async fn stream(
     State(state): State<AppState>,
     headers: HeaderMap,
     Query(query): Query<StreamQuery>,
-) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+) -> Result<Response, ApiError> {
     let filter = Filter::parse(&state, query.table, query.subject, query.kind)?;
     let log = state.pipeline().engine.log.clone();
     let last_event_id = headers
@@ -219,12 +215,18 @@ pub async fn stream(
     };
     // Refuse a cursor that is already gone with a 410, like `/events`.
     log.read_strict(cursor, 1, |_| false)?;
-    let events = changes(log, cursor, filter).take_until(state.stopping().cancelled_owned());
-    Ok(Sse::new(events).keep_alive(
-        KeepAlive::new()
-            .interval(Duration::from_secs(15))
-            .text("keep-alive"),
-    ))
+    let events = state
+        .fanout()
+        .stream(log, cursor, move |c| filter.keeps(c))
+        .take_until(state.stopping().cancelled_owned());
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        Body::from_stream(events),
+    )
+        .into_response())
 }
 
 /// A cursor beyond the latest change would wait for events that are never
@@ -238,82 +240,4 @@ fn not_ahead(log: &ChangeLog, field: &str, after: u64) -> Result<u64, ApiError> 
         ));
     }
     Ok(after)
-}
-
-enum Reader {
-    Reading {
-        log: Arc<ChangeLog>,
-        cursor: u64,
-        filter: Filter,
-        appended: tokio::sync::watch::Receiver<()>,
-    },
-    Done,
-}
-
-/// The log from `cursor` on, as SSE events, waiting for appends when caught up.
-fn changes(
-    log: Arc<ChangeLog>,
-    cursor: u64,
-    filter: Filter,
-) -> impl Stream<Item = Result<Event, Infallible>> {
-    let appended = log.watch();
-    let reader = Reader::Reading {
-        log,
-        cursor,
-        filter,
-        appended,
-    };
-    stream::unfold(reader, |reader| async move {
-        let Reader::Reading {
-            log,
-            mut cursor,
-            filter,
-            mut appended,
-        } = reader
-        else {
-            return None;
-        };
-        loop {
-            appended.borrow_and_update();
-            match log.read_strict(cursor, STREAM_BATCH, |c| filter.keeps(c)) {
-                Err(gone) => return Some((vec![lagged(gone)], Reader::Done)),
-                Ok(page) => {
-                    let caught_up = page.next == cursor;
-                    cursor = page.next;
-                    if !page.events.is_empty() {
-                        let events = page.events.iter().map(|c| change_event(c)).collect();
-                        return Some((
-                            events,
-                            Reader::Reading {
-                                log,
-                                cursor,
-                                filter,
-                                appended,
-                            },
-                        ));
-                    }
-                    if caught_up && appended.changed().await.is_err() {
-                        return None;
-                    }
-                }
-            }
-        }
-    })
-    .flat_map(|events| stream::iter(events.into_iter().map(Ok)))
-}
-
-fn change_event(change: &Change) -> Event {
-    let data = serde_json::to_string(change).unwrap_or_default();
-    Event::default().id(change.seq.to_string()).data(data)
-}
-
-fn lagged(gone: Gone) -> Event {
-    Event::default().event("lagged").data(
-        json!({
-            "detail": "this stream fell behind the retained log and is closed; resume from `oldest` or later",
-            "after": gone.after,
-            "oldest": gone.oldest,
-        })
-        .to_string(),
-    )
 }

@@ -13,6 +13,7 @@ mod metrics;
 pub mod openapi;
 pub mod problem;
 mod queues;
+mod stream;
 mod system;
 mod tables;
 
@@ -54,17 +55,22 @@ struct Inner {
     stopping: CancellationToken,
     /// One permit per request being handled (`--max-requests`).
     requests: Arc<Semaphore>,
+    /// Serialises new changes once for every live stream.
+    fanout: Arc<stream::Fanout>,
 }
 
 impl AppState {
     pub fn new(pipeline: Pipeline, config: Config) -> Self {
         let pipeline = Arc::new(pipeline);
         let (registry, http_metrics) = metrics::registry(&pipeline);
+        let stopping = CancellationToken::new();
+        let fanout = stream::Fanout::start(pipeline.engine.log.clone(), stopping.clone());
         Self(Arc::new(Inner {
             pipeline,
             registry,
             http_metrics,
-            stopping: CancellationToken::new(),
+            stopping,
+            fanout,
             requests: Arc::new(Semaphore::new(config.max_requests as usize)),
             config,
         }))
@@ -84,6 +90,10 @@ impl AppState {
 
     fn http_metrics(&self) -> &metrics::HttpMetrics {
         &self.0.http_metrics
+    }
+
+    fn fanout(&self) -> &stream::Fanout {
+        &self.0.fanout
     }
 
     pub fn stopping(&self) -> CancellationToken {
