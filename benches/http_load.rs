@@ -68,21 +68,10 @@ use eventsys::engine::record::{RecordId, Timestamp};
 use eventsys::media::records::{Kind, parse_records};
 use eventsys::{App, Config};
 
-use common::{Usage, env_usize, load_average, plain};
+use common::{Usage, env_usize, load_average, plain, runtime};
 
 /// Upper bound on requests in one closed-loop run, whatever the duration.
 const MAX_REQUESTS: u64 = 5_000_000;
-
-/// A runtime whose threads are named `name` (so a profile can tell the
-/// servers from the client).
-fn runtime(workers: usize, name: &str) -> Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .thread_name(name)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
 
 // ---------------------------------------------------------------- servers
 

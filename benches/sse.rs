@@ -33,22 +33,30 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::runtime::Runtime;
 use tokio_util::sync::CancellationToken;
 
 use eventsys::{App, Config};
 
-use common::{env_usize, load_average};
+use common::{env_usize, load_average, runtime};
 
 const BATCH: usize = 1000;
 
-fn runtime(workers: usize, name: &str) -> Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .thread_name(name)
-        .enable_all()
-        .build()
-        .expect("runtime")
+/// Waits until every reader has read up to the log's latest change, and
+/// returns that sequence.
+async fn catch_up(addr: SocketAddr, readers: &[Arc<Reader>]) -> u64 {
+    let target = latest(addr).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while readers
+        .iter()
+        .any(|r| r.last.load(Ordering::Acquire) < target)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "reading clients did not catch up"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    target
 }
 
 /// One request on its own connection; the status and the body.
@@ -169,18 +177,7 @@ async fn rounds(
     let mut times = Vec::with_capacity(rounds);
     for _ in 0..rounds {
         // Readers first catch up with everything so far.
-        let target = latest(addr).await;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while readers
-            .iter()
-            .any(|r| r.last.load(Ordering::Acquire) < target)
-        {
-            assert!(
-                Instant::now() < deadline,
-                "reading clients did not catch up"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        catch_up(addr, readers).await;
         let first = next.fetch_add(BATCH as u64, Ordering::Relaxed);
         let batch: Vec<_> = (first..first + BATCH as u64)
             .map(|i| json!({"id": format!("m{i}"), "title": format!("Movie {i}"), "year": 2000}))
@@ -272,18 +269,7 @@ fn main() {
             readers.push(reader);
         }
         let with_readers = median(rounds(addr, round_count, &next, &readers).await);
-        let target = latest(addr).await;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while readers
-            .iter()
-            .any(|r| r.last.load(Ordering::Acquire) < target)
-        {
-            assert!(
-                Instant::now() < deadline,
-                "reading clients did not catch up"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        let target = catch_up(addr, &readers).await;
         let received: u64 = readers
             .iter()
             .map(|r| r.events.load(Ordering::Relaxed))

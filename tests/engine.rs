@@ -11,7 +11,7 @@ use uuid::Uuid;
 use eventsys::engine::handler::{
     BreakerPolicy, Failure, Fault, HandlerConfig, Process, RetryPolicy,
 };
-use eventsys::engine::queue::QueueItem;
+use eventsys::engine::queue::{Queue, QueueItem};
 use eventsys::engine::{Engine, EngineConfig};
 
 #[derive(Clone, Debug, Serialize)]
@@ -24,9 +24,12 @@ impl QueueItem for Job {
 }
 
 /// Fails every attempt, noting when each was made.
+/// When each attempt was made.
+type Attempts = Arc<Mutex<Vec<Instant>>>;
+
 #[derive(Clone, Default)]
 struct AlwaysFails {
-    attempts: Arc<Mutex<Vec<Instant>>>,
+    attempts: Attempts,
 }
 
 impl Process<Job> for AlwaysFails {
@@ -64,6 +67,17 @@ fn engine() -> Engine {
     })
 }
 
+/// An engine with one queue `q` whose one worker fails every attempt, and
+/// the times of its attempts.
+fn always_failing(policy: RetryPolicy) -> (Engine, Arc<Queue<Job>>, Attempts) {
+    let mut engine = engine();
+    let queue = engine.add_queue::<Job>("q", 8);
+    let process = AlwaysFails::default();
+    let attempts = process.attempts.clone();
+    engine.add_handler("h", &queue, process, config(1, policy));
+    (engine, queue, attempts)
+}
+
 fn config(workers: usize, retry: RetryPolicy) -> HandlerConfig {
     HandlerConfig {
         workers,
@@ -83,11 +97,7 @@ async fn retries_back_off_exponentially_within_the_jitter_bounds() {
         base: Duration::from_millis(100),
         cap: Duration::from_millis(1_000),
     };
-    let mut engine = engine();
-    let queue = engine.add_queue::<Job>("q", 8);
-    let process = AlwaysFails::default();
-    let attempts = process.attempts.clone();
-    engine.add_handler("h", &queue, process, config(1, policy));
+    let (engine, queue, attempts) = always_failing(policy);
 
     queue.send(Job(1)).await.unwrap();
     assert!(engine.settle(Duration::from_secs(3600)).await);
@@ -341,16 +351,11 @@ async fn a_panicking_handler_loses_nothing() {
 
 #[tokio::test(start_paused = true)]
 async fn a_retry_abandoned_at_shutdown_still_adds_up() {
-    let policy = RetryPolicy {
+    let (engine, queue, attempts) = always_failing(RetryPolicy {
         max_attempts: 5,
         base: Duration::from_secs(60),
         cap: Duration::from_secs(60),
-    };
-    let mut engine = engine();
-    let queue = engine.add_queue::<Job>("q", 8);
-    let process = AlwaysFails::default();
-    let attempts = process.attempts.clone();
-    engine.add_handler("h", &queue, process, config(1, policy));
+    });
     queue.send(Job(1)).await.unwrap();
     while attempts.lock().unwrap().is_empty() {
         tokio::task::yield_now().await;
