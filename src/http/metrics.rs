@@ -93,7 +93,8 @@ fn method_label(method: &Method) -> &'static str {
 pub struct HttpMetrics {
     requests: Family<RequestLabels, Counter>,
     duration: LatencyFamily<RouteLabels>,
-    /// Requests being served now (long polls and streams included).
+    /// Requests being handled now, each until its response is ready (a
+    /// waiting `/settle` included; a live stream until it starts).
     in_flight: Gauge,
 }
 
@@ -125,7 +126,7 @@ pub fn registry(pipeline: &Arc<Pipeline>) -> (Registry, HttpMetrics) {
     };
     registry.register(
         "eventsys_http_requests_in_flight",
-        "HTTP requests being served now, long polls and streams included",
+        "HTTP requests being handled now, each until its response is ready (a waiting /settle included)",
         http.in_flight.clone(),
     );
     registry.register(
