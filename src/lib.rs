@@ -32,6 +32,7 @@ pub mod config;
 pub mod engine;
 pub mod http;
 pub mod media;
+pub mod storage;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -1,0 +1,13 @@
+//! Durable storage for `--data-dir`: the pieces the engine's state is
+//! written through so that it survives the process (see API.md,
+//! "Durability", and DESIGN.md, "Three ways to run, one engine").
+//!
+//! - [`frame`]: length + CRC32 frames, and telling a torn tail from damage;
+//! - [`disk`]: the directory behind a trait, with a double that loses or
+//!   tears unsynced bytes in a simulated crash (for tests);
+//! - [`wal`]: the write-ahead log: segments, commits (one sync for all that
+//!   was appended), recovery, and poisoning on a failed write or sync.
+
+pub mod disk;
+pub mod frame;
+pub mod wal;
