@@ -6,8 +6,10 @@
 //! - [`disk`]: the directory behind a trait, with a double that loses or
 //!   tears unsynced bytes in a simulated crash (for tests);
 //! - [`wal`]: the write-ahead log: segments, commits (one sync for all that
-//!   was appended), recovery, and poisoning on a failed write or sync.
+//!   was appended), recovery, and poisoning on a failed write or sync;
+//! - [`lock`]: one server per data directory.
 
 pub mod disk;
 pub mod frame;
+pub mod lock;
 pub mod wal;
