@@ -23,6 +23,31 @@ pub trait Disk: Send + Sync + 'static {
     fn remove(&self, name: &str) -> io::Result<()>;
 }
 
+/// A shared disk is a disk (the log's writer and a test can both hold it).
+impl<D: Disk> Disk for std::sync::Arc<D> {
+    fn list(&self) -> io::Result<Vec<String>> {
+        (**self).list()
+    }
+    fn read(&self, name: &str) -> io::Result<Vec<u8>> {
+        (**self).read(name)
+    }
+    fn create(&self, name: &str) -> io::Result<()> {
+        (**self).create(name)
+    }
+    fn append(&self, name: &str, bytes: &[u8]) -> io::Result<()> {
+        (**self).append(name, bytes)
+    }
+    fn sync(&self, name: &str) -> io::Result<()> {
+        (**self).sync(name)
+    }
+    fn truncate(&self, name: &str, len: u64) -> io::Result<()> {
+        (**self).truncate(name, len)
+    }
+    fn remove(&self, name: &str) -> io::Result<()> {
+        (**self).remove(name)
+    }
+}
+
 /// A real directory.
 pub struct FsDisk {
     dir: PathBuf,
@@ -148,6 +173,11 @@ pub mod crash {
         pub fn fail_write(&self, n: usize) {
             let mut state = self.state();
             state.fail_write = Some(state.writes + n);
+        }
+
+        /// Syncs done so far (failed ones included).
+        pub fn syncs(&self) -> usize {
+            self.state().syncs
         }
 
         /// The `n`th sync from now fails, syncing nothing.

@@ -7,8 +7,11 @@
 //!   tears unsynced bytes in a simulated crash (for tests);
 //! - [`wal`]: the write-ahead log: segments, commits (one sync for all that
 //!   was appended), recovery, and poisoning on a failed write or sync;
+//! - [`commit`]: group commit: one writer thread, one sync for all that was
+//!   appended, writers waiting until their frames are durable;
 //! - [`lock`]: one server per data directory.
 
+pub mod commit;
 pub mod disk;
 pub mod frame;
 pub mod lock;

@@ -171,36 +171,55 @@ impl<D: Disk> Wal<D> {
 
     /// Writes and syncs everything appended; returns the last durable LSN.
     pub fn commit(&mut self) -> Result<u64, Poisoned> {
+        let pending = std::mem::take(&mut self.pending);
+        let result = self.write_batch(&pending, self.next - 1);
+        self.pending = pending;
+        self.pending.clear();
+        result
+    }
+
+    /// The LSN the next frame gets.
+    pub fn next_lsn(&self) -> u64 {
+        self.next
+    }
+
+    /// Writes and syncs `frames`, encoded by the caller (a
+    /// [`Committer`](super::commit::Committer), which numbers frames
+    /// itself), whose last frame has LSN `last`; returns the last durable
+    /// LSN.
+    pub fn write_batch(&mut self, frames: &[u8], last: u64) -> Result<u64, Poisoned> {
         if let Some(poisoned) = &self.poisoned {
             return Err(poisoned.clone());
         }
-        if self.pending.is_empty() {
+        if frames.is_empty() {
             return Ok(self.durable);
         }
         let result = self
             .disk
-            .append(&self.current, &self.pending)
+            .append(&self.current, frames)
             .and_then(|()| self.disk.sync(&self.current));
         if let Err(error) = result {
-            let poisoned = Poisoned(format!("{}: {error}", self.current));
-            tracing::error!(%poisoned, "the log is poisoned");
-            self.poisoned = Some(poisoned.clone());
-            return Err(poisoned);
+            return Err(self.poison(format!("{}: {error}", self.current)));
         }
-        self.written += self.pending.len() as u64;
-        self.pending.clear();
-        self.durable = self.next - 1;
+        self.written += frames.len() as u64;
+        self.durable = last;
+        self.next = self.next.max(last + 1);
         if self.written >= self.segment_bytes {
-            let name = segment_name(self.next);
+            let name = segment_name(last + 1);
             if let Err(error) = self.disk.create(&name) {
-                let poisoned = Poisoned(format!("{name}: {error}"));
-                self.poisoned = Some(poisoned.clone());
-                return Err(poisoned);
+                return Err(self.poison(format!("{name}: {error}")));
             }
             self.current = name;
             self.written = 0;
         }
         Ok(self.durable)
+    }
+
+    fn poison(&mut self, what: String) -> Poisoned {
+        let poisoned = Poisoned(what);
+        tracing::error!(%poisoned, "the log is poisoned");
+        self.poisoned = Some(poisoned.clone());
+        poisoned
     }
 
     /// The last LSN known to be durable.
@@ -228,30 +247,6 @@ mod tests {
     use crate::storage::disk::crash::CrashDisk;
     use proptest::prelude::*;
     use std::sync::Arc;
-
-    impl<D: Disk> Disk for Arc<D> {
-        fn list(&self) -> io::Result<Vec<String>> {
-            (**self).list()
-        }
-        fn read(&self, name: &str) -> io::Result<Vec<u8>> {
-            (**self).read(name)
-        }
-        fn create(&self, name: &str) -> io::Result<()> {
-            (**self).create(name)
-        }
-        fn append(&self, name: &str, bytes: &[u8]) -> io::Result<()> {
-            (**self).append(name, bytes)
-        }
-        fn sync(&self, name: &str) -> io::Result<()> {
-            (**self).sync(name)
-        }
-        fn truncate(&self, name: &str, len: u64) -> io::Result<()> {
-            (**self).truncate(name, len)
-        }
-        fn remove(&self, name: &str) -> io::Result<()> {
-            (**self).remove(name)
-        }
-    }
 
     fn payloads(frames: &[Recovered]) -> Vec<Vec<u8>> {
         frames.iter().map(|f| f.payload.clone()).collect()

@@ -1,0 +1,236 @@
+//! Group commit: many writers append frames, one thread writes and syncs
+//! them, and each writer waits until its frames are durable.
+//!
+//! Appending only copies a frame into a shared buffer and numbers it, under
+//! a short lock; the writer thread takes the whole buffer, writes it and
+//! syncs once, so one sync covers every frame appended while the previous
+//! one ran. A writer that must not answer before its frames are on disk
+//! waits for [`Committer::durable`].
+//!
+//! A failed write or sync is final: every waiter, and every later append,
+//! gets the [`Poisoned`] error, so nothing is acknowledged that may not be
+//! on disk.
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use tokio::sync::watch;
+
+use super::disk::Disk;
+use super::frame;
+use super::wal::{Poisoned, Wal};
+
+pub struct Committer {
+    shared: Arc<Shared>,
+    durable: watch::Receiver<Durable>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// The last durable LSN, or why there will be no more.
+type Durable = Result<u64, Poisoned>;
+
+struct Shared {
+    queue: Mutex<Queue>,
+    /// Signalled when frames are appended or the committer stops.
+    wake: Condvar,
+}
+
+struct Queue {
+    /// Frames appended and not yet taken by the writer.
+    frames: Vec<u8>,
+    /// The LSN the next frame gets.
+    next: u64,
+    stopping: bool,
+    poisoned: Option<Poisoned>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Committer {
+    /// Starts the writer thread on `wal`.
+    pub fn start<D: Disk>(wal: Wal<D>) -> std::io::Result<Self> {
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue {
+                frames: Vec::new(),
+                next: wal.next_lsn(),
+                stopping: false,
+                poisoned: None,
+            }),
+            wake: Condvar::new(),
+        });
+        let (sender, durable) = watch::channel(Ok(wal.durable()));
+        let writer = std::thread::Builder::new()
+            .name("eventsys-wal".into())
+            .spawn({
+                let shared = shared.clone();
+                move || write(wal, &shared, &sender)
+            })?;
+        Ok(Self {
+            shared,
+            durable,
+            writer: Mutex::new(Some(writer)),
+        })
+    }
+
+    /// Appends a frame for the next commit; its LSN.
+    pub fn append(&self, kind: u8, payload: &[u8]) -> Result<u64, Poisoned> {
+        let mut queue = self.shared.lock();
+        if let Some(poisoned) = &queue.poisoned {
+            return Err(poisoned.clone());
+        }
+        frame::encode(kind, payload, &mut queue.frames);
+        let lsn = queue.next;
+        queue.next += 1;
+        drop(queue);
+        self.shared.wake.notify_one();
+        Ok(lsn)
+    }
+
+    /// Waits until every frame up to `lsn` is durable.
+    pub async fn durable(&self, lsn: u64) -> Result<(), Poisoned> {
+        let mut durable = self.durable.clone();
+        let reached = durable
+            .wait_for(|d| d.as_ref().map_or(true, |d| *d >= lsn))
+            .await
+            .map_err(|_| Poisoned("the log's writer has stopped".into()))?;
+        match &*reached {
+            Ok(_) => Ok(()),
+            Err(poisoned) => Err(poisoned.clone()),
+        }
+    }
+
+    /// The last durable LSN, or why there will be no more.
+    pub fn durable_lsn(&self) -> Result<u64, Poisoned> {
+        self.durable.borrow().clone()
+    }
+
+    /// Writes what is appended, then stops the writer thread.
+    pub fn stop(&self) {
+        self.shared.lock().stopping = true;
+        self.shared.wake.notify_one();
+        let writer = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(writer) = writer
+            && writer.join().is_err()
+        {
+            tracing::error!("the log's writer thread panicked");
+        }
+    }
+}
+
+impl Drop for Committer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The writer thread: takes everything appended, writes and syncs it once.
+fn write<D: Disk>(mut wal: Wal<D>, shared: &Shared, durable: &watch::Sender<Durable>) {
+    let mut batch = Vec::new();
+    loop {
+        let last = {
+            let mut queue = shared.lock();
+            while queue.frames.is_empty() && !queue.stopping {
+                queue = shared.wake.wait(queue).unwrap_or_else(|e| e.into_inner());
+            }
+            if queue.frames.is_empty() {
+                return;
+            }
+            std::mem::swap(&mut batch, &mut queue.frames);
+            queue.next - 1
+        };
+        let result = wal.write_batch(&batch, last);
+        batch.clear();
+        if let Err(poisoned) = &result {
+            let mut queue = shared.lock();
+            queue.poisoned = Some(poisoned.clone());
+            queue.frames.clear();
+        }
+        let failed = result.is_err();
+        // Returns the previous value, which nobody needs.
+        let _ = durable.send_replace(result);
+        if failed {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::disk::crash::CrashDisk;
+
+    fn committer(disk: &Arc<CrashDisk>) -> Committer {
+        let (wal, _) = Wal::open(disk.clone(), 4096).unwrap();
+        Committer::start(wal).unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_writers_share_syncs_and_every_acknowledged_frame_survives() {
+        let disk = Arc::new(CrashDisk::default());
+        let committer = Arc::new(committer(&disk));
+        let mut writers = tokio::task::JoinSet::new();
+        for w in 0..16u8 {
+            let committer = committer.clone();
+            writers.spawn(async move {
+                let mut acked = Vec::new();
+                for i in 0..20u8 {
+                    let lsn = committer.append(w, &[w, i]).unwrap();
+                    committer.durable(lsn).await.unwrap();
+                    acked.push(vec![w, i]);
+                }
+                acked
+            });
+        }
+        let mut acked: Vec<Vec<u8>> = writers.join_all().await.concat();
+        assert!(
+            disk.syncs() < acked.len(),
+            "{} syncs for {} acknowledged frames: no group commit",
+            disk.syncs(),
+            acked.len()
+        );
+        // A crash loses everything not synced: nothing acknowledged is lost.
+        let crashed = disk.crash(|_| 0, &[]);
+        let (_, recovered) = Wal::open(crashed, 4096).unwrap();
+        let mut got: Vec<Vec<u8>> = recovered.into_iter().map(|f| f.payload).collect();
+        got.sort();
+        acked.sort();
+        assert_eq!(got, acked);
+    }
+
+    #[tokio::test]
+    async fn a_failed_sync_stops_every_acknowledgement() {
+        let disk = Arc::new(CrashDisk::default());
+        let committer = committer(&disk);
+        let first = committer.append(1, b"before").unwrap();
+        committer.durable(first).await.unwrap();
+        disk.fail_sync(0);
+        let lsn = committer.append(1, b"lost").unwrap();
+        let error = committer.durable(lsn).await.unwrap_err();
+        assert!(
+            error.to_string().contains("injected fsync failure"),
+            "{error}"
+        );
+        assert!(committer.append(1, b"after").is_err());
+        assert!(committer.durable_lsn().is_err());
+        // What was acknowledged before is still there.
+        let (_, recovered) = Wal::open(disk.crash(|_| 0, &[]), 4096).unwrap();
+        assert_eq!(recovered.len(), 1);
+        assert_eq!(recovered[0].payload, b"before");
+    }
+
+    #[tokio::test]
+    async fn stop_writes_what_was_appended() {
+        let disk = Arc::new(CrashDisk::default());
+        let committer = committer(&disk);
+        for i in 0..10u8 {
+            committer.append(2, &[i]).unwrap();
+        }
+        committer.stop();
+        let (_, recovered) = Wal::open(disk.crash(|_| 0, &[]), 4096).unwrap();
+        assert_eq!(recovered.len(), 10);
+    }
+}
