@@ -21,6 +21,9 @@ pub trait Disk: Send + Sync + 'static {
     /// Cuts the file to `len` bytes, durably.
     fn truncate(&self, name: &str, len: u64) -> io::Result<()>;
     fn remove(&self, name: &str) -> io::Result<()>;
+    /// Renames a synced file, durably and atomically: after a crash there
+    /// is either the old name or the new one.
+    fn rename(&self, from: &str, to: &str) -> io::Result<()>;
 }
 
 /// A shared disk is a disk (the log's writer and a test can both hold it).
@@ -45,6 +48,9 @@ impl<D: Disk> Disk for std::sync::Arc<D> {
     }
     fn remove(&self, name: &str) -> io::Result<()> {
         (**self).remove(name)
+    }
+    fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        (**self).rename(from, to)
     }
 }
 
@@ -130,6 +136,15 @@ impl Disk for FsDisk {
             .unwrap_or_else(|e| e.into_inner())
             .remove(name);
         fs::remove_file(self.dir.join(name))?;
+        self.sync_dir()
+    }
+
+    fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        self.open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(from);
+        fs::rename(self.dir.join(from), self.dir.join(to))?;
         self.sync_dir()
     }
 }
@@ -280,6 +295,13 @@ pub mod crash {
 
         fn remove(&self, name: &str) -> io::Result<()> {
             self.state().files.remove(name);
+            Ok(())
+        }
+
+        fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+            let mut state = self.state();
+            let file = state.files.remove(from).ok_or_else(|| missing(from))?;
+            state.files.insert(to.to_string(), file);
             Ok(())
         }
     }

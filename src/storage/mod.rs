@@ -9,10 +9,13 @@
 //!   was appended), recovery, and poisoning on a failed write or sync;
 //! - [`commit`]: group commit: one writer thread, one sync for all that was
 //!   appended, writers waiting until their frames are durable;
+//! - [`snapshot`]: the state as of a log position, written whole or not at
+//!   all;
 //! - [`lock`]: one server per data directory.
 
 pub mod commit;
 pub mod disk;
 pub mod frame;
 pub mod lock;
+pub mod snapshot;
 pub mod wal;

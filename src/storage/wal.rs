@@ -82,6 +82,17 @@ impl<D: Disk> Wal<D> {
     /// Opens the log on `disk`, cutting a torn tail, and returns it with
     /// every frame it holds, in order.
     pub fn open(disk: D, segment_bytes: u64) -> Result<(Self, Vec<Recovered>), OpenError> {
+        Self::open_after(disk, segment_bytes, 0)
+    }
+
+    /// Opens the log for a state that already holds every frame up to
+    /// `after` (a snapshot's): returns the frames after it. Segments before
+    /// it may have been removed; the ones left must reach back to it.
+    pub fn open_after(
+        disk: D,
+        segment_bytes: u64,
+        after: u64,
+    ) -> Result<(Self, Vec<Recovered>), OpenError> {
         let io = |file: &str| {
             let file = file.to_string();
             move |error| OpenError::Io { file, error }
@@ -97,7 +108,17 @@ impl<D: Disk> Wal<D> {
             .collect();
         segments.sort();
         let mut recovered = Vec::new();
-        let mut next = 1;
+        let mut next = match segments.first() {
+            Some((first, name)) if *first > after + 1 => {
+                return Err(OpenError::Gap {
+                    file: name.clone(),
+                    expected: after + 1,
+                    found: *first,
+                });
+            }
+            Some((first, _)) => *first,
+            None => after + 1,
+        };
         let mut written = 0;
         let last = segments.len().saturating_sub(1);
         for (index, (first, name)) in segments.iter().enumerate() {
@@ -129,11 +150,13 @@ impl<D: Disk> Wal<D> {
                 disk.truncate(name, length).map_err(io(name))?;
             }
             for f in scanned.frames {
-                recovered.push(Recovered {
-                    lsn: next,
-                    kind: f.kind,
-                    payload: bytes[f.payload].to_vec(),
-                });
+                if next > after {
+                    recovered.push(Recovered {
+                        lsn: next,
+                        kind: f.kind,
+                        payload: bytes[f.payload].to_vec(),
+                    });
+                }
                 next += 1;
             }
             written = length;
@@ -141,7 +164,7 @@ impl<D: Disk> Wal<D> {
         let current = match segments.last() {
             Some((_, name)) => name.clone(),
             None => {
-                let name = segment_name(1);
+                let name = segment_name(next);
                 disk.create(&name).map_err(io(&name))?;
                 name
             }
@@ -227,6 +250,28 @@ impl<D: Disk> Wal<D> {
         self.durable
     }
 
+    /// Deletes the segments whose every frame is at or before `lsn` (a
+    /// snapshot holds them, and no queue or retention needs them), never the
+    /// one being written; how many.
+    pub fn remove_through(&mut self, lsn: u64) -> io::Result<usize> {
+        let segments = self.segments()?;
+        let firsts: Vec<u64> = segments
+            .iter()
+            .filter_map(|n| n.strip_suffix(SUFFIX)?.parse().ok())
+            .collect();
+        let mut removed = 0;
+        for (index, name) in segments.iter().enumerate() {
+            // A segment ends where the next begins.
+            let covered = firsts.get(index + 1).is_some_and(|next| *next <= lsn + 1);
+            if !covered || *name == self.current {
+                break;
+            }
+            self.disk.remove(name)?;
+            removed += 1;
+        }
+        Ok(removed)
+    }
+
     /// The segments on disk, oldest first.
     pub fn segments(&self) -> io::Result<Vec<String>> {
         let mut names: Vec<String> = self
@@ -277,6 +322,37 @@ mod tests {
         );
         assert_eq!(wal.append(7, b"more").unwrap(), 51, "LSNs continue");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn segments_wholly_before_a_position_are_removed_and_the_rest_still_opens() {
+        let disk = Arc::new(CrashDisk::default());
+        let (mut wal, _) = Wal::open(disk.clone(), 40).unwrap();
+        for i in 0..10u8 {
+            wal.append(1, &[i; 30]).unwrap();
+            wal.commit().unwrap();
+        }
+        let before = wal.segments().unwrap().len();
+        // Two 39-byte frames fill a 40-byte segment: 1-2 and 3-4 go.
+        assert_eq!(wal.remove_through(4).unwrap(), 2);
+        assert_eq!(wal.segments().unwrap().len(), before - 2);
+        assert_eq!(wal.remove_through(4).unwrap(), 0);
+        drop(wal);
+        // From the start, frames are missing; after a snapshot at 6, none.
+        assert!(matches!(
+            Wal::open(disk.clone(), 40),
+            Err(OpenError::Gap {
+                expected: 1,
+                found: 5,
+                ..
+            })
+        ));
+        let (mut wal, recovered) = Wal::open_after(disk.clone(), 40, 6).unwrap();
+        assert_eq!(
+            recovered.iter().map(|f| f.lsn).collect::<Vec<_>>(),
+            [7, 8, 9, 10]
+        );
+        assert_eq!(wal.append(1, b"next").unwrap(), 11);
     }
 
     #[test]
