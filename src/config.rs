@@ -105,7 +105,8 @@ pub struct Config {
 
     /// How long a request (its body included) may take before it is answered
     /// 408 (live streams and /settle excepted).
-    #[arg(long, env = "EVENTSYS_REQUEST_TIMEOUT", default_value = "30s")]
+    #[arg(long, env = "EVENTSYS_REQUEST_TIMEOUT", value_parser = positive_duration,
+          default_value = "30s")]
     pub request_timeout: humantime::Duration,
 
     /// Connections open at once; one more is answered 503 and closed.
@@ -115,17 +116,28 @@ pub struct Config {
 
     /// How long a client may take to send a request header, from its first
     /// byte, before its connection is closed.
-    #[arg(long, env = "EVENTSYS_HEADER_READ_TIMEOUT", default_value = "10s")]
+    #[arg(long, env = "EVENTSYS_HEADER_READ_TIMEOUT", value_parser = positive_duration,
+          default_value = "10s")]
     pub header_read_timeout: humantime::Duration,
 
     /// How long a connection may wait for its next request before it is
     /// closed.
-    #[arg(long, env = "EVENTSYS_IDLE_TIMEOUT", default_value = "60s")]
+    #[arg(long, env = "EVENTSYS_IDLE_TIMEOUT", value_parser = positive_duration,
+          default_value = "60s")]
     pub idle_timeout: humantime::Duration,
 
     /// Log format.
     #[arg(long, env = "EVENTSYS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
     pub log_format: LogFormat,
+}
+
+/// A duration above zero (a zero timeout would refuse everything).
+fn positive_duration(text: &str) -> Result<humantime::Duration, String> {
+    let duration: humantime::Duration = text.parse().map_err(|e| format!("{e}"))?;
+    if Duration::from(duration).is_zero() {
+        return Err("must be more than zero".into());
+    }
+    Ok(duration)
 }
 
 impl Default for Config {
@@ -152,6 +164,7 @@ impl Config {
             max_connections: self.max_connections as usize,
             header_read_timeout: self.header_read_timeout.into(),
             idle_timeout: self.idle_timeout.into(),
+            grace: self.shutdown_timeout(),
         }
     }
 

@@ -29,7 +29,13 @@ fn connect(addr: SocketAddr) -> TcpStream {
 fn read_until_closed(stream: &mut TcpStream) -> String {
     let mut seen = Vec::new();
     let mut buffer = [0u8; 4096];
+    let started = Instant::now();
     loop {
+        // Keep-alive comments would otherwise reset the read timeout for ever.
+        assert!(
+            started.elapsed() < DEADLINE,
+            "the server kept the connection open past {DEADLINE:?}"
+        );
         match stream.read(&mut buffer) {
             Ok(0) => return String::from_utf8_lossy(&seen).into_owned(),
             Ok(n) => seen.extend_from_slice(&buffer[..n]),
@@ -264,4 +270,67 @@ fn http_ce(addr: SocketAddr, event: &Value) -> (u16, String) {
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("not an HTTP response: {response}"));
     (status, response)
+}
+
+/// Waits out at least `--idle-timeout` without sleeping: a keep-alive
+/// connection that asks nothing is closed after it.
+fn idle_timeout_passes(addr: SocketAddr) {
+    let mut idle = connect(addr);
+    assert_eq!(get_keep_alive(&mut idle, "/healthz"), 200);
+    read_until_closed(&mut idle);
+}
+
+#[test]
+fn a_client_that_takes_none_of_its_stream_is_closed_after_the_idle_timeout() {
+    let server = Server::start(&["--idle-timeout", "300ms"]);
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    socket.connect(&server.addr.into()).expect("connect");
+    let mut stalled: TcpStream = socket.into();
+    stalled
+        .set_read_timeout(Some(DEADLINE))
+        .expect("read timeout");
+    write!(
+        stalled,
+        "GET /events/stream HTTP/1.1\r\nHost: eventsys\r\nAccept: text/event-stream\r\n\r\n"
+    )
+    .expect("open the stream");
+    // Far more changes than the socket buffers hold, none of them read.
+    for round in 0..3 {
+        let batch: Vec<Value> = (0..1000)
+            .map(|i| json!({"id": format!("m{round}-{i}"), "title": "A title long enough to fill buffers"}))
+            .collect();
+        assert_eq!(
+            http(server.addr, "POST", "/raw/movies", Some(&json!(batch))).0,
+            200
+        );
+    }
+    assert_eq!(
+        http(server.addr, "GET", "/settle?timeout_ms=30000", None).0,
+        200
+    );
+    idle_timeout_passes(server.addr);
+    idle_timeout_passes(server.addr);
+    // What was sent is still there to read, and then the end.
+    let read = read_until_closed(&mut stalled);
+    assert!(
+        read.starts_with("HTTP/1.1 200"),
+        "{}",
+        &read[..read.len().min(200)]
+    );
+}
+
+#[test]
+fn a_half_written_request_does_not_hold_shutdown() {
+    let mut server = Server::start(&["--header-read-timeout", "1h", "--shutdown-timeout", "500ms"]);
+    let mut half = connect(server.addr);
+    half.write_all(b"GET /healthz HTTP/1.1\r\nHost: eventsys\r\nX-Slow: ")
+        .expect("send half a header");
+    // Served once, so the server has certainly accepted the half one first.
+    assert_eq!(http(server.addr, "GET", "/healthz", None).0, 200);
+    server.signal("TERM");
+    let (status, _) = server.wait_for_exit(DEADLINE);
+    assert!(status.success(), "{status}");
+    read_until_closed(&mut half);
 }

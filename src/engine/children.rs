@@ -101,6 +101,15 @@ impl Children {
         })
     }
 
+    /// The ids `list` (a listing's data) names, or none if it does not parse.
+    pub fn child_ids(&self, parent: &RecordId, list: &Data) -> Vec<RecordId> {
+        field(list, self.field)
+            .and_then(Data::of_part)
+            .and_then(|list| (self.split)(parent, &list).ok())
+            .map(|children| children.into_iter().map(|(id, _)| id).collect())
+            .unwrap_or_default()
+    }
+
     /// The parent's listing as it counts now.
     pub fn current(&self, parent: &RecordId) -> Result<Option<Listing>, String> {
         if self.parent.get(parent.as_str()).is_none() {

@@ -392,13 +392,7 @@ impl Table {
         if limit == u64::MAX {
             return Ok(Reservation::none());
         }
-        let mut ids: Vec<&RecordId> = ids.into_iter().collect();
-        ids.sort_unstable();
-        ids.dedup();
-        let new = ids
-            .into_iter()
-            .filter(|id| !self.shard(id.as_str()).entries.contains_key(*id))
-            .count() as u64;
+        let new = self.new_ids(ids);
         let counters = &self.counters;
         counters
             .reserved
@@ -412,6 +406,36 @@ impl Table {
             table: Some(self),
             room: new,
         })
+    }
+
+    /// How many of `ids` the table keeps nothing for yet.
+    fn new_ids<'i>(&self, ids: impl IntoIterator<Item = &'i RecordId>) -> u64 {
+        let mut ids: Vec<&RecordId> = ids.into_iter().collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids.into_iter()
+            .filter(|id| !self.shard(id.as_str()).entries.contains_key(*id))
+            .count() as u64
+    }
+
+    /// Fails if those of `ids` the table does not keep yet would take it
+    /// past its limit (reserving nothing: for writes that come later, by a
+    /// handler, and are checked again then).
+    pub fn room_for(&self, ids: &[RecordId]) -> Result<(), Full> {
+        let limit = self.limit();
+        if limit == u64::MAX {
+            return Ok(());
+        }
+        let new = self.new_ids(ids);
+        let used = self
+            .counters
+            .entries
+            .load(Ordering::Acquire)
+            .saturating_add(self.counters.reserved.load(Ordering::Acquire));
+        if used.saturating_add(new) > limit {
+            return Err(self.full());
+        }
+        Ok(())
     }
 
     /// The entry for `id`, made if new, for a handler's write: a new entry

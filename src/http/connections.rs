@@ -9,7 +9,10 @@
 //!   first byte closes the connection (nothing of it reached a handler);
 //! - a connection with no request for `--idle-timeout` is closed, after
 //!   finishing any response it is still sending (a live stream keeps its
-//!   connection for as long as it runs).
+//!   connection for as long as it runs);
+//! - a connection whose client has not taken a byte of its response for
+//!   `--idle-timeout` (a stalled live stream, say) is closed: a browser's
+//!   `EventSource` reconnects with `Last-Event-ID` and misses nothing.
 //!
 //! - a client that stops reading holds at most [`SEND_BUFFER`] of the
 //!   kernel's memory for what it has not read (the kernel would otherwise
@@ -18,7 +21,8 @@
 //!   pressure).
 //!
 //! When shutdown starts, the listener closes and every connection finishes
-//! its request in progress and closes; [`serve`] returns once all have.
+//! its request in progress and closes, or is closed after `grace`;
+//! [`serve`] returns once all have.
 
 use std::io;
 use std::pin::Pin;
@@ -49,6 +53,8 @@ pub struct Limits {
     pub max_connections: usize,
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
+    /// How long a connection may take to finish once shutdown starts.
+    pub grace: Duration,
 }
 
 /// Connections over the limit being answered at once; more than this are
@@ -139,8 +145,17 @@ async fn connection(
     builder.timer(TokioTimer::new()).header_read_timeout(None);
     let conn = builder.serve_connection(io, service);
     let mut conn = std::pin::pin!(conn);
+    // Set once hyper is asked to close after the response in progress.
     let mut closing = false;
+    // When a shutdown stops waiting for that.
+    let mut deadline = None;
     loop {
+        let grace = async {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             result = conn.as_mut() => {
                 if let Err(error) = result {
@@ -148,13 +163,24 @@ async fn connection(
                 }
                 return;
             }
-            () = stopping.cancelled(), if !closing => {
-                conn.as_mut().graceful_shutdown();
-                closing = true;
+            () = stopping.cancelled(), if deadline.is_none() => {
+                if !closing {
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+                deadline = Some(Instant::now() + limits.grace);
             }
-            expired = activity.expired(limits), if !closing => match expired {
+            () = grace => {
+                tracing::debug!("connection not finished within the shutdown grace: closed");
+                return;
+            }
+            expired = activity.expired(limits, closing) => match expired {
                 Expired::Header => {
                     tracing::debug!("request header not received in time: connection closed");
+                    return;
+                }
+                Expired::Stalled => {
+                    tracing::debug!("client took none of its response in time: connection closed");
                     return;
                 }
                 Expired::Idle => {
@@ -196,6 +222,8 @@ enum Expired {
     Header,
     /// No request came in time.
     Idle,
+    /// The client took none of what was written to it in time.
+    Stalled,
 }
 
 /// When a connection last did something, shared by its socket, its
@@ -212,6 +240,8 @@ struct State {
     reading: bool,
     /// When the connection last became idle, or began reading a header.
     since: Instant,
+    /// Since when a write has been waiting for the client to read.
+    blocked: Option<Instant>,
 }
 
 /// A request in progress; the connection is idle again when it drops.
@@ -237,6 +267,7 @@ impl Activity {
                 handling: 0,
                 reading: false,
                 since: Instant::now(),
+                blocked: None,
             }),
             changed: Notify::new(),
         }
@@ -266,19 +297,46 @@ impl Activity {
         }
     }
 
-    /// Resolves when the connection has been idle, or reading one header,
-    /// for longer than `limits` allow; never while a request is handled.
-    async fn expired(&self, limits: Limits) -> Expired {
+    /// A write could not go on until the client reads, or went on again.
+    fn write_blocked(&self, blocked: bool) {
+        let mut state = self.lock();
+        if blocked == state.blocked.is_some() {
+            return;
+        }
+        state.blocked = blocked.then(Instant::now);
+        drop(state);
+        self.changed.notify_one();
+    }
+
+    /// Resolves when the connection has been reading one header, idle
+    /// (unless `closing`: it closes by itself once idle), or unable to write
+    /// for longer than `limits` allow.
+    async fn expired(&self, limits: Limits, closing: bool) -> Expired {
+        // Far-off limits saturate rather than overflow.
+        let after = |at: Instant, limit: Duration| at.checked_add(limit);
         loop {
             let deadline = {
                 let state = self.lock();
-                (state.handling == 0).then(|| {
-                    if state.reading {
-                        (state.since + limits.header_read_timeout, Expired::Header)
-                    } else {
-                        (state.since + limits.idle_timeout, Expired::Idle)
-                    }
-                })
+                let stalled = state
+                    .blocked
+                    .and_then(|at| after(at, limits.idle_timeout))
+                    .map(|at| (at, Expired::Stalled));
+                let waiting = (state.handling == 0)
+                    .then(|| {
+                        if state.reading {
+                            after(state.since, limits.header_read_timeout)
+                                .map(|at| (at, Expired::Header))
+                        } else if !closing {
+                            after(state.since, limits.idle_timeout).map(|at| (at, Expired::Idle))
+                        } else {
+                            None
+                        }
+                    })
+                    .flatten();
+                match (stalled, waiting) {
+                    (Some(s), Some(w)) => Some(if s.0 <= w.0 { s } else { w }),
+                    (s, w) => s.or(w),
+                }
             };
             match deadline {
                 // `notify_one` keeps a wake-up for a waiter that is not yet
@@ -322,7 +380,9 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.activity.write_blocked(poll.is_pending());
+        poll
     }
 
     fn poll_write_vectored(
@@ -330,7 +390,9 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.activity.write_blocked(poll.is_pending());
+        poll
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -174,9 +174,13 @@ pub fn router(state: AppState) -> Router {
 /// Sheds a request over `--max-requests` with a 503 at once, and answers
 /// one that takes longer than `--request-timeout` (a slow body, usually)
 /// with a 408. Long polls are neither counted nor timed: `/settle` has its
-/// own timeout and a live stream runs until it ends.
+/// own timeout and a live stream runs until it ends; nor are `/healthz` and
+/// `/metrics`, which must answer most when the server is busiest.
 async fn limit_requests(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    if matches!(request.uri().path(), "/settle" | "/events/stream") {
+    if matches!(
+        request.uri().path(),
+        "/settle" | "/events/stream" | "/healthz" | "/metrics"
+    ) {
         return next.run(request).await;
     }
     let Ok(_permit) = state.0.requests.clone().try_acquire_owned() else {

@@ -27,6 +27,7 @@ use std::time::Duration;
 use axum::body::Bytes;
 use futures_util::stream::{self, Stream};
 use serde_json::json;
+use tokio::sync::Notify;
 use tokio::sync::broadcast::{self, error::RecvError};
 use tokio_util::sync::CancellationToken;
 
@@ -63,14 +64,20 @@ struct Batch {
 /// The one reader of new changes for every live stream.
 pub struct Fanout {
     sender: broadcast::Sender<Arc<Batch>>,
+    /// Wakes the fanout when a stream joins while it is idle.
+    joined: Arc<Notify>,
 }
 
 impl Fanout {
     /// Starts the fanout task on the current runtime; it ends with `stopping`.
     pub fn start(log: Arc<ChangeLog>, stopping: CancellationToken) -> Arc<Self> {
         let (sender, _) = broadcast::channel(CHANNEL);
-        let fanout = Arc::new(Self { sender });
-        tokio::spawn(publish(log, fanout.sender.clone(), stopping));
+        let joined = Arc::new(Notify::new());
+        let fanout = Arc::new(Self {
+            sender: sender.clone(),
+            joined: joined.clone(),
+        });
+        tokio::spawn(publish(log, sender, joined, stopping));
         fanout
     }
 
@@ -84,7 +91,10 @@ impl Fanout {
         // Subscribed before the log is read, so nothing published after the
         // read can be missed.
         let live = self.sender.subscribe();
+        self.joined.notify_one();
         let mut keepalive = tokio::time::interval(KEEP_ALIVE);
+        // After a stall, one comment, not one per interval missed.
+        keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         keepalive.reset();
         let viewer = Viewer {
             log,
@@ -105,50 +115,67 @@ impl Fanout {
     }
 }
 
-/// Reads new changes a batch at a time and publishes them, serialised.
+/// Reads new changes a batch at a time and publishes them, serialised,
+/// while any stream is open; while none is, it does not even watch the log
+/// (so appends do not pay for waking it).
 async fn publish(
     log: Arc<ChangeLog>,
     sender: broadcast::Sender<Arc<Batch>>,
+    joined: Arc<Notify>,
     stopping: CancellationToken,
 ) {
-    let mut appended = log.watch();
-    let mut cursor = log.latest();
     loop {
-        tokio::select! {
-            () = stopping.cancelled() => return,
-            changed = appended.changed() => if changed.is_err() { return },
-        }
-        // Let a burst gather: one batch for many appends.
-        tokio::select! {
-            () = stopping.cancelled() => return,
-            () = tokio::time::sleep(TICK) => {}
-        }
-        appended.borrow_and_update();
-        loop {
-            if sender.receiver_count() == 0 {
-                // No one to serialise for; a stream that joins reads what it
-                // needs from the log.
-                cursor = log.latest();
-                break;
+        if sender.receiver_count() == 0 {
+            // `notify_one` keeps a wake-up for a stream that joins between
+            // the count and the wait.
+            tokio::select! {
+                () = stopping.cancelled() => return,
+                () = joined.notified() => continue,
             }
-            let page = match log.read_strict(cursor, BATCH, |_| true) {
-                Ok(page) => page,
-                // Trimmed before it was read: streams that need it get
-                // `lagged` when they look for it in the log.
-                Err(gone) => {
-                    cursor = gone.oldest.saturating_sub(1);
-                    continue;
-                }
-            };
-            if page.events.is_empty() {
-                break;
+        }
+        // Watching from here on; a stream reads from the log whatever came
+        // before (a batch that starts after its cursor sends it there).
+        let mut appended = log.watch();
+        let mut cursor = log.latest();
+        while sender.receiver_count() > 0 {
+            tokio::select! {
+                () = stopping.cancelled() => return,
+                changed = appended.changed() => if changed.is_err() { return },
+                // Streams all gone while nothing was appended: stop watching.
+                () = joined.notified() => continue,
             }
-            let batch = Batch::of(cursor, page.events);
-            cursor = batch.last;
-            // An error only means the last receiver left just now.
-            let _ = sender.send(Arc::new(batch));
+            // Let a burst gather: one batch for many appends.
+            tokio::select! {
+                () = stopping.cancelled() => return,
+                () = tokio::time::sleep(TICK) => {}
+            }
+            appended.borrow_and_update();
+            cursor = publish_from(&log, &sender, cursor);
         }
     }
+}
+
+/// Publishes every change after `cursor`; the new cursor.
+fn publish_from(log: &ChangeLog, sender: &broadcast::Sender<Arc<Batch>>, mut cursor: u64) -> u64 {
+    while sender.receiver_count() > 0 {
+        let page = match log.read_strict(cursor, BATCH, |_| true) {
+            Ok(page) => page,
+            // Trimmed before it was read: streams that need it get `lagged`
+            // when they look for it in the log.
+            Err(gone) => {
+                cursor = gone.oldest.saturating_sub(1);
+                continue;
+            }
+        };
+        if page.events.is_empty() {
+            break;
+        }
+        let batch = Batch::of(cursor, page.events);
+        cursor = batch.last;
+        // An error only means the last receiver left just now.
+        let _ = sender.send(Arc::new(batch));
+    }
+    cursor
 }
 
 impl Batch {

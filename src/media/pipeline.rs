@@ -120,6 +120,8 @@ pub struct Pipeline {
     raw: ByKind<Arc<Table>>,
     /// Parent kinds' child lists (`None` for kinds without children).
     children: ByKind<Option<Arc<Children>>>,
+    /// Parent kinds' children and where they go.
+    parents: ByKind<Option<Arc<Parent>>>,
     raw_feed: SubscriberId,
     pub raw_queue: Arc<Queue<Arc<Change>>>,
     pub encode_queue: Arc<Queue<EncodeJob>>,
@@ -159,9 +161,8 @@ impl Pipeline {
         let (raw_queue, raw_feed) = engine.add_fed_queue("raw_queue", config.queue_capacity, &fed);
         let encode_queue = engine.add_queue::<EncodeJob>("encode_queue", config.queue_capacity);
         let ingest_to_visible = latency_histogram();
-        let mut routes = HashMap::new();
-        for kind in Kind::ALL {
-            let parent = children.get(kind).as_ref().map(|children| {
+        let parents = ByKind::new(|kind| {
+            children.get(kind).as_ref().map(|children| {
                 // Where each parent kind's children go: episodes are records
                 // that come back through raw_queue, renditions are jobs.
                 let sink: Box<dyn ChildSink> = match kind {
@@ -176,7 +177,11 @@ impl Pipeline {
                     children: children.clone(),
                     sink,
                 })
-            });
+            })
+        });
+        let mut routes = HashMap::new();
+        for kind in Kind::ALL {
+            let parent = parents.get(kind).clone();
             let route = |parent| Route {
                 kind,
                 standard: standard.get(kind).clone(),
@@ -224,6 +229,7 @@ impl Pipeline {
             engine,
             raw,
             children,
+            parents,
             raw_feed,
             raw_queue,
             encode_queue,
@@ -321,7 +327,23 @@ impl Pipeline {
     ) -> Result<Admitted<'_>, Refused> {
         let ids: Vec<&RecordId> = writes.map(|w| &w.id).collect();
         let listed: Vec<&RecordId> = lists.iter().flatten().map(|l| &l.id).collect();
-        self.admit_writes(kind, &ids, &listed)
+        let room = self.admit_writes(kind, &ids, &listed)?;
+        // raw_handler writes the children later, where a full table could
+        // only dead-letter the parent: refuse it now instead.
+        if let Some(parent) = self.parents.get(kind) {
+            let keys: Vec<RecordId> = lists
+                .iter()
+                .flatten()
+                .flat_map(|list| {
+                    let children = parent.children.child_ids(&list.id, &list.data);
+                    children
+                        .into_iter()
+                        .map(|child| parent.sink.key(&list.id, &child))
+                })
+                .collect();
+            parent.sink.table().room_for(&keys)?;
+        }
+        Ok(room)
     }
 
     fn listing_table(&self, kind: Kind) -> Option<&Arc<Table>> {

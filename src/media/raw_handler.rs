@@ -45,6 +45,31 @@ pub trait ChildSink: Send + Sync {
         current: Option<&Listing>,
         cause: &Cause,
     ) -> Result<Vec<EncodeJob>, String>;
+
+    /// The table the children are written to.
+    fn table(&self) -> &Arc<Table>;
+
+    /// The id of `parent`'s child `child` in [`ChildSink::table`].
+    fn key(&self, parent: &RecordId, child: &RecordId) -> RecordId;
+
+    /// Fails, before anything is written, if the new children of `previous`
+    /// to `current` would take the table past its limit, so that a parent is
+    /// never left with part of its children written.
+    fn room(
+        &self,
+        parent: &RecordId,
+        previous: Option<&Listing>,
+        current: Option<&Listing>,
+    ) -> Result<(), String> {
+        let keys: Vec<RecordId> = previous
+            .into_iter()
+            .chain(current)
+            .flat_map(|l| l.children.iter().map(|(child, _)| self.key(parent, child)))
+            .collect();
+        self.table()
+            .room_for(&keys)
+            .map_err(|full| full.to_string())
+    }
 }
 
 /// A parent kind's children and where they go.
@@ -186,6 +211,14 @@ pub struct ChildRecords {
 }
 
 impl ChildSink for ChildRecords {
+    fn table(&self) -> &Arc<Table> {
+        &self.table
+    }
+
+    fn key(&self, _: &RecordId, child: &RecordId) -> RecordId {
+        child.clone()
+    }
+
     fn apply(
         &self,
         parent: &RecordId,
@@ -194,6 +227,7 @@ impl ChildSink for ChildRecords {
         current: Option<&Listing>,
         cause: &Cause,
     ) -> Result<Vec<EncodeJob>, String> {
+        self.room(parent, previous, current)?;
         let removed = Version::delete(change.version.at);
         for child in dropped(previous, current) {
             self.table
@@ -230,6 +264,14 @@ pub struct EncodeJobs {
 }
 
 impl ChildSink for EncodeJobs {
+    fn table(&self) -> &Arc<Table> {
+        &self.encodes
+    }
+
+    fn key(&self, video: &RecordId, rendition: &RecordId) -> RecordId {
+        encode_id(video, rendition)
+    }
+
     fn apply(
         &self,
         video: &RecordId,
@@ -238,6 +280,7 @@ impl ChildSink for EncodeJobs {
         current: Option<&Listing>,
         cause: &Cause,
     ) -> Result<Vec<EncodeJob>, String> {
+        self.room(video, previous, current)?;
         for rendition in dropped(previous, current) {
             self.encodes
                 .derive(

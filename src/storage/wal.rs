@@ -254,16 +254,18 @@ impl<D: Disk> Wal<D> {
     /// snapshot holds them, and no queue or retention needs them), never the
     /// one being written; how many.
     pub fn remove_through(&mut self, lsn: u64) -> io::Result<usize> {
-        let segments = self.segments()?;
-        let firsts: Vec<u64> = segments
-            .iter()
-            .filter_map(|n| n.strip_suffix(SUFFIX)?.parse().ok())
+        let mut segments: Vec<(u64, String)> = self
+            .disk
+            .list()?
+            .into_iter()
+            .filter_map(|n| Some((n.strip_suffix(SUFFIX)?.parse().ok()?, n)))
             .collect();
+        segments.sort();
         let mut removed = 0;
-        for (index, name) in segments.iter().enumerate() {
+        for pair in segments.windows(2) {
             // A segment ends where the next begins.
-            let covered = firsts.get(index + 1).is_some_and(|next| *next <= lsn + 1);
-            if !covered || *name == self.current {
+            let ((_, name), (next, _)) = (&pair[0], &pair[1]);
+            if *next > lsn + 1 || *name == self.current {
                 break;
             }
             self.disk.remove(name)?;

@@ -58,17 +58,48 @@ async fn a_table_at_its_limit_answers_507_naming_it_and_stores_nothing() {
 }
 
 #[tokio::test]
-async fn a_handler_write_past_the_limit_is_dead_lettered_with_the_reason() {
+async fn a_parent_whose_children_would_not_fit_is_refused_whole() {
     let app = TestApp::with(|c| c.max_records = 3);
     let episodes: Vec<Value> = (1..=5)
         .map(|n| json!({"id": format!("s1e{n}"), "title": "E", "number": n}))
         .collect();
+    let refused = app
+        .post(
+            "/raw/series",
+            json!({"id": "s1", "title": "S", "episodes": episodes}),
+        )
+        .await;
+    assert_eq!(refused.problem(507)["table"], "raw_episodes");
+    app.settle().await;
+    assert_eq!(app.count("raw_series").await, 0, "nothing of it is stored");
+    assert_eq!(app.count("raw_series_episodes").await, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_handler_write_past_the_limit_is_dead_lettered_whole_with_the_reason() {
+    let app = TestApp::with(|c| c.max_records = 3);
+    // The series is admitted while raw_episodes has room for its two
+    // episodes; two episodes posted on their own take it before
+    // raw_handler gets to the series.
+    app.put("/faults/raw_handler", json!({"delay_ms": 1000}))
+        .await
+        .ok();
+    let listed: Vec<Value> = (1..=2)
+        .map(|n| json!({"id": format!("s1e{n}"), "title": "E", "number": n}))
+        .collect();
     app.post(
         "/raw/series",
-        json!({"id": "s1", "title": "S", "episodes": episodes}),
+        json!({"id": "s1", "title": "S", "episodes": listed}),
     )
     .await
     .ok();
+    app.post(
+        "/raw/episodes",
+        json!([{"id": "x1", "title": "X", "series_id": "other"}, {"id": "x2", "title": "X", "series_id": "other"}]),
+    )
+    .await
+    .ok();
+    app.delete("/faults/raw_handler").await.ok();
     app.settle().await;
     let letters = app.get("/queues/raw_queue/dead-letters").await;
     let errors: Vec<&str> = letters.ok()["dead_letters"]
@@ -78,12 +109,14 @@ async fn a_handler_write_past_the_limit_is_dead_lettered_with_the_reason() {
         .map(|d| d["error"].as_str().unwrap())
         .collect();
     assert!(
-        errors
-            .iter()
-            .any(|e| e.contains("table `raw_episodes` is full")),
+        !errors.is_empty()
+            && errors
+                .iter()
+                .all(|e| e.contains("table `raw_episodes` is full")),
         "{errors:?}"
     );
-    assert!(app.count("raw_episodes").await <= 3);
+    // None of the series' episodes was written: not one of two.
+    assert_eq!(app.ids("raw_episodes").await, ["x1", "x2"]);
     let queue = app.queue("raw_queue").await;
     let n = |k: &str| queue[k].as_u64().unwrap();
     assert_eq!(
