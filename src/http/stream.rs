@@ -9,7 +9,8 @@
 //! without copying them. The fanout waits [`TICK`] after an append before
 //! it reads, so that a burst of writes is one batch for the viewers rather
 //! than thousands of wake-ups competing with the pipeline, and it
-//! serialises nothing while no one is watching.
+//! serialises nothing while no stream is waiting for it (none is open, or
+//! every one is busy or stalled: each then reads from the log when it can).
 //!
 //! A stream that is not read (a stalled client) is not polled, so it costs
 //! nothing: the channel overwrites what it did not take. When it reads
@@ -22,6 +23,7 @@
 use std::convert::Infallible;
 use std::io::Write as _;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -66,6 +68,8 @@ pub struct Fanout {
     sender: broadcast::Sender<Arc<Batch>>,
     /// Wakes the fanout when a stream joins while it is idle.
     joined: Arc<Notify>,
+    /// Streams waiting for the next batch now.
+    waiting: Arc<AtomicUsize>,
 }
 
 impl Fanout {
@@ -73,11 +77,13 @@ impl Fanout {
     pub fn start(log: Arc<ChangeLog>, stopping: CancellationToken) -> Arc<Self> {
         let (sender, _) = broadcast::channel(CHANNEL);
         let joined = Arc::new(Notify::new());
+        let waiting = Arc::new(AtomicUsize::new(0));
         let fanout = Arc::new(Self {
             sender: sender.clone(),
             joined: joined.clone(),
+            waiting: waiting.clone(),
         });
-        tokio::spawn(publish(log, sender, joined, stopping));
+        tokio::spawn(publish(log, sender, joined, waiting, stopping));
         fanout
     }
 
@@ -103,6 +109,7 @@ impl Fanout {
             live,
             keepalive,
             catching_up: true,
+            waiting: self.waiting.clone(),
         };
         stream::unfold(Some(viewer), |viewer| async move {
             let mut viewer = viewer?;
@@ -122,6 +129,7 @@ async fn publish(
     log: Arc<ChangeLog>,
     sender: broadcast::Sender<Arc<Batch>>,
     joined: Arc<Notify>,
+    waiting: Arc<AtomicUsize>,
     stopping: CancellationToken,
 ) {
     loop {
@@ -150,7 +158,13 @@ async fn publish(
                 () = tokio::time::sleep(TICK) => {}
             }
             appended.borrow_and_update();
-            cursor = publish_from(&log, &sender, cursor);
+            cursor = if waiting.load(Ordering::Acquire) == 0 {
+                // Every stream is busy sending or stalled: none would take a
+                // batch now, and each reads from the log when it can.
+                log.latest()
+            } else {
+                publish_from(&log, &sender, cursor)
+            };
         }
     }
 }
@@ -233,6 +247,22 @@ enum Next {
 }
 
 /// One live stream's place in the log.
+/// Counts a stream as waiting for a batch while it lives.
+struct Waiting(Arc<AtomicUsize>);
+
+impl Waiting {
+    fn start(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        Self(count.clone())
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 struct Viewer {
     log: Arc<ChangeLog>,
     /// The last sequence sent (or skipped by the filter).
@@ -242,6 +272,8 @@ struct Viewer {
     keepalive: tokio::time::Interval,
     /// Reading from the log, until it has nothing more.
     catching_up: bool,
+    /// The fanout's count of streams waiting for a batch.
+    waiting: Arc<AtomicUsize>,
 }
 
 impl Viewer {
@@ -254,10 +286,12 @@ impl Viewer {
                     Ok(None) => self.catching_up = false,
                 }
             }
+            let waiting = Waiting::start(&self.waiting);
             let batch = tokio::select! {
                 received = self.live.recv() => received,
                 _ = self.keepalive.tick() => return Next::Send(Bytes::from_static(b":keep-alive\n\n")),
             };
+            drop(waiting);
             match batch {
                 Ok(batch) if batch.last <= self.cursor => {}
                 // The fanout skipped some while no one watched, or this
@@ -331,6 +365,7 @@ mod tests {
     use crate::engine::record::{RecordId, Timestamp, Version};
     use crate::engine::settle::Activity;
     use futures_util::StreamExt;
+    use std::future::Future;
 
     fn append(log: &ChangeLog, table: &str, n: u64) {
         let table: Arc<str> = table.into();
@@ -363,7 +398,15 @@ mod tests {
         stream: &mut (impl Stream<Item = Result<Bytes, Infallible>> + Unpin),
         want: usize,
     ) -> (Vec<u64>, bool) {
-        let mut bytes = Vec::new();
+        read_on(stream, Vec::new(), want).await
+    }
+
+    /// [`read`], after `bytes` already read.
+    async fn read_on(
+        stream: &mut (impl Stream<Item = Result<Bytes, Infallible>> + Unpin),
+        mut bytes: Vec<u8>,
+        want: usize,
+    ) -> (Vec<u64>, bool) {
         loop {
             let (got, lagged) = ids(&bytes);
             if got.len() >= want || lagged {
@@ -383,7 +426,14 @@ mod tests {
         let fanout = Fanout::start(log.clone(), stopping.clone());
         let mut all = Box::pin(fanout.stream(log.clone(), 0, |_| true));
         let mut only_b = Box::pin(fanout.stream(log.clone(), 0, |c| &*c.table == "b"));
-        // Far more batches than the channel holds, while neither is read.
+        // `all` waits for a batch (so the fanout publishes), then is not
+        // read while far more batches than the channel holds go by.
+        let mut first = all.next();
+        let polled = std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(std::pin::Pin::new(&mut first).poll(cx))
+        })
+        .await;
+        assert!(polled.is_pending());
         let mut n = 0;
         for _ in 0..CHANNEL * 2 {
             for table in ["a", "b", "a"] {
@@ -392,7 +442,10 @@ mod tests {
             }
             tokio::time::sleep(TICK * 2).await;
         }
-        let (got, lagged) = read(&mut all, n as usize).await;
+        let Some(Ok(chunk)) = first.await else {
+            panic!("the stream ended")
+        };
+        let (got, lagged) = read_on(&mut all, chunk.to_vec(), n as usize).await;
         assert!(!lagged);
         assert_eq!(got, (1..=n).collect::<Vec<_>>());
         let (got, _) = read(&mut only_b, CHANNEL * 2).await;
