@@ -9,8 +9,8 @@
 //! without copying them. The fanout waits [`TICK`] after an append before
 //! it reads, so that a burst of writes is one batch for the viewers rather
 //! than thousands of wake-ups competing with the pipeline, and it
-//! serialises nothing while no stream is waiting for it (none is open, or
-//! every one is busy or stalled: each then reads from the log when it can).
+//! serialises nothing while no stream is waiting for a batch (none is open,
+//! or every one is busy or stalled): it holds its batch until one is.
 //!
 //! A stream that is not read (a stalled client) is not polled, so it costs
 //! nothing: the channel overwrites what it did not take. When it reads
@@ -69,7 +69,7 @@ pub struct Fanout {
     /// Wakes the fanout when a stream joins while it is idle.
     joined: Arc<Notify>,
     /// Streams waiting for the next batch now.
-    waiting: Arc<AtomicUsize>,
+    waiting: Arc<Waiters>,
 }
 
 impl Fanout {
@@ -77,7 +77,7 @@ impl Fanout {
     pub fn start(log: Arc<ChangeLog>, stopping: CancellationToken) -> Arc<Self> {
         let (sender, _) = broadcast::channel(CHANNEL);
         let joined = Arc::new(Notify::new());
-        let waiting = Arc::new(AtomicUsize::new(0));
+        let waiting = Arc::new(Waiters::default());
         let fanout = Arc::new(Self {
             sender: sender.clone(),
             joined: joined.clone(),
@@ -129,7 +129,7 @@ async fn publish(
     log: Arc<ChangeLog>,
     sender: broadcast::Sender<Arc<Batch>>,
     joined: Arc<Notify>,
-    waiting: Arc<AtomicUsize>,
+    waiting: Arc<Waiters>,
     stopping: CancellationToken,
 ) {
     loop {
@@ -145,6 +145,11 @@ async fn publish(
         // before (a batch that starts after its cursor sends it there).
         let mut appended = log.watch();
         let mut cursor = log.latest();
+        // A stream that joined behind this point (it read the log before
+        // changes it has not seen were appended) learns of them now rather
+        // than at the next append: a batch that starts after its cursor
+        // sends it to the log.
+        let _ = sender.send(Arc::new(Batch::of(cursor, Vec::new())));
         while sender.receiver_count() > 0 {
             tokio::select! {
                 () = stopping.cancelled() => return,
@@ -158,13 +163,17 @@ async fn publish(
                 () = tokio::time::sleep(TICK) => {}
             }
             appended.borrow_and_update();
-            cursor = if waiting.load(Ordering::Acquire) == 0 {
-                // Every stream is busy sending or stalled: none would take a
-                // batch now, and each reads from the log when it can.
-                log.latest()
-            } else {
-                publish_from(&log, &sender, cursor)
-            };
+            // While every stream is busy sending or stalled, none would take
+            // a batch: hold it until one waits (or all are gone).
+            while waiting.count.load(Ordering::Acquire) == 0 && sender.receiver_count() > 0 {
+                tokio::select! {
+                    () = stopping.cancelled() => return,
+                    () = waiting.ready.notified() => {}
+                    // The last stream may have gone without a wake-up.
+                    () = tokio::time::sleep(TICK) => {}
+                }
+            }
+            cursor = publish_from(&log, &sender, cursor);
         }
     }
 }
@@ -247,19 +256,29 @@ enum Next {
 }
 
 /// One live stream's place in the log.
+/// How many streams wait for a batch now, and a wake-up for the fanout
+/// when one starts to (or one ends).
+#[derive(Default)]
+struct Waiters {
+    count: AtomicUsize,
+    ready: Notify,
+}
+
 /// Counts a stream as waiting for a batch while it lives.
-struct Waiting(Arc<AtomicUsize>);
+struct Waiting(Arc<Waiters>);
 
 impl Waiting {
-    fn start(count: &Arc<AtomicUsize>) -> Self {
-        count.fetch_add(1, Ordering::AcqRel);
-        Self(count.clone())
+    fn start(waiters: &Arc<Waiters>) -> Self {
+        waiters.count.fetch_add(1, Ordering::AcqRel);
+        // A stored wake-up if the fanout is not waiting yet.
+        waiters.ready.notify_one();
+        Self(waiters.clone())
     }
 }
 
 impl Drop for Waiting {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.0.count.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -273,7 +292,7 @@ struct Viewer {
     /// Reading from the log, until it has nothing more.
     catching_up: bool,
     /// The fanout's count of streams waiting for a batch.
-    waiting: Arc<AtomicUsize>,
+    waiting: Arc<Waiters>,
 }
 
 impl Viewer {
@@ -456,6 +475,33 @@ mod tests {
         let (got, _) = read(&mut all, 1).await;
         assert_eq!(got, [n]);
         stopping.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_change_recorded_while_every_stream_was_busy_still_reaches_them() {
+        let log = Arc::new(ChangeLog::new(1000, Activity::default()));
+        let fanout = Fanout::start(log.clone(), CancellationToken::new());
+        let mut stream = Box::pin(fanout.stream(log.clone(), 0, |_| true));
+        // Each change n is recorded while the stream waits for a batch.
+        for n in 1..=2 {
+            let mut next = stream.next();
+            let polled = std::future::poll_fn(|cx| {
+                std::task::Poll::Ready(std::pin::Pin::new(&mut next).poll(cx))
+            })
+            .await;
+            assert!(polled.is_pending(), "caught up, waiting for a batch");
+            append(&log, "a", n);
+            let Some(Ok(chunk)) = next.await else {
+                panic!("the stream ended")
+            };
+            assert_eq!(ids(&chunk).0, [n]);
+        }
+        // Now the stream is not waiting (its client is being sent the last
+        // batch) when the next change is recorded and the fanout wakes.
+        append(&log, "a", 3);
+        tokio::time::sleep(TICK * 3).await;
+        let got = tokio::time::timeout(Duration::from_secs(60), read(&mut stream, 1)).await;
+        assert_eq!(got.expect("the change never came").0, [3]);
     }
 
     #[tokio::test(start_paused = true)]
