@@ -218,10 +218,12 @@ mod tests {
             // A torn write may also leave a few stray bytes.
             let mut torn = bytes[..cut].to_vec();
             torn.extend_from_slice(&garbage);
-            let whole = ends.iter().filter(|e| **e <= cut).count();
+            // Stray bytes that happen to be the ones cut off complete
+            // what they complete.
+            let kept = torn.iter().zip(&bytes).take_while(|(a, b)| a == b).count();
+            let whole = ends.iter().filter(|e| **e <= kept).count();
             let scanned = scan(&torn).unwrap();
             let got = payloads(&scanned, &torn);
-            // Stray bytes can complete nothing: at most the whole frames.
             prop_assert_eq!(&got[..], &written[..whole]);
             if cut == bytes.len() && garbage.iter().all(|b| *b == 0) {
                 prop_assert_eq!(scanned.end, End::Clean);
