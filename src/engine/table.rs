@@ -408,6 +408,14 @@ impl Table {
         })
     }
 
+    /// Ids kept, and room promised to ingest requests writing now.
+    fn used(&self) -> u64 {
+        self.counters
+            .entries
+            .load(Ordering::Acquire)
+            .saturating_add(self.counters.reserved.load(Ordering::Acquire))
+    }
+
     /// How many of `ids` the table keeps nothing for yet.
     fn new_ids<'i>(&self, ids: impl IntoIterator<Item = &'i RecordId>) -> u64 {
         let mut ids: Vec<&RecordId> = ids.into_iter().collect();
@@ -427,12 +435,7 @@ impl Table {
             return Ok(());
         }
         let new = self.new_ids(ids);
-        let used = self
-            .counters
-            .entries
-            .load(Ordering::Acquire)
-            .saturating_add(self.counters.reserved.load(Ordering::Acquire));
-        if used.saturating_add(new) > limit {
+        if self.used().saturating_add(new) > limit {
             return Err(self.full());
         }
         Ok(())
@@ -446,15 +449,8 @@ impl Table {
         id: &RecordId,
     ) -> Result<&'s mut Entry, Full> {
         let limit = self.limit();
-        if limit != u64::MAX && !entries.contains_key(id) {
-            let counters = &self.counters;
-            let used = counters
-                .entries
-                .load(Ordering::Acquire)
-                .saturating_add(counters.reserved.load(Ordering::Acquire));
-            if used >= limit {
-                return Err(self.full());
-            }
+        if limit != u64::MAX && !entries.contains_key(id) && self.used() >= limit {
+            return Err(self.full());
         }
         Ok(self.reserved_slot(entries, id))
     }

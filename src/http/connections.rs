@@ -333,10 +333,10 @@ impl Activity {
                         }
                     })
                     .flatten();
-                match (stalled, waiting) {
-                    (Some(s), Some(w)) => Some(if s.0 <= w.0 { s } else { w }),
-                    (s, w) => s.or(w),
-                }
+                [stalled, waiting]
+                    .into_iter()
+                    .flatten()
+                    .min_by_key(|(at, _)| *at)
             };
             match deadline {
                 // `notify_one` keeps a wake-up for a waiter that is not yet

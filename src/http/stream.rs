@@ -66,8 +66,6 @@ struct Batch {
 /// The one reader of new changes for every live stream.
 pub struct Fanout {
     sender: broadcast::Sender<Arc<Batch>>,
-    /// Wakes the fanout when a stream joins while it is idle.
-    joined: Arc<Notify>,
     /// Streams waiting for the next batch now.
     waiting: Arc<Waiters>,
 }
@@ -76,14 +74,12 @@ impl Fanout {
     /// Starts the fanout task on the current runtime; it ends with `stopping`.
     pub fn start(log: Arc<ChangeLog>, stopping: CancellationToken) -> Arc<Self> {
         let (sender, _) = broadcast::channel(CHANNEL);
-        let joined = Arc::new(Notify::new());
         let waiting = Arc::new(Waiters::default());
         let fanout = Arc::new(Self {
             sender: sender.clone(),
-            joined: joined.clone(),
             waiting: waiting.clone(),
         });
-        tokio::spawn(publish(log, sender, joined, waiting, stopping));
+        tokio::spawn(publish(log, sender, waiting, stopping));
         fanout
     }
 
@@ -97,7 +93,6 @@ impl Fanout {
         // Subscribed before the log is read, so nothing published after the
         // read can be missed.
         let live = self.sender.subscribe();
-        self.joined.notify_one();
         let mut keepalive = tokio::time::interval(KEEP_ALIVE);
         // After a stall, one comment, not one per interval missed.
         keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -128,17 +123,16 @@ impl Fanout {
 async fn publish(
     log: Arc<ChangeLog>,
     sender: broadcast::Sender<Arc<Batch>>,
-    joined: Arc<Notify>,
     waiting: Arc<Waiters>,
     stopping: CancellationToken,
 ) {
     loop {
         if sender.receiver_count() == 0 {
-            // `notify_one` keeps a wake-up for a stream that joins between
-            // the count and the wait.
+            // Woken by the first stream to wait for a batch (`notify_one`
+            // keeps the wake-up if that is before this wait).
             tokio::select! {
                 () = stopping.cancelled() => return,
-                () = joined.notified() => continue,
+                () = waiting.ready.notified() => continue,
             }
         }
         // Watching from here on; a stream reads from the log whatever came
@@ -154,8 +148,6 @@ async fn publish(
             tokio::select! {
                 () = stopping.cancelled() => return,
                 changed = appended.changed() => if changed.is_err() { return },
-                // Streams all gone while nothing was appended: stop watching.
-                () = joined.notified() => continue,
             }
             // Let a burst gather: one batch for many appends.
             tokio::select! {
@@ -255,9 +247,8 @@ enum Next {
     End,
 }
 
-/// One live stream's place in the log.
 /// How many streams wait for a batch now, and a wake-up for the fanout
-/// when one starts to (or one ends).
+/// when one starts to.
 #[derive(Default)]
 struct Waiters {
     count: AtomicUsize,
@@ -282,6 +273,7 @@ impl Drop for Waiting {
     }
 }
 
+/// One live stream's place in the log.
 struct Viewer {
     log: Arc<ChangeLog>,
     /// The last sequence sent (or skipped by the filter).
@@ -313,7 +305,7 @@ impl Viewer {
             drop(waiting);
             match batch {
                 Ok(batch) if batch.last <= self.cursor => {}
-                // The fanout skipped some while no one watched, or this
+                // Changes came before the fanout started watching, or this
                 // stream has not read up to where the batch starts.
                 Ok(batch) if batch.after > self.cursor => self.catching_up = true,
                 Ok(batch) => {
@@ -412,6 +404,14 @@ mod tests {
         (ids, text.contains("event: lagged"))
     }
 
+    /// Polls `future` once, keeping it for later; whether it was ready.
+    async fn poll_once(future: &mut (impl Future + Unpin)) -> bool {
+        std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(std::pin::Pin::new(&mut *future).poll(cx).is_ready())
+        })
+        .await
+    }
+
     /// Reads `stream` until it has `want` ids or ends.
     async fn read(
         stream: &mut (impl Stream<Item = Result<Bytes, Infallible>> + Unpin),
@@ -448,11 +448,7 @@ mod tests {
         // `all` waits for a batch (so the fanout publishes), then is not
         // read while far more batches than the channel holds go by.
         let mut first = all.next();
-        let polled = std::future::poll_fn(|cx| {
-            std::task::Poll::Ready(std::pin::Pin::new(&mut first).poll(cx))
-        })
-        .await;
-        assert!(polled.is_pending());
+        assert!(!poll_once(&mut first).await);
         let mut n = 0;
         for _ in 0..CHANNEL * 2 {
             for table in ["a", "b", "a"] {
@@ -485,11 +481,10 @@ mod tests {
         // Each change n is recorded while the stream waits for a batch.
         for n in 1..=2 {
             let mut next = stream.next();
-            let polled = std::future::poll_fn(|cx| {
-                std::task::Poll::Ready(std::pin::Pin::new(&mut next).poll(cx))
-            })
-            .await;
-            assert!(polled.is_pending(), "caught up, waiting for a batch");
+            assert!(
+                !poll_once(&mut next).await,
+                "caught up, waiting for a batch"
+            );
             append(&log, "a", n);
             let Some(Ok(chunk)) = next.await else {
                 panic!("the stream ended")

@@ -118,9 +118,8 @@ impl Drop for Admitted<'_> {
 pub struct Pipeline {
     pub engine: Engine,
     raw: ByKind<Arc<Table>>,
-    /// Parent kinds' child lists (`None` for kinds without children).
-    children: ByKind<Option<Arc<Children>>>,
-    /// Parent kinds' children and where they go.
+    /// Parent kinds' child lists and where the children go (`None` for
+    /// kinds without children).
     parents: ByKind<Option<Arc<Parent>>>,
     raw_feed: SubscriberId,
     pub raw_queue: Arc<Queue<Arc<Change>>>,
@@ -228,7 +227,6 @@ impl Pipeline {
         Self {
             engine,
             raw,
-            children,
             parents,
             raw_feed,
             raw_queue,
@@ -303,8 +301,8 @@ impl Pipeline {
             _tables: [Reservation::none(), Reservation::none()],
         };
         room._tables[0] = self.raw.get(kind).reserve(ids.iter().copied())?;
-        if let Some(children) = self.children.get(kind) {
-            room._tables[1] = children.listing.reserve(lists.iter().copied())?;
+        if let Some(listing) = self.listing_table(kind) {
+            room._tables[1] = listing.reserve(lists.iter().copied())?;
         }
         Ok(room)
     }
@@ -312,8 +310,11 @@ impl Pipeline {
     /// The listing-table write that goes with each of `writes` that
     /// carries its child list.
     fn lists(&self, kind: Kind, writes: &[Write]) -> Vec<Option<Write>> {
-        match self.children.get(kind) {
-            Some(children) => writes.iter().map(|w| children.listing_write(w)).collect(),
+        match self.parents.get(kind) {
+            Some(parent) => writes
+                .iter()
+                .map(|w| parent.children.listing_write(w))
+                .collect(),
             None => writes.iter().map(|_| None).collect(),
         }
     }
@@ -347,7 +348,7 @@ impl Pipeline {
     }
 
     fn listing_table(&self, kind: Kind) -> Option<&Arc<Table>> {
-        self.children.get(kind).as_ref().map(|c| &c.listing)
+        self.parents.get(kind).as_ref().map(|p| &p.children.listing)
     }
 
     /// One raw write, with its child list if it carries one. The list goes
@@ -370,7 +371,7 @@ impl Pipeline {
         let _room = self.admit_all(kind, writes.iter(), &lists)?;
         Ok(writes
             .into_iter()
-            .zip(lists.iter().cloned())
+            .zip(lists)
             .map(|(w, list)| (w.id.clone(), self.write(kind, w, list, cause)))
             .collect())
     }
@@ -390,7 +391,7 @@ impl Pipeline {
         Ok(keys
             .into_iter()
             .zip(writes)
-            .zip(lists.iter().cloned())
+            .zip(lists)
             .map(|((key, w), list)| {
                 let id = w.id.clone();
                 let outcome = self
