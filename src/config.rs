@@ -1,11 +1,13 @@
 //! Flags and environment: every flag has an `EVENTSYS_` variable.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
 use crate::engine::handler::{BreakerPolicy, RetryPolicy};
+use crate::media::data_dir::StorageOptions;
 use crate::media::pipeline::PipelineConfig;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -14,6 +16,15 @@ pub enum LogFormat {
     Pretty,
     /// One JSON object per line.
     Json,
+}
+
+/// When a write to the data directory counts as done.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Sync {
+    /// After fsync: survives power loss.
+    Always,
+    /// After the write reaches the OS: survives a killed process.
+    Never,
 }
 
 /// eventsys: see, learn and prototype event-driven pipelines.
@@ -126,6 +137,29 @@ pub struct Config {
           default_value = "60s")]
     pub idle_timeout: humantime::Duration,
 
+    /// Keep the pipeline in this directory, so that it survives a restart
+    /// (created if missing; one server per directory). Without it,
+    /// everything is in memory.
+    #[arg(long, env = "EVENTSYS_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// With --data-dir: `always` answers a write only once it is fsynced
+    /// (survives power loss); `never` once the OS has it (survives a killed
+    /// process, not a lost machine).
+    #[arg(long, env = "EVENTSYS_SYNC", value_enum, default_value_t = Sync::Always)]
+    pub sync: Sync,
+
+    /// With --data-dir: bytes after which the log starts a new segment.
+    #[arg(long, env = "EVENTSYS_SEGMENT_BYTES", default_value_t = 64 * 1024 * 1024,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub segment_bytes: u64,
+
+    /// With --data-dir: bytes logged after which a snapshot is taken (and
+    /// the segments before the one before it are deleted).
+    #[arg(long, env = "EVENTSYS_SNAPSHOT_BYTES", default_value_t = 256 * 1024 * 1024,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub snapshot_bytes: u64,
+
     /// Log format.
     #[arg(long, env = "EVENTSYS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
     pub log_format: LogFormat,
@@ -170,6 +204,16 @@ impl Config {
 
     pub fn request_timeout(&self) -> Duration {
         self.request_timeout.into()
+    }
+
+    /// Where and how the pipeline is kept on disk, if it is.
+    pub fn storage(&self) -> Option<StorageOptions> {
+        self.data_dir.as_ref().map(|dir| StorageOptions {
+            dir: dir.clone(),
+            sync: self.sync == Sync::Always,
+            segment_bytes: self.segment_bytes,
+            snapshot_bytes: self.snapshot_bytes,
+        })
     }
 
     pub fn pipeline(&self) -> PipelineConfig {

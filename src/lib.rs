@@ -41,6 +41,7 @@ use axum::Router;
 use tokio::net::TcpListener;
 
 pub use config::Config;
+use media::data_dir::{DataDir, OpenFailure};
 use media::pipeline::Pipeline;
 
 /// A running eventsys: the pipeline and its HTTP routes.
@@ -50,11 +51,34 @@ pub struct App {
 }
 
 impl App {
-    /// Builds and starts the pipeline on the current tokio runtime.
+    /// Builds and starts the pipeline on the current tokio runtime; with
+    /// `--data-dir`, rebuilds it from the directory first (see
+    /// [`DataDir::open`] for why that can fail).
+    pub fn open(config: Config) -> Result<Self, OpenFailure> {
+        let pipeline = Arc::new(Pipeline::start(config.pipeline()));
+        let data_dir = match config.storage() {
+            Some(options) => {
+                let data_dir = DataDir::open(&pipeline, options)?;
+                let stop = pipeline.engine.shutdown_token();
+                tokio::spawn(data_dir.clone().snapshot_while(pipeline.clone(), stop));
+                Some(data_dir)
+            }
+            None => None,
+        };
+        Ok(Self {
+            state: http::AppState::new(pipeline, config, data_dir),
+        })
+    }
+
+    /// [`App::open`] for a configuration in memory, which cannot fail.
+    ///
+    /// # Panics
+    ///
+    /// If the configuration has a data directory that cannot be opened.
     pub fn start(config: Config) -> Self {
-        let pipeline = Pipeline::start(config.pipeline());
-        Self {
-            state: http::AppState::new(pipeline, config),
+        match Self::open(config) {
+            Ok(app) => app,
+            Err(error) => panic!("cannot open the data directory: {error}"),
         }
     }
 
@@ -70,7 +94,11 @@ impl App {
     /// stops its tasks. Returns how many events were left unfinished.
     pub async fn shutdown(&self) -> u64 {
         let timeout = self.state.config().shutdown_timeout();
-        self.pipeline().engine.shutdown(timeout).await
+        let left = self.pipeline().engine.shutdown(timeout).await;
+        if let Some(data_dir) = self.state.data_dir() {
+            data_dir.close(self.pipeline()).await;
+        }
+        left
     }
 }
 

@@ -16,10 +16,18 @@ async fn main() -> std::io::Result<()> {
         LogFormat::Pretty => logs.init(),
     }
 
-    let listener = tokio::net::TcpListener::bind(config.addr).await?;
+    // Recovery comes first: the port opens only on a whole pipeline.
+    let addr = config.addr;
+    let app = match App::open(config) {
+        Ok(app) => app,
+        Err(error) => {
+            tracing::error!(%error, "cannot start");
+            std::process::exit(2);
+        }
+    };
+    let listener = tokio::net::TcpListener::bind(addr).await?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "eventsys listening on http://{addr}");
-    let app = App::start(config);
     let left = eventsys::serve(listener, app, shutdown_signal()).await?;
     if left > 0 {
         tracing::warn!(left, "stopped with events unfinished");

@@ -28,6 +28,7 @@ use serde_json::value::RawValue;
 
 use super::record::{Data, RecordId, Version};
 use super::table::{Table, Write};
+use crate::storage::effect::{self, AppliedFrame, ListingImage, VersionImage};
 use std::sync::Arc;
 
 /// A parent's child list as it counts now: the listing version and each
@@ -159,6 +160,66 @@ impl Children {
 }
 
 /// The JSON of `name` in an object's canonical JSON (`null` counts as absent).
+impl Children {
+    fn frame(&self, parent: &RecordId, seq: u64, listing: Option<&Listing>) -> AppliedFrame {
+        AppliedFrame {
+            t: self.listing.name().to_string(),
+            p: parent.to_string(),
+            s: seq,
+            l: listing.map(|l| ListingImage {
+                v: VersionImage::of(&l.version, None),
+                c: l.children
+                    .iter()
+                    .map(|(id, data)| (id.to_string(), data.clone()))
+                    .collect(),
+            }),
+        }
+    }
+
+    /// Puts back what a frame read from disk says was applied.
+    pub(crate) fn restore(&self, frame: AppliedFrame) -> Result<(), String> {
+        let listing = frame
+            .l
+            .map(|l| {
+                Ok::<_, String>(Listing {
+                    version: l.v.get(None)?,
+                    children: l
+                        .c
+                        .into_iter()
+                        .map(|(id, data)| (RecordId::derived(id), data))
+                        .collect(),
+                })
+            })
+            .transpose()?;
+        let mut applied = self.applied.lock().unwrap_or_else(|e| e.into_inner());
+        let parent = RecordId::derived(frame.p);
+        if applied.get(&parent).is_none_or(|a| a.seq < frame.s) {
+            applied.insert(
+                parent,
+                Applied {
+                    seq: frame.s,
+                    listing,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Writes what was applied, per parent, as snapshot frames.
+    pub(crate) fn save(&self, out: &mut Vec<u8>) {
+        let frames: Vec<AppliedFrame> = self
+            .applied
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(parent, a)| self.frame(parent, a.seq, a.listing.as_ref()))
+            .collect();
+        for frame in frames {
+            crate::storage::frame::encode(effect::APPLIED, &effect::encode(&frame), out);
+        }
+    }
+}
+
 fn field<'a>(object: &'a Data, name: &str) -> Option<&'a RawValue> {
     let fields: HashMap<String, &RawValue> = serde_json::from_str(object.as_str()).ok()?;
     fields.get(name).copied().filter(|v| v.get() != "null")

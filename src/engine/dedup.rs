@@ -33,6 +33,14 @@ impl DedupKey {
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
     }
+
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+
+    pub fn bytes(&self) -> [u8; 32] {
+        self.0
+    }
 }
 
 pub struct DedupWindow {
@@ -53,6 +61,17 @@ impl DedupWindow {
             capacity,
             inner: Mutex::new(Inner::default()),
         }
+    }
+
+    /// Puts back a key read from disk (in the order they were recorded).
+    pub fn restore(&self, key: DedupKey) {
+        self.first_time(key);
+    }
+
+    /// The keys in the window, oldest first (for a snapshot).
+    pub fn keys(&self) -> Vec<DedupKey> {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.order.iter().copied().collect()
     }
 
     /// Records `key`; `false` if it was already in the window.

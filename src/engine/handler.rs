@@ -478,6 +478,7 @@ impl<T: QueueItem, P: Process<T>> Handler<T, P> {
         let ok = match result {
             Ok(()) => {
                 self.breaker.succeeded();
+                self.queue.finished(envelope.ticket);
                 true
             }
             Err(failure) => {
@@ -496,12 +497,14 @@ impl<T: QueueItem, P: Process<T>> Handler<T, P> {
             Failure::Permanent(error) => {
                 self.breaker.succeeded();
                 tracing::warn!(%error, "permanent failure: dead-lettered");
-                self.queue.dead_letter(envelope.item, error, attempts);
+                self.queue
+                    .dead_letter(envelope.ticket, envelope.item, error, attempts);
             }
             Failure::Transient(error) if attempts >= self.config.retry.max_attempts => {
                 self.breaker.failed();
                 tracing::warn!(%error, attempts, "failed on the last attempt: dead-lettered");
-                self.queue.dead_letter(envelope.item, error, attempts);
+                self.queue
+                    .dead_letter(envelope.ticket, envelope.item, error, attempts);
             }
             Failure::Transient(error) => {
                 self.breaker.failed();

@@ -12,8 +12,8 @@
 //! - retention drops the oldest events only once every subscriber has
 //!   received them.
 
-use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::collections::{HashSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use serde::Serialize;
 use serde::ser::SerializeMap;
@@ -22,12 +22,14 @@ use uuid::Uuid;
 
 use super::record::{Data, RecordId, Timestamp, Version};
 use super::settle::Activity;
+use crate::storage::effect::{self, ChangeImage, EventImage};
+use crate::storage::journal::Journal;
 
 /// A table's name, shared by every change it emits.
 pub type TableName = Arc<str>;
 
 /// What a change did to its record.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ChangeKind {
     Inserted,
@@ -144,6 +146,13 @@ fn event_id(time: Timestamp) -> Uuid {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SubscriberId(usize);
 
+impl SubscriberId {
+    /// Its place in the cursors [`ChangeLog::save`] returns.
+    pub(crate) fn index(self) -> usize {
+        self.0
+    }
+}
+
 struct Subscriber {
     /// Tables whose changes this subscriber receives.
     tables: Vec<TableName>,
@@ -154,6 +163,9 @@ struct Subscriber {
     backlog: u64,
     /// Woken (or left a permit) when a matching event is appended.
     appended: Arc<Notify>,
+    /// After a restart: changes already dead-lettered from this
+    /// subscriber's queue, not to be delivered again.
+    skip: HashSet<u64>,
 }
 
 struct Inner {
@@ -161,6 +173,12 @@ struct Inner {
     /// Sequence the next append gets.
     next_seq: u64,
     subscribers: Vec<Subscriber>,
+    /// On a data directory: the last sequence whose frame is durable (queues,
+    /// `/events` and live streams see nothing after it), and the frames of
+    /// later changes, as (LSN, sequence). In memory every change is
+    /// "durable" as soon as it is appended.
+    durable_seq: u64,
+    marks: VecDeque<(u64, u64)>,
 }
 
 /// The cursor asked for is older than what is retained.
@@ -187,6 +205,8 @@ pub struct ChangeLog {
     streams: watch::Sender<()>,
     retention: usize,
     activity: Activity,
+    /// Where effects are written on a data directory; unset in memory.
+    journal: OnceLock<Arc<Journal>>,
 }
 
 impl ChangeLog {
@@ -196,11 +216,49 @@ impl ChangeLog {
                 events: VecDeque::new(),
                 next_seq: 1,
                 subscribers: Vec::new(),
+                durable_seq: u64::MAX,
+                marks: VecDeque::new(),
             }),
             streams: watch::Sender::new(()),
             retention: retention.max(1),
             activity,
+            journal: OnceLock::new(),
         }
+    }
+
+    /// The journal effects are written to, on a data directory.
+    pub fn journal(&self) -> Option<&Arc<Journal>> {
+        self.journal.get()
+    }
+
+    /// Frames up to `lsn` are durable: changes up to their sequence may be
+    /// delivered and read.
+    pub fn durable_through(&self, lsn: u64) {
+        let mut inner = self.lock();
+        let mut moved = false;
+        while let Some(&(at, seq)) = inner.marks.front() {
+            if at > lsn {
+                break;
+            }
+            inner.marks.pop_front();
+            inner.durable_seq = seq;
+            moved = true;
+        }
+        if moved {
+            for sub in inner.subscribers.iter().filter(|s| s.backlog > 0) {
+                sub.appended.notify_one();
+            }
+        }
+        drop(inner);
+        if moved && self.streams.receiver_count() > 0 {
+            self.streams.send_replace(());
+        }
+    }
+
+    /// The last sequence that is durable (the latest, in memory).
+    pub fn durable_seq(&self) -> u64 {
+        let inner = self.lock();
+        inner.durable_seq.min(inner.next_seq - 1)
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -221,6 +279,7 @@ impl ChangeLog {
             cursor,
             backlog: 0,
             appended: Arc::new(Notify::new()),
+            skip: HashSet::new(),
         });
         SubscriberId(inner.subscribers.len() - 1)
     }
@@ -233,6 +292,9 @@ impl ChangeLog {
 
     /// Records a change. Called by a table inside its write's critical
     /// section, which is what makes write and append one atomic step.
+    // Each argument is a field of the change or its frame; a struct for
+    // them would only be taken apart again here.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn append(
         &self,
         table: &TableName,
@@ -241,6 +303,7 @@ impl ChangeLog {
         version: Version,
         data: Option<Data>,
         cause: &Cause,
+        put: Option<Vec<u8>>,
     ) -> Arc<Change> {
         // Everything but the sequence is made before taking the lock, which
         // every table's writes share.
@@ -260,6 +323,14 @@ impl ChangeLog {
             time,
             cause,
         });
+        if let (Some(journal), Some(mut payload)) = (self.journal.get(), put) {
+            // The change's frame is appended under this lock, so frames are
+            // in sequence order and a durable prefix has no gaps.
+            payload.push(b'\n');
+            payload.extend_from_slice(&effect::encode(&ChangeImage::of(&change)));
+            let lsn = journal.append_raw(effect::PUT, &payload);
+            inner.marks.push_back((lsn, seq));
+        }
         inner.events.push_back(change.clone());
         let mut owed = 0;
         for sub in inner.subscribers.iter_mut() {
@@ -317,11 +388,13 @@ impl ChangeLog {
         let mut found = Vec::new();
         let mut cursor = subscriber.cursor;
         for change in inner.events.range(start.min(inner.events.len())..) {
-            if found.len() == max {
+            if found.len() == max || change.seq > inner.durable_seq {
                 break;
             }
             cursor = change.seq + 1;
-            if subscriber.tables.iter().any(|t| *t == change.table) {
+            if subscriber.tables.iter().any(|t| *t == change.table)
+                && !subscriber.skip.contains(&change.seq)
+            {
                 found.push(change.clone());
             }
         }
@@ -387,7 +460,7 @@ impl ChangeLog {
             next: after.max(first.saturating_sub(1)),
         };
         for change in inner.events.range(start.min(inner.events.len())..) {
-            if page.events.len() == limit {
+            if page.events.len() == limit || change.seq > inner.durable_seq {
                 break;
             }
             page.next = change.seq;
@@ -404,9 +477,137 @@ impl ChangeLog {
         inner.events.front().map_or(inner.next_seq, |e| e.seq)
     }
 
-    /// The sequence of the latest append (0 before the first).
+    /// The sequence of the latest durable append (0 before the first).
     pub fn latest(&self) -> u64 {
-        self.lock().next_seq - 1
+        self.durable_seq()
+    }
+
+    /// The sequence the next change gets.
+    pub fn next_seq(&self) -> u64 {
+        self.lock().next_seq
+    }
+
+    /// The retained changes after `after` for `sub`'s tables, up to what
+    /// it has been given (for replay: the rest it gets anyway).
+    pub fn delivered_after(&self, sub: SubscriberId, after: u64) -> Result<Vec<Arc<Change>>, Gone> {
+        let inner = self.lock();
+        let first = inner.events.front().map_or(inner.next_seq, |e| e.seq);
+        if after + 1 < first {
+            return Err(Gone {
+                after,
+                oldest: first,
+            });
+        }
+        let subscriber = &inner.subscribers[sub.0];
+        let start = (after + 1).saturating_sub(first) as usize;
+        Ok(inner
+            .events
+            .range(start.min(inner.events.len())..)
+            .take_while(|c| c.seq < subscriber.cursor)
+            .filter(|c| subscriber.tables.contains(&c.table))
+            .cloned()
+            .collect())
+    }
+
+    // Restoring from a data directory. These run before anything else
+    // touches the log, with no journal attached yet.
+
+    /// Starts a restore: until [`ChangeLog::finish_restore`] nothing in the
+    /// log is delivered or read, so dispatchers cannot race it.
+    pub(crate) fn begin_restore(&self) {
+        self.lock().durable_seq = 0;
+    }
+
+    /// Puts back the change of a log frame; one the state already holds
+    /// (below the next sequence) is ignored.
+    pub(crate) fn restore(&self, change: Change) {
+        let mut inner = self.lock();
+        if change.seq < inner.next_seq {
+            return;
+        }
+        inner.next_seq = change.seq + 1;
+        inner.events.push_back(Arc::new(change));
+    }
+
+    /// Puts back a retained change from a snapshot (they come in order,
+    /// after its header has set the next sequence).
+    pub(crate) fn restore_event(&self, change: Change) {
+        let mut inner = self.lock();
+        if inner.events.back().is_some_and(|e| e.seq >= change.seq) {
+            return;
+        }
+        inner.next_seq = inner.next_seq.max(change.seq + 1);
+        inner.events.push_back(Arc::new(change));
+    }
+
+    /// Sequences below `next` were used, even if no change is kept for them.
+    pub(crate) fn restore_next_seq(&self, next: u64) {
+        let mut inner = self.lock();
+        inner.next_seq = inner.next_seq.max(next);
+    }
+
+    /// Sets where `sub` resumes, and the changes it must not get again.
+    pub(crate) fn restore_cursor(&self, sub: SubscriberId, cursor: u64, skip: HashSet<u64>) {
+        let mut inner = self.lock();
+        let subscriber = &mut inner.subscribers[sub.0];
+        subscriber.cursor = cursor;
+        subscriber.skip = skip;
+    }
+
+    /// Ends a restore and starts writing effects to `journal`: everything
+    /// in the log by now was read back from disk, so it is durable. Counts
+    /// what each subscriber is owed from its cursor on as outstanding work,
+    /// and wakes its dispatcher, in the same step.
+    pub(crate) fn finish_restore(&self, journal: Arc<Journal>) {
+        let mut inner = self.lock();
+        let Inner {
+            events,
+            subscribers,
+            next_seq,
+            durable_seq,
+            ..
+        } = &mut *inner;
+        let first = events.front().map_or(*next_seq, |e| e.seq);
+        let mut owed = 0;
+        for sub in subscribers.iter_mut() {
+            sub.cursor = sub.cursor.clamp(first, *next_seq);
+            let start = (sub.cursor - first) as usize;
+            sub.backlog = events
+                .range(start.min(events.len())..)
+                .filter(|c| sub.tables.contains(&c.table) && !sub.skip.contains(&c.seq))
+                .count() as u64;
+            owed += sub.backlog;
+            sub.appended.notify_one();
+        }
+        *durable_seq = *next_seq - 1;
+        let _ = self.journal.set(journal);
+        self.activity.begin(owed);
+    }
+
+    /// Writes every retained change as a snapshot frame, and returns the
+    /// sequence the next change gets with each subscriber's cursor.
+    pub(crate) fn save(&self, out: &mut Vec<u8>) -> (u64, Vec<u64>) {
+        // The snapshot is written only once all that was appended by the
+        // end of the copy is durable, so it may hold changes not durable yet.
+        let (events, next, cursors) = {
+            let inner = self.lock();
+            let events: Vec<Arc<Change>> = inner.events.iter().cloned().collect();
+            let next = inner.next_seq;
+            let cursors = inner
+                .subscribers
+                .iter()
+                .map(|s| if s.backlog == 0 { next } else { s.cursor })
+                .collect();
+            (events, next, cursors)
+        };
+        for change in events {
+            crate::storage::frame::encode(
+                effect::EVENT,
+                &effect::encode(&EventImage::of(&change)),
+                out,
+            );
+        }
+        (next, cursors)
     }
 
     /// Retained events.

@@ -37,9 +37,25 @@ use settle::Activity;
 use table::{Table, TableKind};
 use topology::Topology;
 
+use crate::storage::effect::EventImage;
+use crate::storage::journal::Journal;
+
 impl QueueItem for Arc<Change> {
     fn event_id(&self) -> Uuid {
         self.id
+    }
+
+    fn feed_seq(&self) -> u64 {
+        self.seq
+    }
+
+    fn store(&self) -> serde_json::Value {
+        serde_json::to_value(EventImage::of(self)).unwrap_or_default()
+    }
+
+    fn restore(stored: serde_json::Value) -> Option<Self> {
+        let image: EventImage = serde_json::from_value(stored).ok()?;
+        image.get().ok().map(Arc::new)
     }
 }
 
@@ -52,6 +68,24 @@ pub trait QueueView: Send + Sync {
     fn redrive(&self) -> usize;
     /// Drops every dead letter; returns how many.
     fn discard(&self) -> usize;
+    /// Re-delivers the retained changes after `after` that the queue was
+    /// already given; how many (`None`: the queue is not fed from the log).
+    fn replay(&self, after: u64) -> Option<Result<usize, log::Gone>>;
+    /// On a data directory: starts writing its effects to `journal`.
+    fn attach(&self, journal: Arc<Journal>);
+    /// Applies a frame of this queue read back from disk.
+    fn restore(&self, kind: u8, lsn: u64, payload: &[u8]) -> Result<(), String>;
+    /// After a restart, before the log's restore ends: sets where its feed
+    /// resumes (`cursor`, from the snapshot; the oldest change without one).
+    fn set_cursor(&self, cursor: Option<u64>);
+    /// After a restart, once the log's restore has ended: puts back what
+    /// was taken and not finished (feed items before the cursor; the rest
+    /// come again from the log).
+    fn resume(&self, cursor: Option<u64>);
+    /// Writes its state as snapshot frames.
+    fn save(&self, out: &mut Vec<u8>);
+    /// Its place in the change log, if it is fed from it.
+    fn feed(&self) -> Option<SubscriberId>;
 }
 
 /// A handler as the HTTP layer sees it.
@@ -106,25 +140,89 @@ impl<T: QueueItem> QueueView for RegisteredQueue<T> {
                 error: d.error,
                 attempts: d.attempts,
                 failed_at: d.failed_at,
+                number: d.number,
             })
             .collect()
     }
 
     fn redrive(&self) -> usize {
-        let letters = self.queue.take_dead_letters();
+        let letters = self.queue.redrive_letters();
         let count = letters.len();
+        self.put_back(letters);
+        count
+    }
+
+    fn discard(&self) -> usize {
+        self.queue.discard_letters()
+    }
+
+    fn replay(&self, after: u64) -> Option<Result<usize, log::Gone>> {
+        let (log, sub) = self.feed.as_ref()?;
+        Some(log.delivered_after(*sub, after).map(|changes| {
+            let count = changes.len();
+            let items = changes
+                .into_iter()
+                .filter_map(|c| T::restore(QueueItem::store(&c)))
+                .collect();
+            // Enlisted like an outbox's items: on a data directory a replay
+            // that was acknowledged is finished after a restart too.
+            self.put_back(self.queue.enlist(items));
+            count
+        }))
+    }
+
+    fn attach(&self, journal: Arc<Journal>) {
+        self.queue.attach(journal);
+    }
+
+    fn restore(&self, kind: u8, lsn: u64, payload: &[u8]) -> Result<(), String> {
+        self.queue.restore(kind, lsn, payload)
+    }
+
+    fn set_cursor(&self, cursor: Option<u64>) {
+        if let Some((log, sub)) = &self.feed {
+            let skip = self.queue.dead_feed_items();
+            log.restore_cursor(*sub, cursor.unwrap_or(0), skip);
+        }
+    }
+
+    fn resume(&self, cursor: Option<u64>) {
+        let mut items = self.queue.unfinished();
+        if self.feed.is_some() {
+            let cursor = cursor.unwrap_or(0);
+            items.retain(|(ticket, _)| *ticket & queue::OUTBOX != 0 || *ticket < cursor);
+        }
+        self.put_back(items);
+    }
+
+    fn save(&self, out: &mut Vec<u8>) {
+        self.queue.save(out);
+    }
+
+    fn feed(&self) -> Option<SubscriberId> {
+        self.feed.as_ref().map(|(_, sub)| *sub)
+    }
+}
+
+impl<T: QueueItem> RegisteredQueue<T> {
+    /// Puts items back on the queue from a task: the queue may be full,
+    /// and the client should not wait for room; they are counted now, so
+    /// settle waits for them.
+    fn put_back(&self, items: Vec<(u64, T)>) {
+        let count = items.len() as u64;
+        if count == 0 {
+            return;
+        }
         let queue = self.queue.clone();
         let cancel = self.cancel.clone();
-        // Counted now, sent from a task: the queue may be full, and the
-        // client should not wait for room, yet settle must wait for them.
-        queue.owe(count as u64);
+        queue.owe(count);
         self.tasks.spawn(async move {
-            let mut left = count as u64;
-            for letter in letters {
+            let mut left = count;
+            for (ticket, item) in items {
                 let delivered = tokio::select! {
                     biased;
                     _ = cancel.cancelled() => break,
-                    d = queue.deliver(letter.event) => d,
+                    d = queue.deliver_ticketed(ticket, item) => d,
                 };
                 if delivered.is_err() {
                     break;
@@ -135,11 +233,6 @@ impl<T: QueueItem> QueueView for RegisteredQueue<T> {
                 queue.forgive(left);
             }
         });
-        count
-    }
-
-    fn discard(&self) -> usize {
-        self.queue.take_dead_letters().len()
     }
 }
 

@@ -9,8 +9,8 @@
 //! consistent: at any instant
 //! `enqueued = processed + dead_lettered + depth + in_flight + retrying`.
 
-use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -18,18 +18,45 @@ use uuid::Uuid;
 
 use super::record::Timestamp;
 use super::settle::Activity;
+use crate::storage::effect::{self, DeadFrame, ItemFrame, TicketFrame, UptoFrame};
+use crate::storage::journal::Journal;
 
 /// What a queue can carry: cloneable, shown as JSON in dead letters.
 pub trait QueueItem: Clone + Send + Sync + Serialize + 'static {
     /// The event's id, for logs and spans.
     fn event_id(&self) -> Uuid;
+
+    /// An item from a change-log feed: its sequence, which names it among
+    /// the queue's unfinished items on a data directory (0 otherwise).
+    fn feed_seq(&self) -> u64 {
+        0
+    }
+
+    /// The item as kept on a data directory.
+    fn store(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or_default()
+    }
+
+    /// The item [`QueueItem::store`] kept; `None` if it cannot be read
+    /// back (such items are not kept across a restart).
+    fn restore(_stored: serde_json::Value) -> Option<Self> {
+        None
+    }
 }
+
+/// Tickets of items put on a queue outside its feed (from the outbox, or
+/// redriven): the LSN of the frame that put them there, with this bit set,
+/// so they never collide with a feed item's sequence.
+pub const OUTBOX: u64 = 1 << 63;
 
 /// An item with the number of attempts already made on it.
 #[derive(Clone, Debug)]
 pub struct Envelope<T> {
     pub item: T,
     pub attempts: u32,
+    /// What names the item among the queue's unfinished ones on a data
+    /// directory (see [`OUTBOX`]); 0 in memory.
+    pub ticket: u64,
 }
 
 /// An event given up on, with why.
@@ -39,6 +66,10 @@ pub struct DeadLetter<T> {
     pub error: String,
     pub attempts: u32,
     pub failed_at: Timestamp,
+    /// On a data directory: the LSN of the frame that recorded it.
+    #[serde(skip)]
+    #[schema(ignore)]
+    pub number: u64,
 }
 
 /// A consistent snapshot of a queue's counters.
@@ -78,6 +109,20 @@ pub struct Queue<T> {
     dead: Mutex<VecDeque<DeadLetter<T>>>,
     max_dead_letters: usize,
     activity: Activity,
+    /// On a data directory: the journal, and the items taken and not yet
+    /// finished, by ticket, so a restart can give them back.
+    tracking: OnceLock<Tracking<T>>,
+}
+
+struct Tracking<T> {
+    journal: Arc<Journal>,
+    unfinished: Mutex<BTreeMap<u64, T>>,
+}
+
+impl<T> Tracking<T> {
+    fn unfinished(&self) -> MutexGuard<'_, BTreeMap<u64, T>> {
+        self.unfinished.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl<T: QueueItem> Queue<T> {
@@ -93,6 +138,80 @@ impl<T: QueueItem> Queue<T> {
             dead: Mutex::new(VecDeque::new()),
             max_dead_letters: max_dead_letters.max(1),
             activity,
+            tracking: OnceLock::new(),
+        }
+    }
+
+    /// Starts tracking items and writing dead letters to `journal`.
+    pub fn attach(&self, journal: Arc<Journal>) {
+        let _ = self.tracking.set(Tracking {
+            journal,
+            unfinished: Mutex::new(BTreeMap::new()),
+        });
+    }
+
+    fn track(&self, ticket: u64, item: &T) {
+        if let Some(tracking) = self.tracking.get() {
+            tracking.unfinished().insert(ticket, item.clone());
+        }
+    }
+
+    /// Records items that will be put on the queue outside its feed (an
+    /// outbox: on a data directory they are in the log before the step
+    /// that asked for them is, so a restart sends them even if the step is
+    /// never redone). Returns each with its ticket, for
+    /// [`Queue::send_enlisted`].
+    pub fn enlist(&self, items: Vec<T>) -> Vec<(u64, T)> {
+        let Some(tracking) = self.tracking.get() else {
+            return items.into_iter().map(|item| (0, item)).collect();
+        };
+        items
+            .into_iter()
+            .map(|item| {
+                let frame = ItemFrame {
+                    q: self.name.to_string(),
+                    ticket: 0,
+                    item: item.store(),
+                };
+                let ticket = OUTBOX | tracking.journal.append(effect::ENLIST, &frame);
+                tracking.unfinished().insert(ticket, item.clone());
+                (ticket, item)
+            })
+            .collect()
+    }
+
+    /// Puts an enlisted item on the queue, waiting for room, and counts it
+    /// as outstanding work for settle.
+    pub async fn send_enlisted(&self, ticket: u64, item: T) -> Result<(), Closed> {
+        self.activity.begin(1);
+        let result = self
+            .put(
+                Envelope {
+                    item,
+                    attempts: 0,
+                    ticket,
+                },
+                |c| c.enqueued += 1,
+            )
+            .await;
+        if result.is_err() {
+            self.activity.end(1);
+        }
+        result
+    }
+
+    /// An item ended, well or dead-lettered: it is no longer owed.
+    pub(crate) fn finished(&self, ticket: u64) {
+        let Some(tracking) = self.tracking.get() else {
+            return;
+        };
+        tracking.unfinished().remove(&ticket);
+        if ticket & OUTBOX != 0 {
+            let frame = TicketFrame {
+                q: self.name.to_string(),
+                ticket,
+            };
+            tracking.journal.append(effect::DONE, &frame);
         }
     }
 
@@ -138,8 +257,31 @@ impl<T: QueueItem> Queue<T> {
     /// Puts an event on the queue whose outstanding work is already counted
     /// (the change log counts it when appending).
     pub async fn deliver(&self, item: T) -> Result<(), Closed> {
-        self.put(Envelope { item, attempts: 0 }, |c| c.enqueued += 1)
-            .await
+        let ticket = item.feed_seq();
+        self.track(ticket, &item);
+        self.put(
+            Envelope {
+                item,
+                attempts: 0,
+                ticket,
+            },
+            |c| c.enqueued += 1,
+        )
+        .await
+    }
+
+    /// Like [`Queue::deliver`], for an item that has its ticket.
+    pub async fn deliver_ticketed(&self, ticket: u64, item: T) -> Result<(), Closed> {
+        self.track(ticket, &item);
+        self.put(
+            Envelope {
+                item,
+                attempts: 0,
+                ticket,
+            },
+            |c| c.enqueued += 1,
+        )
+        .await
     }
 
     /// Puts events whose outstanding work is already counted on the queue,
@@ -158,8 +300,19 @@ impl<T: QueueItem> Queue<T> {
             counts.enqueued += n as u64;
             counts.depth += n as u64;
         }
+        if let Some(tracking) = self.tracking.get() {
+            let mut unfinished = tracking.unfinished();
+            for item in &items {
+                unfinished.insert(item.feed_seq(), item.clone());
+            }
+        }
         for (permit, item) in permits.zip(items) {
-            permit.send(Envelope { item, attempts: 0 });
+            let ticket = item.feed_seq();
+            permit.send(Envelope {
+                item,
+                attempts: 0,
+                ticket,
+            });
         }
         Ok(())
     }
@@ -227,7 +380,26 @@ impl<T: QueueItem> Queue<T> {
     }
 
     /// The last attempt failed, or the failure is permanent.
-    pub(crate) fn dead_letter(&self, event: T, error: String, attempts: u32) {
+    pub(crate) fn dead_letter(&self, ticket: u64, event: T, error: String, attempts: u32) {
+        let failed_at = Timestamp::now();
+        let number = match self.tracking.get() {
+            Some(tracking) => {
+                let frame = DeadFrame {
+                    q: self.name.to_string(),
+                    n: 0,
+                    ticket,
+                    item: event.store(),
+                    error: error.clone(),
+                    attempts,
+                    at: failed_at.into(),
+                };
+                // The frame's LSN numbers the letter; it is read back so.
+                let number = tracking.journal.append(effect::DEAD, &frame);
+                tracking.unfinished().remove(&ticket);
+                number
+            }
+            None => 0,
+        };
         {
             let mut counts = self.counts_mut();
             counts.in_flight -= 1;
@@ -246,7 +418,8 @@ impl<T: QueueItem> Queue<T> {
             event,
             error,
             attempts,
-            failed_at: Timestamp::now(),
+            failed_at,
+            number,
         });
         drop(dead);
         self.activity.end(1);
@@ -265,12 +438,152 @@ impl<T: QueueItem> Queue<T> {
             .collect()
     }
 
-    /// Removes every dead letter and returns them.
-    pub fn take_dead_letters(&self) -> Vec<DeadLetter<T>> {
+    /// Removes every dead letter to put it back on the queue; returns each
+    /// with its ticket for [`Queue::deliver_ticketed`].
+    pub fn redrive_letters(&self) -> Vec<(u64, T)> {
+        let letters = self.take_dead_letters(effect::REDRIVE);
+        letters
+            .into_iter()
+            .map(|letter| {
+                let ticket = if self.tracking.get().is_some() {
+                    OUTBOX | letter.number
+                } else {
+                    0
+                };
+                self.track(ticket, &letter.event);
+                (ticket, letter.event)
+            })
+            .collect()
+    }
+
+    /// Drops every dead letter; how many.
+    pub fn discard_letters(&self) -> usize {
+        self.take_dead_letters(effect::DISCARD).len()
+    }
+
+    fn take_dead_letters(&self, kind: u8) -> Vec<DeadLetter<T>> {
+        let mut dead = self.dead.lock().unwrap_or_else(|e| e.into_inner());
+        if let (Some(tracking), Some(last)) = (self.tracking.get(), dead.back()) {
+            let frame = UptoFrame {
+                q: self.name.to_string(),
+                upto: last.number,
+            };
+            tracking.journal.append(kind, &frame);
+        }
+        dead.drain(..).collect()
+    }
+
+    // Restoring from a data directory, before the queue's handler starts.
+
+    /// Applies one of the queue's frames read back from disk.
+    pub(crate) fn restore(&self, kind: u8, lsn: u64, payload: &[u8]) -> Result<(), String> {
+        let name = &self.name;
+        let read = |item: serde_json::Value| {
+            T::restore(item).ok_or_else(|| format!("an item of {name} that cannot be read"))
+        };
+        match kind {
+            effect::ENLIST | effect::UNFINISHED => {
+                let frame: ItemFrame = effect::decode(kind, payload)?;
+                let ticket = if kind == effect::ENLIST {
+                    OUTBOX | lsn
+                } else {
+                    frame.ticket
+                };
+                self.track(ticket, &read(frame.item)?);
+            }
+            effect::DONE => {
+                let frame: TicketFrame = effect::decode(kind, payload)?;
+                if let Some(tracking) = self.tracking.get() {
+                    tracking.unfinished().remove(&frame.ticket);
+                }
+            }
+            effect::DEAD => {
+                let frame: DeadFrame = effect::decode(kind, payload)?;
+                // In a snapshot the number is kept; in the log it is the LSN.
+                let number = if frame.n == 0 { lsn } else { frame.n };
+                if let Some(tracking) = self.tracking.get() {
+                    tracking.unfinished().remove(&frame.ticket);
+                }
+                let mut dead = self.dead.lock().unwrap_or_else(|e| e.into_inner());
+                if dead.iter().any(|d| d.number == number) {
+                    return Ok(());
+                }
+                if dead.len() == self.max_dead_letters {
+                    dead.pop_front();
+                }
+                dead.push_back(DeadLetter {
+                    event: read(frame.item)?,
+                    error: frame.error,
+                    attempts: frame.attempts,
+                    failed_at: frame.at.get()?,
+                    number,
+                });
+            }
+            effect::REDRIVE | effect::DISCARD => {
+                let frame: UptoFrame = effect::decode(kind, payload)?;
+                let mut dead = self.dead.lock().unwrap_or_else(|e| e.into_inner());
+                let (gone, kept): (Vec<_>, Vec<_>) =
+                    dead.drain(..).partition(|d| d.number <= frame.upto);
+                dead.extend(kept);
+                drop(dead);
+                if kind == effect::REDRIVE {
+                    for letter in gone {
+                        self.track(OUTBOX | letter.number, &letter.event);
+                    }
+                }
+            }
+            _ => return Err(format!("frame kind {kind} is not a queue's")),
+        }
+        Ok(())
+    }
+
+    /// The items taken and not finished, by ticket (restored ones, to put
+    /// back on the queue after a restart).
+    pub(crate) fn unfinished(&self) -> Vec<(u64, T)> {
+        self.tracking.get().map_or_else(Vec::new, |tracking| {
+            tracking
+                .unfinished()
+                .iter()
+                .map(|(ticket, item)| (*ticket, item.clone()))
+                .collect()
+        })
+    }
+
+    /// Tickets of the dead letters that came from the feed (their
+    /// sequences), not to be delivered again after a restart.
+    pub(crate) fn dead_feed_items(&self) -> std::collections::HashSet<u64> {
         self.dead
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .drain(..)
+            .iter()
+            .map(|d| d.event.feed_seq())
+            .filter(|seq| *seq != 0)
             .collect()
+    }
+
+    /// Writes the queue's dead letters and unfinished items as snapshot
+    /// frames.
+    pub(crate) fn save(&self, out: &mut Vec<u8>) {
+        let letters: Vec<DeadLetter<T>> = self.dead_letters();
+        for letter in letters {
+            let frame = DeadFrame {
+                q: self.name.to_string(),
+                n: letter.number,
+                ticket: 0,
+                item: letter.event.store(),
+                error: letter.error,
+                attempts: letter.attempts,
+                at: letter.failed_at.into(),
+            };
+            crate::storage::frame::encode(effect::DEAD, &effect::encode(&frame), out);
+        }
+        for (ticket, item) in self.unfinished() {
+            let frame = ItemFrame {
+                q: self.name.to_string(),
+                ticket,
+                item: item.store(),
+            };
+            crate::storage::frame::encode(effect::UNFINISHED, &effect::encode(&frame), out);
+        }
     }
 }

@@ -63,6 +63,17 @@ impl Timestamp {
         self.0
     }
 
+    /// Seconds since the Unix epoch and nanoseconds within the second:
+    /// exact for every instant a timestamp can hold (for the data directory).
+    pub fn parts(&self) -> (i64, u32) {
+        (self.0.timestamp(), self.0.timestamp_subsec_nanos())
+    }
+
+    /// The instant [`Timestamp::parts`] returned.
+    pub fn from_parts(secs: i64, nanos: u32) -> Option<Self> {
+        DateTime::from_timestamp(secs, nanos).map(Self)
+    }
+
     /// Nanoseconds since the Unix epoch (saturating outside ±292 years).
     pub fn nanos(&self) -> i64 {
         self.0
@@ -315,6 +326,14 @@ impl fmt::Debug for Data {
 impl Serialize for Data {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         self.0.serialize(s)
+    }
+}
+
+/// Read back from the data directory, where it was written canonical: the
+/// text is kept exactly as written, never re-canonicalised.
+impl<'de> Deserialize<'de> for Data {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Box::<RawValue>::deserialize(d).map(|raw| Self(Arc::from(raw)))
     }
 }
 

@@ -50,8 +50,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::Serialize;
 
-use super::log::{Cause, ChangeKind, ChangeLog, TableName};
+use super::log::{Cause, Change, ChangeKind, ChangeLog, TableName};
 use super::record::{Data, RecordId, Timestamp, Version};
+use crate::storage::effect::{
+    self, At, ChangeImage, CurrentFrame, EntryImage, PutFrame, StoredImage,
+};
 
 const SHARDS: usize = 16;
 
@@ -272,6 +275,47 @@ impl Entry {
         }
     }
 
+    fn image(&self) -> EntryImage {
+        EntryImage {
+            o: self
+                .own
+                .as_ref()
+                .map(|s| StoredImage::of(&s.version, &s.data)),
+            d: self.deleted.map(At::from),
+            l: self
+                .listed
+                .iter()
+                .map(|l| {
+                    let value = StoredImage::of(&l.value.version, &l.value.data);
+                    (l.parent.to_string(), value)
+                })
+                .collect(),
+            s: self.seq,
+            i: self.in_set,
+        }
+    }
+
+    fn from_image(image: EntryImage) -> Result<Self, String> {
+        let stored =
+            |image: StoredImage| image.get().map(|(version, data)| Stored { version, data });
+        Ok(Self {
+            own: image.o.map(stored).transpose()?,
+            deleted: image.d.map(At::get).transpose()?,
+            listed: image
+                .l
+                .into_iter()
+                .map(|(parent, value)| {
+                    Ok(Listed {
+                        parent: RecordId::derived(parent),
+                        value: stored(value)?,
+                    })
+                })
+                .collect::<Result<_, String>>()?,
+            seq: image.s,
+            in_set: image.i,
+        })
+    }
+
     /// Holds nothing worth keeping (a child no parent lists any more and
     /// that was never written or deleted itself).
     fn is_empty(&self) -> bool {
@@ -316,6 +360,24 @@ pub struct Table {
 
 /// What a change of one entry did to what is visible.
 type Seen = Option<Stored>;
+
+/// Whether a step changed what an entry holds, and what it holds after
+/// (`None`: the entry is gone).
+#[derive(Clone, Copy)]
+enum Effect<'e> {
+    Changed(Option<&'e Entry>),
+    Unchanged,
+}
+
+impl<'e> Effect<'e> {
+    fn of(changed: bool, entry: Option<&'e Entry>) -> Self {
+        if changed {
+            Self::Changed(entry)
+        } else {
+            Self::Unchanged
+        }
+    }
+}
 
 impl Table {
     pub fn new(name: &str, kind: TableKind, log: Arc<ChangeLog>) -> Self {
@@ -545,14 +607,23 @@ impl Table {
                 Some(_) => Outcome::Updated,
             }
         };
-        if entry.own.as_ref().is_none_or(|own| version > own.version) {
+        let newer = entry.own.as_ref().is_none_or(|own| version > own.version);
+        if newer {
             entry.own = Some(Stored {
                 version: version.clone(),
                 data,
             });
         }
         let after = entry.visible(self.order, current).cloned();
-        self.emit(&id, before, after, Version::delete(version.at), cause);
+        let effect = Effect::of(newer, Some(entry));
+        self.emit(
+            &id,
+            effect,
+            before,
+            after,
+            Version::delete(version.at),
+            cause,
+        );
         self.count(outcome);
         outcome
     }
@@ -560,9 +631,25 @@ impl Table {
     /// Appends the change that turned `before` into `after`, if any, and
     /// keeps the live count. `deleted` is the version a delete is recorded
     /// with.
-    fn emit(&self, id: &RecordId, before: Seen, after: Seen, deleted: Version, cause: &Cause) {
+    fn emit(
+        &self,
+        id: &RecordId,
+        effect: Effect<'_>,
+        before: Seen,
+        after: Seen,
+        deleted: Version,
+        cause: &Cause,
+    ) {
+        // On a data directory every change of an entry is a frame, whether
+        // or not it changes what is visible (a newer version with equal
+        // data, a tombstone, a reconciliation mark): restart must rebuild
+        // what the table received, not only what it showed.
+        let put = match (self.log.journal(), effect) {
+            (Some(_), Effect::Changed(entry)) => Some(self.put_frame(id, entry)),
+            _ => None,
+        };
         let (kind, version, data) = match (before, after) {
-            (None, None) => return,
+            (None, None) => return self.journal_only(put),
             (None, Some(a)) => {
                 self.counters.live.fetch_add(1, Ordering::Relaxed);
                 (ChangeKind::Inserted, a.version, Some(a.data))
@@ -574,13 +661,30 @@ impl Table {
             (Some(b), Some(a)) => {
                 let moved = self.versions_are_changes && b.version != a.version;
                 if b.data == a.data && !moved {
-                    return;
+                    return self.journal_only(put);
                 }
                 (ChangeKind::Updated, a.version, Some(a.data))
             }
         };
+        // The frame travels with the change; it cannot be a delete's frame
+        // without its entry, since every change follows a state change.
         self.log
-            .append(&self.name, id.clone(), kind, version, data, cause);
+            .append(&self.name, id.clone(), kind, version, data, cause, put);
+    }
+
+    /// Writes an entry's frame for a step that emitted no change.
+    fn journal_only(&self, put: Option<Vec<u8>>) {
+        if let (Some(journal), Some(put)) = (self.log.journal(), put) {
+            journal.append_raw(effect::PUT, &put);
+        }
+    }
+
+    fn put_frame(&self, id: &RecordId, entry: Option<&Entry>) -> Vec<u8> {
+        effect::encode(&PutFrame {
+            t: self.name.to_string(),
+            id: id.to_string(),
+            e: entry.map(Entry::image),
+        })
     }
 
     /// Deletes `id` as of `at` (versioned tables): writes at or before `at`
@@ -594,13 +698,14 @@ impl Table {
         let was = entry.deleted;
         entry.deleted = was.max(Some(at));
         let after = entry.visible(self.order, current).cloned();
+        let effect = Effect::of(entry.deleted != was, Some(entry));
         let outcome = match (&before, &after) {
             (_, Some(_)) => Outcome::Stale,
             (Some(_), None) => Outcome::Deleted,
             (None, None) if was.is_some_and(|w| w > at) => Outcome::Stale,
             (None, None) => Outcome::Absent,
         };
-        self.emit(id, before, after, Version::delete(at), cause);
+        self.emit(id, effect, before, after, Version::delete(at), cause);
         if outcome != Outcome::Absent {
             self.count(outcome);
         }
@@ -632,6 +737,7 @@ impl Table {
             data,
         });
         let after = entry.own.clone();
+        let effect = Effect::of(true, Some(entry));
         let outcome = match (&before, &after) {
             (None, None) => Outcome::Absent,
             (None, Some(_)) => Outcome::Inserted,
@@ -639,7 +745,7 @@ impl Table {
             (Some(b), Some(a)) if b.data == a.data => Outcome::Unchanged,
             (Some(_), Some(_)) => Outcome::Updated,
         };
-        self.emit(id, before, after, version, cause);
+        self.emit(id, effect, before, after, version, cause);
         if outcome != Outcome::Absent {
             self.count(outcome);
         }
@@ -675,11 +781,14 @@ impl Table {
             });
         }
         let after = entry.visible(self.order, current).cloned();
-        if entry.is_empty() {
+        let effect = if entry.is_empty() {
             shard.entries.remove(id);
             self.counters.entries.fetch_sub(1, Ordering::AcqRel);
-        }
-        self.emit(id, before, after, removed, cause);
+            Effect::of(true, None)
+        } else {
+            Effect::of(true, Some(entry))
+        };
+        self.emit(id, effect, before, after, removed, cause);
         Ok(())
     }
 
@@ -715,6 +824,16 @@ impl Table {
         let current = candidate.ok().filter(|_| becomes_current);
         if let Some(current) = &current {
             *reconciling = Some(current.clone());
+            if let Some(journal) = self.log.journal() {
+                journal.append(
+                    effect::CURRENT,
+                    &CurrentFrame {
+                        t: self.name.to_string(),
+                        a: current.as_of.into(),
+                        ids: current.ids.clone(),
+                    },
+                );
+            }
         }
         for (index, writes) in by_shard.into_iter().enumerate() {
             let mut shard = self.lock_shard(index);
@@ -754,12 +873,140 @@ impl Table {
         let hide = Version::delete(current.as_of);
         for (id, entry) in shard.entries.iter_mut() {
             let before = entry.visible(self.order, old.as_deref()).cloned();
+            let was = entry.in_set;
             entry.in_set = members.contains(id.as_str());
             let after = entry.visible(self.order, Some(current)).cloned();
             if before.is_some() && after.is_none() {
                 hid.push(id.clone());
             }
-            self.emit(id, before, after, hide.clone(), cause);
+            let effect = Effect::of(entry.in_set != was, Some(entry));
+            self.emit(id, effect, before, after, hide.clone(), cause);
+        }
+    }
+
+    // Restoring from a data directory, before anything else touches the
+    // table. Counters are recomputed by `finish_restore`.
+
+    /// Sets an entry as a frame found it, and returns the change the frame
+    /// carries (its data is the entry's record).
+    pub(crate) fn restore_put(
+        &self,
+        id: RecordId,
+        image: Option<EntryImage>,
+        change: Option<ChangeImage>,
+    ) -> Result<Option<Change>, String> {
+        let mut shard = self.shard(id.as_str());
+        let record = match image {
+            None => {
+                shard.entries.remove(&id);
+                None
+            }
+            Some(image) => {
+                let entry = Entry::from_image(image)?;
+                let record = entry.best().map(|s| (s.version.clone(), s.data.clone()));
+                shard.entries.insert(id.clone(), entry);
+                record
+            }
+        };
+        drop(shard);
+        change
+            .map(|change| change.get(&self.name, id, record))
+            .transpose()
+    }
+
+    /// Makes a reconciliation read back from disk the current one (the
+    /// entries' marks come with their own frames).
+    pub(crate) fn restore_current(&self, as_of: Timestamp, ids: Data) {
+        let current = Arc::new(Current { as_of, ids });
+        let mut reconciling = self.reconciling.lock().unwrap_or_else(|e| e.into_inner());
+        if reconciling.as_ref().is_some_and(|old| **old >= *current) {
+            return;
+        }
+        *reconciling = Some(current.clone());
+        for index in 0..SHARDS {
+            self.lock_shard(index).current = Some(current.clone());
+        }
+    }
+
+    /// Recounts entries and live records once every frame is restored.
+    pub(crate) fn finish_restore(&self) {
+        let (mut entries, mut live) = (0, 0);
+        for index in 0..SHARDS {
+            let shard = self.lock_shard(index);
+            entries += shard.entries.len() as u64;
+            live += shard
+                .entries
+                .values()
+                .filter(|e| e.visible(self.order, shard.current.as_deref()).is_some())
+                .count() as u64;
+        }
+        self.counters.entries.store(entries, Ordering::Release);
+        self.counters.live.store(live, Ordering::Relaxed);
+    }
+
+    /// Completes a reconciliation that a crash cut short: marks, shard by
+    /// shard, what the current one's set holds, emitting the hides it had
+    /// not reached. A no-op when it had finished (nothing flips).
+    pub(crate) fn finish_reconciliation(&self, cause: &Cause) {
+        let current = self
+            .reconciling
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let Some(current) = current else { return };
+        let members: HashSet<String> =
+            serde_json::from_str(current.ids.as_str()).unwrap_or_default();
+        let hide = Version::delete(current.as_of);
+        for index in 0..SHARDS {
+            let mut shard = self.lock_shard(index);
+            for (id, entry) in shard.entries.iter_mut() {
+                let want = members.contains(id.as_str());
+                if entry.in_set == want {
+                    continue;
+                }
+                let before = entry.visible(self.order, Some(&current)).cloned();
+                entry.in_set = want;
+                let after = entry.visible(self.order, Some(&current)).cloned();
+                self.emit(
+                    id,
+                    Effect::Changed(Some(entry)),
+                    before,
+                    after,
+                    hide.clone(),
+                    cause,
+                );
+            }
+        }
+    }
+
+    /// Writes the table as snapshot frames: its current reconciliation,
+    /// then every entry.
+    pub(crate) fn save(&self, out: &mut Vec<u8>) {
+        let current = self
+            .reconciling
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(current) = current {
+            let frame = CurrentFrame {
+                t: self.name.to_string(),
+                a: current.as_of.into(),
+                ids: current.ids.clone(),
+            };
+            crate::storage::frame::encode(effect::CURRENT, &effect::encode(&frame), out);
+        }
+        for index in 0..SHARDS {
+            let frames: Vec<Vec<u8>> = {
+                let shard = self.lock_shard(index);
+                shard
+                    .entries
+                    .iter()
+                    .map(|(id, entry)| self.put_frame(id, Some(entry)))
+                    .collect()
+            };
+            for frame in frames {
+                crate::storage::frame::encode(effect::PUT, &frame, out);
+            }
         }
     }
 

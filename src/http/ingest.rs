@@ -172,6 +172,7 @@ pub async fn post(
     let kind = kind(&kind_name)?;
     // Refused before the body is parsed: under backpressure a refusal
     // should cost next to nothing.
+    state.writable()?;
     state.pipeline().admit()?;
     let essence = essence(&headers)?;
     require_json(&essence)?;
@@ -243,6 +244,7 @@ pub async fn post(
             })
             .collect(),
     };
+    state.durable().await?;
     Ok(Json(IngestResponse { results }))
 }
 
@@ -293,6 +295,7 @@ pub async fn put(
     let kind = kind(&kind_name)?;
     // Refused before the body is parsed: under backpressure a refusal
     // should cost next to nothing.
+    state.writable()?;
     state.pipeline().admit()?;
     require_json(&essence(&headers)?)?;
     let body: ReconcileBody = serde_json::from_value(parse_json(&body)?).map_err(|e| {
@@ -316,12 +319,9 @@ pub async fn put(
         },
     })?;
     let pipeline = state.pipeline();
-    Ok(Json(pipeline.reconcile(
-        kind,
-        as_of,
-        writes,
-        &Cause::request(request),
-    )?))
+    let reconciliation = pipeline.reconcile(kind, as_of, writes, &Cause::request(request))?;
+    state.durable().await?;
+    Ok(Json(reconciliation))
 }
 
 fn invalid(field: &str, reason: impl std::fmt::Display) -> ApiError {
@@ -378,6 +378,7 @@ pub async fn delete(
     let kind = kind(&kind_name)?;
     // Refused before the body is parsed: under backpressure a refusal
     // should cost next to nothing.
+    state.writable()?;
     state.pipeline().admit()?;
     let id = RecordId::parse(&id).map_err(|e| invalid("id", e))?;
     let at = match query.version {
@@ -386,5 +387,6 @@ pub async fn delete(
     };
     let pipeline = state.pipeline();
     let outcome = pipeline.delete(kind, &id, at, &Cause::request(request))?;
+    state.durable().await?;
     Ok(Json(DeleteResponse { id, outcome }))
 }

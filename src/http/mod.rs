@@ -35,6 +35,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::config::Config;
+use crate::media::data_dir::DataDir;
 use crate::media::pipeline::Pipeline;
 
 pub use connections::{Limits as ConnectionLimits, serve as serve_connections};
@@ -57,11 +58,12 @@ struct Inner {
     requests: Arc<Semaphore>,
     /// Serialises new changes once for every live stream.
     fanout: Arc<stream::Fanout>,
+    /// Where the pipeline is kept, with `--data-dir`.
+    data_dir: Option<Arc<DataDir>>,
 }
 
 impl AppState {
-    pub fn new(pipeline: Pipeline, config: Config) -> Self {
-        let pipeline = Arc::new(pipeline);
+    pub fn new(pipeline: Arc<Pipeline>, config: Config, data_dir: Option<Arc<DataDir>>) -> Self {
         let (registry, http_metrics) = metrics::registry(&pipeline);
         let stopping = CancellationToken::new();
         let fanout = stream::Fanout::start(pipeline.engine.log.clone(), stopping.clone());
@@ -73,7 +75,30 @@ impl AppState {
             fanout,
             requests: Arc::new(Semaphore::new(config.max_requests as usize)),
             config,
+            data_dir,
         }))
+    }
+
+    pub fn data_dir(&self) -> Option<&Arc<DataDir>> {
+        self.0.data_dir.as_ref()
+    }
+
+    /// Refuses a write before anything of it is stored, once the data
+    /// directory has failed.
+    pub fn writable(&self) -> Result<(), ApiError> {
+        match self.0.data_dir.as_ref().and_then(|d| d.failure()) {
+            Some(poisoned) => Err(poisoned.into()),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits, before a write is acknowledged, until its effects are on
+    /// disk (at once in memory); an error once the disk has failed.
+    pub async fn durable(&self) -> Result<(), ApiError> {
+        match &self.0.data_dir {
+            Some(data_dir) => Ok(data_dir.sync().await?),
+            None => Ok(()),
+        }
     }
 
     pub fn pipeline(&self) -> &Arc<Pipeline> {
@@ -122,6 +147,8 @@ fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(queues::list))
         .routes(routes!(queues::dead_letters, queues::discard))
         .routes(routes!(queues::redrive))
+        .routes(routes!(queues::replay))
+        .routes(routes!(system::storage))
         .routes(routes!(queues::handlers))
         .routes(routes!(queues::faults))
         .routes(routes!(

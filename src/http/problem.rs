@@ -16,6 +16,7 @@ use crate::engine::log::Gone;
 use crate::engine::table::{Full, PreconditionFailed};
 use crate::media::pipeline::{Overloaded, Refused};
 use crate::media::records::InvalidRecord;
+use crate::storage::wal::Poisoned;
 
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
@@ -57,6 +58,12 @@ pub enum ApiError {
          faster, or in smaller requests"
     )]
     TimedOut { timeout: String },
+    /// The data directory could not be written: nothing is acknowledged.
+    #[error(transparent)]
+    Unavailable(#[from] Poisoned),
+    /// The request asks for something this queue does not do.
+    #[error("{0}")]
+    Conflict(String),
 }
 
 impl ApiError {
@@ -71,7 +78,9 @@ impl ApiError {
             ApiError::Overloaded(_)
             | ApiError::NotSettled { .. }
             | ApiError::ShuttingDown { .. }
-            | ApiError::Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            | ApiError::Busy { .. }
+            | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::TimedOut { .. } => StatusCode::REQUEST_TIMEOUT,
             ApiError::Gone(_) => StatusCode::GONE,
             ApiError::Full(_) => StatusCode::INSUFFICIENT_STORAGE,

@@ -106,9 +106,11 @@ pub async fn redrive(
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<Json<Redriven>, ApiError> {
-    Ok(Json(Redriven {
-        redriven: queue(&state, &name)?.redrive(),
-    }))
+    let queue = queue(&state, &name)?;
+    state.writable()?;
+    let redriven = queue.redrive();
+    state.durable().await?;
+    Ok(Json(Redriven { redriven }))
 }
 
 #[derive(Serialize, ToSchema)]
@@ -135,9 +137,71 @@ pub async fn discard(
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<Json<Discarded>, ApiError> {
-    Ok(Json(Discarded {
-        discarded: queue(&state, &name)?.discard(),
-    }))
+    let queue = queue(&state, &name)?;
+    state.writable()?;
+    let discarded = queue.discard();
+    state.durable().await?;
+    Ok(Json(Discarded { discarded }))
+}
+
+#[derive(serde::Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReplayBody {
+    /// Re-deliver the retained changes with a sequence above this one
+    /// (0: every retained change).
+    after: u64,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Replayed {
+    /// Changes put back on the queue.
+    replayed: usize,
+}
+
+/// Re-delivers the retained changes after `after` that the queue was
+/// already given, so its handler applies them again (after a change of
+/// rules, say: standard tables are rebuilt from the raw changes).
+#[utoipa::path(
+    post,
+    path = "/queues/{queue}/replay",
+    operation_id = "replay_queue",
+    tag = "queues",
+    params(("queue" = String, Path, description = "A queue fed from the change log",
+        example = "raw_queue")),
+    request_body(content = ReplayBody, content_type = "application/json"),
+    responses(
+        (status = 200, description = "How many changes were put back", body = Replayed),
+        (status = 400, description = "The body is not `{\"after\": <seq>}`", body = Problem,
+            content_type = "application/problem+json"),
+        NoSuchQueue,
+        (status = 409, description = "The queue is not fed from the change log", body = Problem,
+            content_type = "application/problem+json"),
+        (status = 410, description = "Changes after `after` are no longer retained; the \
+            problem has `oldest`", body = Problem, content_type = "application/problem+json"),
+        TooLarge,
+        NotJson,
+    ),
+)]
+pub async fn replay(
+    _: NoQuery,
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Result<Json<Replayed>, ApiError> {
+    let queue = queue(&state, &name)?;
+    super::ingest::require_json(&super::ingest::essence(&headers)?)?;
+    let body: ReplayBody = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("the body must be {{\"after\": <seq>}}: {e}")))?;
+    state.writable()?;
+    let replayed = queue.replay(body.after).ok_or_else(|| {
+        ApiError::Conflict(format!(
+            "queue `{name}` is not fed from the change log; only such queues replay"
+        ))
+    })??;
+    state.durable().await?;
+    tracing::info!(queue = %name, after = body.after, replayed, "replaying changes");
+    Ok(Json(Replayed { replayed }))
 }
 
 #[derive(Serialize, ToSchema)]

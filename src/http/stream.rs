@@ -389,6 +389,7 @@ mod tests {
             version,
             None,
             &Cause::request("t"),
+            None,
         );
     }
 

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::engine::topology::Topology;
+use crate::media::data_dir::DiskReport;
 
 use super::problem::Problem;
 use super::problem::shared::BadQuery;
@@ -20,16 +21,59 @@ pub struct Health {
     status: &'static str,
 }
 
-/// Whether the server is serving.
+/// Whether the server is serving: 503 once its data directory cannot be
+/// written (nothing more is acknowledged).
 #[utoipa::path(
     get,
     path = "/healthz",
     operation_id = "healthz",
     tag = "system",
-    responses((status = 200, description = "Serving", body = Health)),
+    responses(
+        (status = 200, description = "Serving", body = Health),
+        (status = 503, description = "Storage is unavailable", body = Problem,
+            content_type = "application/problem+json"),
+    ),
 )]
-pub async fn healthz(_: NoQuery) -> Json<Health> {
-    Json(Health { status: "ok" })
+pub async fn healthz(_: NoQuery, State(state): State<AppState>) -> Result<Json<Health>, ApiError> {
+    state.writable()?;
+    Ok(Json(Health { status: "ok" }))
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(tag = "mode", rename_all = "lowercase")]
+pub enum StorageReport {
+    /// Everything is in memory (no `--data-dir`).
+    Memory {
+        /// The last change sequence.
+        durable_seq: u64,
+    },
+    /// On a data directory.
+    Disk {
+        /// The last change sequence whose frames are on disk.
+        durable_seq: u64,
+        #[serde(flatten)]
+        disk: DiskReport,
+    },
+}
+
+/// Where the pipeline is kept: mode, bytes on disk, segments, the last
+/// snapshot and the durable sequence.
+#[utoipa::path(
+    get,
+    path = "/storage",
+    operation_id = "storage",
+    tag = "system",
+    responses((status = 200, description = "Where the pipeline is kept", body = StorageReport)),
+)]
+pub async fn storage(_: NoQuery, State(state): State<AppState>) -> Json<StorageReport> {
+    let durable_seq = state.pipeline().engine.log.durable_seq();
+    Json(match state.data_dir() {
+        None => StorageReport::Memory { durable_seq },
+        Some(data_dir) => StorageReport::Disk {
+            durable_seq,
+            disk: data_dir.report(),
+        },
+    })
 }
 
 #[derive(Deserialize, IntoParams)]

@@ -21,6 +21,7 @@ use crate::engine::table::Table;
 
 use super::raw_handler::encode_id;
 use super::records::Rendition;
+use crate::storage::effect::VersionImage;
 
 /// One rendition of one video to encode.
 #[derive(Clone, Debug)]
@@ -42,6 +43,46 @@ impl QueueItem for EncodeJob {
     fn event_id(&self) -> Uuid {
         self.id
     }
+
+    fn store(&self) -> serde_json::Value {
+        serde_json::to_value(StoredJob {
+            id: self.id,
+            video_id: self.video_id.to_string(),
+            rendition: self.rendition.clone(),
+            seq: self.seq,
+            version: VersionImage::of(&self.version, None),
+            correlation: self.cause.correlation.to_string(),
+            causation: self.cause.causation,
+        })
+        .unwrap_or_default()
+    }
+
+    fn restore(stored: serde_json::Value) -> Option<Self> {
+        let job: StoredJob = serde_json::from_value(stored).ok()?;
+        Some(Self {
+            id: job.id,
+            video_id: RecordId::derived(job.video_id),
+            rendition: job.rendition,
+            seq: job.seq,
+            version: job.version.get(None).ok()?,
+            cause: Cause {
+                correlation: job.correlation.into(),
+                causation: job.causation,
+            },
+        })
+    }
+}
+
+/// An encode job as kept on a data directory.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredJob {
+    id: Uuid,
+    video_id: String,
+    rendition: Rendition,
+    seq: u64,
+    version: VersionImage,
+    correlation: String,
+    causation: Option<Uuid>,
 }
 
 /// Shown as a CloudEvent, like the changes on `raw_queue`.

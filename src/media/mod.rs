@@ -1,6 +1,7 @@
 //! The media catalog: actors, movies, series, episodes and videos, wired
 //! into the four scenarios on the engine. Knows nothing about HTTP.
 
+pub mod data_dir;
 pub mod encode_handler;
 pub mod pipeline;
 pub mod raw_handler;

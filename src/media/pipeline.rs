@@ -28,6 +28,7 @@ use crate::engine::table::{
 };
 use crate::engine::topology::Topology;
 use crate::engine::{Engine, EngineConfig};
+use crate::storage::effect::{self, DedupFrame};
 use prometheus_client::metrics::histogram::Histogram;
 
 use super::encode_handler::{EncodeHandler, EncodeJob};
@@ -238,6 +239,13 @@ impl Pipeline {
         }
     }
 
+    /// The parents' child listings (what raw_handler has applied of each).
+    pub fn children(&self) -> impl Iterator<Item = &Arc<Children>> {
+        Kind::ALL
+            .into_iter()
+            .filter_map(|k| self.parents.get(k).as_ref().map(|p| &p.children))
+    }
+
     pub fn raw_table(&self, kind: Kind) -> &Arc<Table> {
         self.raw.get(kind)
     }
@@ -394,10 +402,16 @@ impl Pipeline {
             .zip(lists)
             .map(|((key, w), list)| {
                 let id = w.id.clone();
-                let outcome = self
-                    .dedup
-                    .first_time(key)
-                    .then(|| self.write(kind, w, list, cause));
+                let outcome = self.dedup.first_time(key).then(|| {
+                    let outcome = self.write(kind, w, list, cause);
+                    // After the write: a crash between the two frames
+                    // leaves a retry that is applied again (and converges),
+                    // never a false `duplicate` for a write that was lost.
+                    if let Some(journal) = self.engine.log.journal() {
+                        journal.append(effect::DEDUP, &DedupFrame(key.bytes()));
+                    }
+                    outcome
+                });
                 (id, outcome)
             })
             .collect())

@@ -108,9 +108,9 @@ impl Process<Arc<Change>> for RawHandler {
             }
             Some(parent) => self.refresh(route, parent, change, &cause)?,
         };
-        for job in jobs {
+        for (ticket, job) in jobs {
             self.encode_queue
-                .send(job)
+                .send_enlisted(ticket, job)
                 .await
                 .map_err(|e| Failure::Transient(e.to_string()))?;
         }
@@ -152,7 +152,7 @@ impl RawHandler {
         parent: &Parent,
         change: &Change,
         cause: &Cause,
-    ) -> Result<Vec<EncodeJob>, Failure> {
+    ) -> Result<Vec<(u64, EncodeJob)>, Failure> {
         let id = &change.key;
         let applied = parent
             .children
@@ -171,6 +171,10 @@ impl RawHandler {
                     None => (change.version.clone(), None),
                 };
                 let jobs = parent.sink.apply(id, change, previous, current, cause)?;
+                // Into the outbox before the listing is marked applied, so
+                // that after a crash the jobs are sent even if this change
+                // is not processed again.
+                let jobs = self.encode_queue.enlist(jobs);
                 let outcome = route
                     .standard
                     .derive(id, change.seq, version, data, cause)

@@ -27,7 +27,7 @@ pub struct Committer {
 }
 
 /// The last durable LSN, or why there will be no more.
-type Durable = Result<u64, Poisoned>;
+pub type Durable = Result<u64, Poisoned>;
 
 struct Shared {
     queue: Mutex<Queue>,
@@ -42,6 +42,11 @@ struct Queue {
     next: u64,
     stopping: bool,
     poisoned: Option<Poisoned>,
+    /// Segments wholly at or before this LSN may be deleted.
+    remove_through: Option<u64>,
+    /// Segment files after the last removal, and bytes written to them.
+    segments: usize,
+    bytes: u64,
 }
 
 impl Shared {
@@ -59,6 +64,9 @@ impl Committer {
                 next: wal.next_lsn(),
                 stopping: false,
                 poisoned: None,
+                remove_through: None,
+                segments: wal.segments().map_or(1, |s| s.len()),
+                bytes: wal.bytes(),
             }),
             wake: Condvar::new(),
         });
@@ -88,6 +96,28 @@ impl Committer {
         drop(queue);
         self.shared.wake.notify_one();
         Ok(lsn)
+    }
+
+    /// The LSN of the last frame appended (0 before the first).
+    pub fn appended(&self) -> u64 {
+        self.shared.lock().next - 1
+    }
+
+    /// Segment files and their bytes, as of the last write.
+    pub fn disk_use(&self) -> (usize, u64) {
+        let queue = self.shared.lock();
+        (queue.segments, queue.bytes)
+    }
+
+    /// Asks the writer to delete the segments wholly at or before `lsn`.
+    pub fn remove_through(&self, lsn: u64) {
+        self.shared.lock().remove_through = Some(lsn);
+        self.shared.wake.notify_one();
+    }
+
+    /// A receiver of the last durable LSN (or why there will be no more).
+    pub fn watch(&self) -> watch::Receiver<Durable> {
+        self.durable.clone()
     }
 
     /// Waits until every frame up to `lsn` is durable.
@@ -131,19 +161,29 @@ impl Drop for Committer {
 fn write<D: Disk>(mut wal: Wal<D>, shared: &Shared, durable: &watch::Sender<Durable>) {
     let mut batch = Vec::new();
     loop {
-        let last = {
+        let (last, remove) = {
             let mut queue = shared.lock();
-            while queue.frames.is_empty() && !queue.stopping {
+            while queue.frames.is_empty() && !queue.stopping && queue.remove_through.is_none() {
                 queue = shared.wake.wait(queue).unwrap_or_else(|e| e.into_inner());
             }
-            if queue.frames.is_empty() {
+            if queue.frames.is_empty() && queue.stopping {
                 return;
             }
             std::mem::swap(&mut batch, &mut queue.frames);
-            queue.next - 1
+            (queue.next - 1, queue.remove_through.take())
         };
+        if let Some(lsn) = remove
+            && let Err(error) = wal.remove_through(lsn)
+        {
+            tracing::warn!(%error, "cannot delete old log segments; they are kept");
+        }
         let result = wal.write_batch(&batch, last);
         batch.clear();
+        {
+            let mut queue = shared.lock();
+            queue.segments = wal.segments().map_or(queue.segments, |s| s.len());
+            queue.bytes = wal.bytes();
+        }
         if let Err(poisoned) = &result {
             let mut queue = shared.lock();
             queue.poisoned = Some(poisoned.clone());

@@ -24,6 +24,10 @@ pub trait Disk: Send + Sync + 'static {
     /// Renames a synced file, durably and atomically: after a crash there
     /// is either the old name or the new one.
     fn rename(&self, from: &str, to: &str) -> io::Result<()>;
+    /// The file's length in bytes.
+    fn len(&self, name: &str) -> io::Result<u64> {
+        self.read(name).map(|bytes| bytes.len() as u64)
+    }
 }
 
 /// A shared disk is a disk (the log's writer and a test can both hold it).
@@ -51,6 +55,9 @@ impl<D: Disk> Disk for std::sync::Arc<D> {
     }
     fn rename(&self, from: &str, to: &str) -> io::Result<()> {
         (**self).rename(from, to)
+    }
+    fn len(&self, name: &str) -> io::Result<u64> {
+        (**self).len(name)
     }
 }
 
@@ -92,6 +99,10 @@ impl FsDisk {
 }
 
 impl Disk for FsDisk {
+    fn len(&self, name: &str) -> io::Result<u64> {
+        Ok(fs::metadata(self.dir.join(name))?.len())
+    }
+
     fn list(&self) -> io::Result<Vec<String>> {
         let mut names = Vec::new();
         for entry in fs::read_dir(&self.dir)? {

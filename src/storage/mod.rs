@@ -11,11 +11,15 @@
 //!   appended, writers waiting until their frames are durable;
 //! - [`snapshot`]: the state as of a log position, written whole or not at
 //!   all;
-//! - [`lock`]: one server per data directory.
+//! - [`lock`]: one server per data directory;
+//! - [`effect`]: what the frames hold (effects, never commands);
+//! - [`journal`]: what the engine appends its effects through.
 
 pub mod commit;
 pub mod disk;
+pub mod effect;
 pub mod frame;
+pub mod journal;
 pub mod lock;
 pub mod snapshot;
 pub mod wal;

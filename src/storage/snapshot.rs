@@ -20,7 +20,7 @@ const FOOTER: usize = 16;
 /// Snapshots kept: the newest, and one before it in case it is damaged.
 pub const KEEP: usize = 2;
 
-fn name(lsn: u64) -> String {
+pub fn name(lsn: u64) -> String {
     format!("{lsn:020}{SUFFIX}")
 }
 

@@ -76,6 +76,10 @@ pub struct Wal<D: Disk> {
     /// The last LSN known to be durable.
     durable: u64,
     poisoned: Option<Poisoned>,
+    /// Whether a commit syncs (`--sync always`) or leaves it to the OS.
+    sync: bool,
+    /// Bytes in the segments before the current one.
+    earlier: u64,
 }
 
 impl<D: Disk> Wal<D> {
@@ -178,7 +182,11 @@ impl<D: Disk> Wal<D> {
             next,
             durable: next - 1,
             poisoned: None,
+            sync: true,
+            earlier: 0,
         };
+        let mut wal = wal;
+        wal.earlier = wal.count_earlier();
         Ok((wal, recovered))
     }
 
@@ -217,10 +225,14 @@ impl<D: Disk> Wal<D> {
         if frames.is_empty() {
             return Ok(self.durable);
         }
-        let result = self
-            .disk
-            .append(&self.current, frames)
-            .and_then(|()| self.disk.sync(&self.current));
+        let sync = self.sync;
+        let result = self.disk.append(&self.current, frames).and_then(|()| {
+            if sync {
+                self.disk.sync(&self.current)
+            } else {
+                Ok(())
+            }
+        });
         if let Err(error) = result {
             return Err(self.poison(format!("{}: {error}", self.current)));
         }
@@ -233,6 +245,7 @@ impl<D: Disk> Wal<D> {
                 return Err(self.poison(format!("{name}: {error}")));
             }
             self.current = name;
+            self.earlier += self.written;
             self.written = 0;
         }
         Ok(self.durable)
@@ -268,10 +281,31 @@ impl<D: Disk> Wal<D> {
             if *next > lsn + 1 || *name == self.current {
                 break;
             }
+            let len = self.disk.len(name).unwrap_or(0);
             self.disk.remove(name)?;
+            self.earlier = self.earlier.saturating_sub(len);
             removed += 1;
         }
         Ok(removed)
+    }
+
+    /// Whether commits sync (the default) or only write.
+    pub fn set_sync(&mut self, sync: bool) {
+        self.sync = sync;
+    }
+
+    /// Bytes in the log's segments.
+    pub fn bytes(&self) -> u64 {
+        self.earlier + self.written
+    }
+
+    fn count_earlier(&self) -> u64 {
+        self.segments()
+            .unwrap_or_default()
+            .iter()
+            .filter(|name| **name != self.current)
+            .filter_map(|name| self.disk.len(name).ok())
+            .sum()
     }
 
     /// The segments on disk, oldest first.

@@ -1,0 +1,582 @@
+//! The pipeline on a data directory (`--data-dir`): rebuilt from disk
+//! before the port opens, snapshotted on a background task, and reported
+//! by `GET /storage`.
+//!
+//! ```text
+//! DIR/LOCK                     one server per directory
+//! DIR/wal/<first-lsn>.wal      the write-ahead log of effects
+//! DIR/snap/<lsn>.snap          the state as of log frame <lsn> (two kept)
+//! ```
+//!
+//! A restart reads the newest good snapshot, then every log frame after
+//! it. Frames are effects (an entry as it was after a write, with the
+//! change it emitted), so applying one twice leaves the state as once, and
+//! a snapshot copied while writes go on is made whole by the frames after
+//! its position.
+
+use std::collections::HashMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::QueueView;
+use crate::engine::children::Children;
+use crate::engine::dedup::DedupKey;
+use crate::engine::log::Cause;
+use crate::engine::record::{RecordId, Timestamp};
+use crate::engine::table::Table;
+use crate::storage::commit::Committer;
+use crate::storage::disk::{Disk, FsDisk};
+use crate::storage::effect::{
+    self, AppliedFrame, ChangeImage, CurrentFrame, CursorFrame, DedupFrame, EventImage,
+    HeaderFrame, PutFrame,
+};
+use crate::storage::frame::{self, End};
+use crate::storage::journal::Journal;
+use crate::storage::lock::{DirLock, LockError};
+use crate::storage::snapshot;
+use crate::storage::wal::{OpenError, Poisoned, Wal};
+
+use super::pipeline::Pipeline;
+
+/// How the data directory is written.
+#[derive(Clone, Debug)]
+pub struct StorageOptions {
+    pub dir: PathBuf,
+    /// Whether a commit waits for fsync (`--sync always`) or leaves the
+    /// bytes to the OS (`--sync never`: survives `kill -9`, not power loss).
+    pub sync: bool,
+    /// A new log segment starts once the current one holds this many bytes.
+    pub segment_bytes: u64,
+    /// A snapshot is taken once this many bytes were logged since the last.
+    pub snapshot_bytes: u64,
+}
+
+/// Why the server cannot start on its data directory. Nothing on disk was
+/// overwritten.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenFailure {
+    #[error(transparent)]
+    Lock(#[from] LockError),
+    #[error("{}: {error}", .dir.display())]
+    Io { dir: PathBuf, error: io::Error },
+    #[error("{}/{error}", .dir.display())]
+    Log { dir: PathBuf, error: OpenError },
+    #[error("{}: {damage}", .file.display())]
+    Snapshot {
+        file: PathBuf,
+        damage: frame::Damage,
+    },
+    #[error("{place}: {error}")]
+    Frame { place: String, error: String },
+}
+
+/// A snapshot on disk.
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+pub struct SnapshotInfo {
+    /// The last log frame it holds.
+    pub lsn: u64,
+    /// The last change sequence it holds.
+    pub seq: u64,
+    pub bytes: u64,
+    #[schema(value_type = String)]
+    pub taken_at: Timestamp,
+    /// Seconds it took to copy and write.
+    pub seconds: f64,
+    /// Log bytes appended since start when it was taken.
+    #[serde(skip)]
+    appended_bytes: u64,
+}
+
+/// What the last start read back.
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+pub struct RecoveryInfo {
+    /// Snapshot and log frames applied.
+    pub frames: u64,
+    /// Changes in the log after recovery.
+    pub events: u64,
+    pub seconds: f64,
+}
+
+/// `GET /storage` on a data directory.
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+pub struct DiskReport {
+    pub dir: String,
+    /// `always` or `never`.
+    pub sync: &'static str,
+    /// Bytes of log segments and snapshots.
+    pub bytes: u64,
+    pub log_bytes: u64,
+    pub snapshot_bytes: u64,
+    pub segments: usize,
+    pub last_snapshot: Option<SnapshotInfo>,
+    /// The last log frame on disk.
+    pub durable_lsn: u64,
+    /// Why nothing more is acknowledged, once a write or fsync failed.
+    pub error: Option<String>,
+    pub recovery: RecoveryInfo,
+}
+
+pub struct DataDir {
+    options: StorageOptions,
+    _lock: DirLock,
+    journal: Arc<Journal>,
+    snaps: Arc<FsDisk>,
+    last: Mutex<Option<SnapshotInfo>>,
+    /// One snapshot at a time.
+    taking: tokio::sync::Mutex<()>,
+    recovery: RecoveryInfo,
+}
+
+/// Routes frames to the part of the pipeline they belong to.
+struct Restorer<'p> {
+    pipeline: &'p Pipeline,
+    tables: HashMap<&'p str, &'p Arc<Table>>,
+    queues: HashMap<&'p str, &'p Arc<dyn QueueView>>,
+    children: HashMap<&'p str, &'p Arc<Children>>,
+    cursors: HashMap<String, u64>,
+    header: Option<HeaderFrame>,
+    frames: u64,
+}
+
+#[derive(Deserialize)]
+struct QueueName {
+    q: String,
+}
+
+impl<'p> Restorer<'p> {
+    fn new(pipeline: &'p Pipeline) -> Self {
+        let engine = &pipeline.engine;
+        Self {
+            pipeline,
+            tables: engine
+                .tables()
+                .iter()
+                .map(|t| (t.name().as_ref(), t))
+                .collect(),
+            queues: engine.queues().iter().map(|q| (q.name(), q)).collect(),
+            children: pipeline
+                .children()
+                .map(|c| (c.listing.name().as_ref(), c))
+                .collect(),
+            cursors: HashMap::new(),
+            header: None,
+            frames: 0,
+        }
+    }
+
+    fn table(&self, name: &str) -> Result<&'p Arc<Table>, String> {
+        self.tables
+            .get(name)
+            .copied()
+            .ok_or_else(|| format!("a frame of table {name}, which this pipeline does not have"))
+    }
+
+    fn apply(&mut self, kind: u8, lsn: u64, payload: &[u8]) -> Result<(), String> {
+        self.frames += 1;
+        let log = &self.pipeline.engine.log;
+        match kind {
+            effect::PUT => {
+                // The entry, then (if the write emitted one) its change.
+                let (put, change) = match payload.iter().position(|b| *b == b'\n') {
+                    Some(at) => (&payload[..at], Some(&payload[at + 1..])),
+                    None => (payload, None),
+                };
+                let put: PutFrame = effect::decode(kind, put)?;
+                let change: Option<ChangeImage> =
+                    change.map(|c| effect::decode(kind, c)).transpose()?;
+                let table = self.table(&put.t)?;
+                if let Some(change) = table.restore_put(RecordId::derived(put.id), put.e, change)? {
+                    log.restore(change);
+                }
+            }
+            effect::CURRENT => {
+                let frame: CurrentFrame = effect::decode(kind, payload)?;
+                self.table(&frame.t)?
+                    .restore_current(frame.a.get()?, frame.ids);
+            }
+            effect::DEDUP => {
+                let DedupFrame(key) = effect::decode(kind, payload)?;
+                self.pipeline.dedup.restore(DedupKey::from_bytes(key));
+            }
+            effect::APPLIED => {
+                let frame: AppliedFrame = effect::decode(kind, payload)?;
+                let children = self.children.get(frame.t.as_str()).ok_or_else(|| {
+                    format!(
+                        "child listings of {}, which this pipeline does not have",
+                        frame.t
+                    )
+                })?;
+                children.restore(frame)?;
+            }
+            effect::ENLIST
+            | effect::DONE
+            | effect::DEAD
+            | effect::REDRIVE
+            | effect::DISCARD
+            | effect::UNFINISHED => {
+                let QueueName { q } = effect::decode(kind, payload)?;
+                let queue = self.queues.get(q.as_str()).ok_or_else(|| {
+                    format!("a frame of queue {q}, which this pipeline does not have")
+                })?;
+                queue.restore(kind, lsn, payload)?;
+            }
+            effect::HEADER => {
+                let header: HeaderFrame = effect::decode(kind, payload)?;
+                log.restore_next_seq(header.next_seq);
+                self.header = Some(header);
+            }
+            effect::EVENT => {
+                let image: EventImage = effect::decode(kind, payload)?;
+                log.restore_event(image.get()?);
+            }
+            effect::CURSOR => {
+                let frame: CursorFrame = effect::decode(kind, payload)?;
+                self.cursors.insert(frame.q, frame.cursor);
+            }
+            other => return Err(format!("a frame of unknown kind {other}")),
+        }
+        Ok(())
+    }
+}
+
+/// Logs how a long recovery is going, every few seconds.
+struct Progress {
+    started: Instant,
+    logged: Instant,
+}
+
+impl Progress {
+    fn tick(&mut self, frames: u64) {
+        if frames.is_multiple_of(4096) && self.logged.elapsed() >= Duration::from_secs(2) {
+            self.logged = Instant::now();
+            tracing::info!(
+                frames,
+                seconds = self.started.elapsed().as_secs_f64(),
+                "recovering"
+            );
+        }
+    }
+}
+
+impl DataDir {
+    /// Takes the directory, rebuilds `pipeline` from it, and starts writing
+    /// its effects there. The pipeline must be new, with no request served.
+    pub fn open(pipeline: &Pipeline, options: StorageOptions) -> Result<Arc<Self>, OpenFailure> {
+        let started = Instant::now();
+        let dir = options.dir.clone();
+        let lock = DirLock::acquire(&dir)?;
+        let io = |error| OpenFailure::Io {
+            dir: dir.clone(),
+            error,
+        };
+        let snaps = Arc::new(FsDisk::new(&dir.join("snap")).map_err(io)?);
+        let wal_disk = FsDisk::new(&dir.join("wal")).map_err(io)?;
+        tracing::info!(dir = %dir.display(), "reading the data directory");
+
+        let engine = &pipeline.engine;
+        engine.log.begin_restore();
+        let snapshot = snapshot::latest(&*snaps).map_err(io)?;
+        let after = snapshot.as_ref().map_or(0, |(lsn, _)| *lsn);
+        let (mut wal, frames) =
+            Wal::open_after(wal_disk, options.segment_bytes, after).map_err(|error| {
+                OpenFailure::Log {
+                    dir: dir.join("wal"),
+                    error,
+                }
+            })?;
+        wal.set_sync(options.sync);
+        let journal = Arc::new(Journal::new(Committer::start(wal).map_err(io)?));
+        // Queues track what they hold from their first restored frame on.
+        for queue in engine.queues() {
+            queue.attach(journal.clone());
+        }
+
+        let mut restorer = Restorer::new(pipeline);
+        let mut progress = Progress {
+            started,
+            logged: started,
+        };
+        let mut last = None;
+        if let Some((lsn, body)) = &snapshot {
+            let file = dir.join("snap").join(snapshot::name(*lsn));
+            let scanned = frame::scan(body).map_err(|damage| OpenFailure::Snapshot {
+                file: file.clone(),
+                damage,
+            })?;
+            if let End::Torn { at } = scanned.end {
+                return Err(OpenFailure::Snapshot {
+                    file,
+                    damage: frame::Damage {
+                        offset: at,
+                        reason: "a frame cut short inside a whole snapshot",
+                    },
+                });
+            }
+            for f in scanned.frames {
+                restorer
+                    .apply(f.kind, 0, &body[f.payload.clone()])
+                    .map_err(|error| OpenFailure::Frame {
+                        place: format!("{} at offset {}", file.display(), f.offset),
+                        error,
+                    })?;
+                progress.tick(restorer.frames);
+            }
+            let header = restorer.header.as_ref();
+            last = Some(SnapshotInfo {
+                lsn: *lsn,
+                seq: header.map_or(0, |h| h.next_seq.saturating_sub(1)),
+                bytes: body.len() as u64,
+                taken_at: header
+                    .and_then(|h| h.taken_at.get().ok())
+                    .unwrap_or_else(Timestamp::now),
+                seconds: 0.0,
+                appended_bytes: 0,
+            });
+        }
+        for f in frames {
+            restorer
+                .apply(f.kind, f.lsn, &f.payload)
+                .map_err(|error| OpenFailure::Frame {
+                    place: format!("{}: frame {} of the log", dir.join("wal").display(), f.lsn),
+                    error,
+                })?;
+            progress.tick(restorer.frames);
+        }
+
+        for table in engine.tables() {
+            table.finish_restore();
+        }
+        let cursor = |queue: &Arc<dyn QueueView>| restorer.cursors.get(queue.name()).copied();
+        for queue in engine.queues() {
+            queue.set_cursor(cursor(queue));
+        }
+        engine.log.finish_restore(journal.clone());
+        follow_durable(&journal, engine.log.clone());
+        // A reconciliation a crash cut short is completed now, as its
+        // request would have.
+        let cause = Cause::request("recovery");
+        for table in engine.tables() {
+            table.finish_reconciliation(&cause);
+        }
+        for queue in engine.queues() {
+            queue.resume(cursor(queue));
+        }
+        let recovery = RecoveryInfo {
+            frames: restorer.frames,
+            events: engine.log.len() as u64,
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        tracing::info!(
+            frames = recovery.frames,
+            events = recovery.events,
+            next_seq = engine.log.next_seq(),
+            seconds = recovery.seconds,
+            "recovered from the data directory"
+        );
+        Ok(Arc::new(Self {
+            options,
+            _lock: lock,
+            journal,
+            snaps,
+            last: Mutex::new(last),
+            taking: tokio::sync::Mutex::new(()),
+            recovery,
+        }))
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.options.dir
+    }
+
+    pub fn journal(&self) -> &Arc<Journal> {
+        &self.journal
+    }
+
+    /// Waits until every effect appended so far is on disk; an error once
+    /// a write or fsync has failed (nothing is acknowledged from then on).
+    pub async fn sync(&self) -> Result<(), Poisoned> {
+        self.journal.sync().await
+    }
+
+    /// Why nothing more is acknowledged, if a write or fsync failed.
+    pub fn failure(&self) -> Option<Poisoned> {
+        self.journal.durable_lsn().err()
+    }
+
+    fn last_snapshot(&self) -> Option<SnapshotInfo> {
+        self.last.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn report(&self) -> DiskReport {
+        let (segments, log_bytes) = self.journal.disk_use();
+        let snapshot_bytes = self
+            .snaps
+            .list()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|name| self.snaps.len(name).ok())
+            .sum();
+        DiskReport {
+            dir: self.options.dir.display().to_string(),
+            sync: if self.options.sync { "always" } else { "never" },
+            bytes: log_bytes + snapshot_bytes,
+            log_bytes,
+            snapshot_bytes,
+            segments,
+            last_snapshot: self.last_snapshot(),
+            durable_lsn: self.journal.durable_lsn().unwrap_or(0),
+            error: self.failure().map(|p| p.to_string()),
+            recovery: self.recovery.clone(),
+        }
+    }
+
+    /// Whether enough was logged since the last snapshot to take another.
+    fn due(&self) -> bool {
+        let since = self.last_snapshot().map_or(0, |s| s.appended_bytes);
+        self.journal.appended_bytes().saturating_sub(since) >= self.options.snapshot_bytes
+    }
+
+    /// Copies the pipeline's state as of the log's end, writes it once all
+    /// it holds is durable, and lets the log drop what the snapshot before
+    /// it covered (that one is kept in case this one is found damaged).
+    pub async fn snapshot(&self, pipeline: &Pipeline) -> Result<SnapshotInfo, String> {
+        let _one = self.taking.lock().await;
+        let started = Instant::now();
+        let appended_bytes = self.journal.appended_bytes();
+        // Frames after `lsn` are replayed over this copy; every effect
+        // copied is in a frame at most `appended()` at the copy's end.
+        let lsn = self.journal.appended();
+        let engine = &pipeline.engine;
+        let mut events = Vec::new();
+        let (next_seq, cursors) = engine.log.save(&mut events);
+        let mut rest = Vec::new();
+        for queue in engine.queues() {
+            if let Some(cursor) = queue.feed().and_then(|sub| cursors.get(sub.index())) {
+                let frame = CursorFrame {
+                    q: queue.name().to_string(),
+                    cursor: *cursor,
+                };
+                frame::encode(effect::CURSOR, &effect::encode(&frame), &mut rest);
+            }
+            queue.save(&mut rest);
+        }
+        for table in engine.tables() {
+            table.save(&mut rest);
+        }
+        for children in pipeline.children() {
+            children.save(&mut rest);
+        }
+        for key in pipeline.dedup.keys() {
+            frame::encode(
+                effect::DEDUP,
+                &effect::encode(&DedupFrame(key.bytes())),
+                &mut rest,
+            );
+        }
+        let taken_at = Timestamp::now();
+        let header = HeaderFrame {
+            lsn,
+            next_seq,
+            taken_at: taken_at.into(),
+        };
+        // The header first: it sets the sequence the snapshot's changes
+        // and the log's after it are placed from.
+        let mut body = Vec::with_capacity(events.len() + rest.len() + 64);
+        frame::encode(effect::HEADER, &effect::encode(&header), &mut body);
+        body.extend_from_slice(&events);
+        body.extend_from_slice(&rest);
+        drop((events, rest));
+        self.sync().await.map_err(|p| p.to_string())?;
+        let bytes = body.len() as u64;
+        let snaps = self.snaps.clone();
+        tokio::task::spawn_blocking(move || snapshot::write(&*snaps, lsn, &body))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("writing snapshot {}: {e}", snapshot::name(lsn)))?;
+        let info = SnapshotInfo {
+            lsn,
+            seq: next_seq - 1,
+            bytes,
+            taken_at,
+            seconds: started.elapsed().as_secs_f64(),
+            appended_bytes,
+        };
+        let previous = self
+            .last
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .replace(info.clone());
+        if let Some(previous) = previous {
+            self.journal.remove_through(previous.lsn);
+        }
+        tracing::info!(
+            lsn,
+            seq = info.seq,
+            bytes,
+            seconds = info.seconds,
+            "snapshot written"
+        );
+        Ok(info)
+    }
+
+    /// Takes a snapshot whenever enough was logged since the last, until
+    /// `stop`.
+    pub async fn snapshot_while(
+        self: Arc<Self>,
+        pipeline: Arc<Pipeline>,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            if self.due()
+                && let Err(error) = self.snapshot(&pipeline).await
+            {
+                tracing::error!(%error, "cannot write a snapshot; the log keeps everything");
+                if self.failure().is_some() {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// After the pipeline has drained: a last snapshot, so the next start
+    /// reads little log, then the writer stops.
+    pub async fn close(&self, pipeline: &Pipeline) {
+        if self.failure().is_none()
+            && let Err(error) = self.snapshot(pipeline).await
+        {
+            tracing::error!(%error, "cannot write the shutdown snapshot");
+        }
+        let journal = self.journal.clone();
+        let _ = tokio::task::spawn_blocking(move || journal.stop()).await;
+    }
+}
+
+/// Moves the log's durable sequence as the journal's frames reach disk.
+fn follow_durable(journal: &Journal, log: Arc<crate::engine::log::ChangeLog>) {
+    let mut durable = journal.watch();
+    tokio::spawn(async move {
+        loop {
+            let state = durable.borrow_and_update().clone();
+            match state {
+                Ok(lsn) => log.durable_through(lsn),
+                Err(poisoned) => {
+                    tracing::error!(%poisoned, "the data directory cannot be written");
+                    return;
+                }
+            }
+            if durable.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+}
