@@ -95,10 +95,16 @@ impl AppState {
     /// Waits, before a write is acknowledged, until its effects are on
     /// disk (at once in memory); an error once the disk has failed.
     pub async fn durable(&self) -> Result<(), ApiError> {
-        match &self.0.data_dir {
-            Some(data_dir) => Ok(data_dir.sync().await?),
-            None => Ok(()),
+        let Some(data_dir) = &self.0.data_dir else {
+            return Ok(());
+        };
+        data_dir.sync().await?;
+        // So that a read after the 2xx sees the write's change, without
+        // waiting for the task that follows the log's progress.
+        if let Ok(lsn) = data_dir.journal().durable_lsn() {
+            self.0.pipeline.engine.log.durable_through(lsn);
         }
+        Ok(())
     }
 
     pub fn pipeline(&self) -> &Arc<Pipeline> {

@@ -131,6 +131,9 @@ pub async fn settle(
     tokio::select! {
         biased;
         settled = engine.settle(Duration::from_millis(timeout_ms)) => if settled {
+            // On a data directory, what the handlers wrote is readable
+            // (and survives a crash) once it is durable.
+            state.durable().await?;
             Ok(Json(Settled { settled: true }))
         } else {
             Err(ApiError::NotSettled {

@@ -12,6 +12,34 @@ use eventsys::{App, Config};
 pub struct TestApp {
     pub app: App,
     router: Router,
+    /// With `EVENTSYS_TEST_STORAGE=disk`: the app's data directory.
+    _dir: Option<TempDir>,
+}
+
+/// A data directory removed when the test ends.
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    pub fn new() -> Self {
+        let dir = std::env::temp_dir().join(format!("eventsys-test-{}", uuid::Uuid::new_v4()));
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Whether the suite runs on a data directory (`EVENTSYS_TEST_STORAGE=disk`)
+/// rather than in memory (the default).
+pub fn on_disk() -> bool {
+    match std::env::var("EVENTSYS_TEST_STORAGE").as_deref() {
+        Ok("disk") => true,
+        Ok("memory") | Err(_) => false,
+        Ok(other) => panic!("EVENTSYS_TEST_STORAGE is `memory` or `disk`, not `{other}`"),
+    }
 }
 
 /// A response, with the body parsed as JSON when it is JSON.
@@ -79,11 +107,28 @@ impl TestApp {
     }
 
     pub fn with(adjust: impl FnOnce(&mut Config)) -> Self {
+        Self::build(on_disk(), adjust)
+    }
+
+    /// In memory whatever the suite runs on: for a test on paused time that
+    /// times requests out, since paused time jumps ahead while a request
+    /// waits for the log's writer thread.
+    pub fn in_memory_with(adjust: impl FnOnce(&mut Config)) -> Self {
+        Self::build(false, adjust)
+    }
+
+    fn build(on_disk: bool, adjust: impl FnOnce(&mut Config)) -> Self {
         let mut config = test_config();
+        let dir = on_disk.then(TempDir::new);
+        config.data_dir = dir.as_ref().map(|d| d.0.clone());
         adjust(&mut config);
         let app = App::start(config);
         let router = app.router();
-        Self { app, router }
+        Self {
+            app,
+            router,
+            _dir: dir,
+        }
     }
 
     pub async fn send(&self, request: Request<Body>) -> Reply {
