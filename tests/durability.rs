@@ -500,7 +500,7 @@ fn acknowledged_writes_survive_kill_9_at_random_instants() {
         http(server.addr, "GET", "/settle?timeout_ms=60000", None).0,
         200
     );
-    let memory = start(&durable_flags(&dir.0)[2..].to_vec());
+    let memory = start(&durable_flags(&dir.0)[2..]);
     for (kind, table_name) in [
         ("actors", "raw_actors"),
         ("movies", "raw_movies"),
