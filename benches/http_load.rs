@@ -27,10 +27,20 @@
 //!    (client send time to the standard change's time, same wall clock)
 //!    adds the HTTP path.
 //!
+//! 4. Recovery: the `eventsys` binary on a data directory is sent
+//!    `EVENTSYS_BENCH_RECOVERY_RECORDS` records in 1,000-record batches,
+//!    settles, and is killed with SIGKILL; the restart's recovery time (from
+//!    its log) is reported, from the log alone and, after a clean stop,
+//!    from its snapshot.
+//!
+//! Tests 1 and 2 also run `durable`: eventsys on a data directory with
+//! `--sync always`, its ratio taken to eventsys in memory in the same run.
+//!
 //! Run: `cargo bench --bench http_load`
 //!
 //! - `EVENTSYS_BENCH_SECONDS` (default 5): duration of test 1, per server.
-//! - `EVENTSYS_BENCH_CONNECTIONS` (default 16): connections for test 1.
+//! - `EVENTSYS_BENCH_CONNECTIONS` (default 16 and 64): connections for
+//!   test 1 (one number: only that).
 //! - `EVENTSYS_BENCH_RECORDS` (default 200000): records in test 2.
 //! - `EVENTSYS_BENCH_BATCH_CONNECTIONS` (default 4): connections for test 2.
 //! - `EVENTSYS_BENCH_RATE` (default 10000): offered records/s in test 3.
@@ -38,11 +48,15 @@
 //! - `EVENTSYS_BENCH_CLIENT_THREADS` (default 1): client runtime workers.
 //! - `EVENTSYS_BENCH_LOG` (unset): when set, log as the binary does by
 //!   default (`info`, fmt) into a sink, to include logging's cost.
+//! - `EVENTSYS_BENCH_RECOVERY_RECORDS` (default 1000000): records in test 4.
 //! - `EVENTSYS_BENCH_ONLY`: comma-separated tests (`single`, `batches`,
-//!   `visibility`) and/or servers (`floor`, `plain`, `eventsys`) to run;
-//!   all when unset (a ratio needs the servers it compares).
+//!   `visibility`, `recovery`) and/or servers (`floor`, `plain`,
+//!   `eventsys`, `durable`) to run; all when unset (a ratio needs the
+//!   servers it compares).
 
 mod common;
+#[path = "../tests/support/server.rs"]
+mod server;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -189,12 +203,29 @@ fn start_plain(rt: &Runtime) -> Server {
     serve_floor(rt, router, Some(pipeline))
 }
 
-fn start_eventsys(rt: &Runtime) -> Server {
+/// A data directory for the durable runs, removed afterwards.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new() -> Self {
+        Self(std::env::temp_dir().join(format!("eventsys-bench-{}", uuid::Uuid::new_v4())))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// eventsys in memory, or on `data_dir` (`--sync always`).
+fn start_eventsys(rt: &Runtime, data_dir: Option<&TempDir>) -> Server {
     let listener = rt.block_on(TcpListener::bind("127.0.0.1:0")).expect("bind");
     let addr = listener.local_addr().expect("addr");
     let config = Config {
         addr,
         raw_workers: Some(2),
+        data_dir: data_dir.map(|d| d.0.clone()),
         ..Config::default()
     };
     let app = {
@@ -641,19 +672,33 @@ fn selected(name: &str) -> bool {
         .map_or(true, |only| only.split(',').any(|o| o.trim() == name))
 }
 
+/// Whether test `name` runs: when `EVENTSYS_BENCH_ONLY` names it, or
+/// names no test at all.
+fn test_on(name: &str) -> bool {
+    const TESTS: [&str; 4] = ["single", "batches", "visibility", "recovery"];
+    selected(name) || !TESTS.iter().any(|t| selected(t))
+}
+
 fn main() {
     let seconds = env_usize("EVENTSYS_BENCH_SECONDS", 5) as u64;
-    let connections = env_usize("EVENTSYS_BENCH_CONNECTIONS", 16).max(1);
+    let connection_counts = match env_usize("EVENTSYS_BENCH_CONNECTIONS", 0) {
+        0 => vec![16, 64],
+        n => vec![n],
+    };
+    let recovery_records = env_usize("EVENTSYS_BENCH_RECOVERY_RECORDS", 1_000_000).max(1000);
     let records = env_usize("EVENTSYS_BENCH_RECORDS", 200_000).max(1000);
     let batch_connections = env_usize("EVENTSYS_BENCH_BATCH_CONNECTIONS", 4).max(1);
     let rate = env_usize("EVENTSYS_BENCH_RATE", 10_000).max(1) as f64;
     let vis_seconds = env_usize("EVENTSYS_BENCH_VIS_SECONDS", 5) as u64;
     let client_threads = env_usize("EVENTSYS_BENCH_CLIENT_THREADS", 1).max(1);
-    let servers_named = ["floor", "plain", "eventsys"].iter().any(|s| selected(s))
+    let servers_named = ["floor", "plain", "eventsys", "durable"]
+        .iter()
+        .any(|s| selected(s))
         && std::env::var_os("EVENTSYS_BENCH_ONLY").is_some();
     let floor_on = !servers_named || selected("floor");
     let plain_on = !servers_named || selected("plain");
     let eventsys_on = !servers_named || selected("eventsys");
+    let durable_on = !servers_named || selected("durable");
 
     if std::env::var_os("EVENTSYS_BENCH_LOG").is_some() {
         // As the `eventsys` binary logs by default (info), into a sink.
@@ -674,7 +719,7 @@ fn main() {
     );
 
     // 1. Single-record POSTs.
-    if selected("single") || !(selected("batches") || selected("visibility")) {
+    for connections in connection_counts.iter().copied().filter(|_| test_on("single")) {
         let duration = Duration::from_secs(seconds);
         let test = format!("1. single POST, {connections} conns");
         let mut floor_rate = f64::NAN;
@@ -696,8 +741,9 @@ fn main() {
             let ratio = plain_rate / floor_rate;
             row(&test, "plain", &mut r, &format!("ratio {ratio:.2}"));
         }
+        let mut memory_rate = f64::NAN;
         if eventsys_on {
-            let eventsys = start_eventsys(&servers);
+            let eventsys = start_eventsys(&servers, None);
             let mut r = single_records(&client, eventsys.addr, connections, duration, "e");
             let load_ended = Instant::now();
             let app = eventsys.app.clone().expect("eventsys");
@@ -705,6 +751,7 @@ fn main() {
             let drain = load_ended.elapsed();
             eventsys.stop(&servers);
             let rate = r.ok as f64 / r.elapsed.as_secs_f64();
+            memory_rate = rate;
             let ratio = rate / floor_rate;
             let settled_rate = r.ok as f64 / (r.elapsed + drain).as_secs_f64();
             row(
@@ -719,10 +766,27 @@ fn main() {
                 ),
             );
         }
+        if durable_on {
+            let dir = TempDir::new();
+            let durable = start_eventsys(&servers, Some(&dir));
+            let mut r = single_records(&client, durable.addr, connections, duration, "d");
+            let app = durable.app.clone().expect("eventsys");
+            assert!(servers.block_on(app.pipeline().engine.settle(Duration::from_secs(120))));
+            durable.stop(&servers);
+            let ratio = r.ok as f64 / r.elapsed.as_secs_f64() / memory_rate;
+            let target = if connections >= 64 { " (target >= 0.5: " } else { " (" };
+            let verdict = if connections >= 64 { verdict(ratio >= 0.5) } else { "no target" };
+            row(
+                &test,
+                "durable",
+                &mut r,
+                &format!("--sync always; {ratio:.2} of in memory{target}{verdict})"),
+            );
+        }
     }
 
     // 2. 1,000-record batches through scenario 1, until settled.
-    if selected("batches") || !(selected("single") || selected("visibility")) {
+    if test_on("batches") {
         let test = format!("2. 1000-record batches, {batch_connections} conns");
         let mut floor_rate = f64::NAN;
         if floor_on {
@@ -755,8 +819,9 @@ fn main() {
                 &format!("until settled ({standard_rows} standard records); ratio {ratio:.2}"),
             );
         }
+        let mut memory_rate = f64::NAN;
         if eventsys_on {
-            let eventsys = start_eventsys(&servers);
+            let eventsys = start_eventsys(&servers, None);
             let bodies = Arc::new(batch_bodies(records, "e"));
             let usage = Usage::start();
             let started = Instant::now();
@@ -772,6 +837,7 @@ fn main() {
                 .sum();
             eventsys.stop(&servers);
             let rate = r.records as f64 / r.elapsed.as_secs_f64();
+            memory_rate = rate;
             let ratio = rate / floor_rate;
             let accepted_rate = r.records as f64 / accepted.as_secs_f64();
             row(
@@ -786,13 +852,36 @@ fn main() {
                 ),
             );
         }
+        if durable_on {
+            let dir = TempDir::new();
+            let durable = start_eventsys(&servers, Some(&dir));
+            let bodies = Arc::new(batch_bodies(records, "d"));
+            let usage = Usage::start();
+            let started = Instant::now();
+            let mut r = batches(&client, durable.addr, batch_connections, bodies);
+            let app = durable.app.clone().expect("eventsys");
+            assert!(servers.block_on(app.pipeline().engine.settle(Duration::from_secs(300))));
+            r.elapsed = started.elapsed();
+            r.cores = usage.cores();
+            durable.stop(&servers);
+            let ratio = r.records as f64 / r.elapsed.as_secs_f64() / memory_rate;
+            row(
+                &test,
+                "durable",
+                &mut r,
+                &format!(
+                    "until settled, --sync always; {ratio:.2} of in memory (target >= 0.6: {})",
+                    verdict(ratio >= 0.6)
+                ),
+            );
+        }
     }
 
     // 3. Raw -> standard visibility at a fixed offered rate, as single
     // records and as 10-record POSTs (less HTTP work for the same rate).
-    if eventsys_on && (selected("visibility") || !(selected("single") || selected("batches"))) {
+    if eventsys_on && test_on("visibility") {
         for per_post in [1, 10] {
-            let eventsys = start_eventsys(&servers);
+            let eventsys = start_eventsys(&servers, None);
             let mut vis = visibility(
                 &client,
                 &eventsys,
@@ -822,7 +911,59 @@ fn main() {
             );
         }
     }
+    // 4. Recovery of the binary on a data directory.
+    if durable_on && test_on("recovery") {
+        let (from_log, from_snapshot) = recovery(&client, recovery_records, batch_connections);
+        for (how, (frames, seconds)) in [("log", from_log), ("snapshot", from_snapshot)] {
+            println!(
+                "4. recovery of {recovery_records} records from its {how}: {seconds:.2} s ({frames} frames; target < 5 s: {})",
+                verdict(seconds < 5.0)
+            );
+        }
+    }
     println!(
         "(cores: CPU this process used / wall time, servers and client together; wait: time its threads were runnable without a CPU / wall time)"
     );
+}
+
+/// Test 4: (frames, seconds) of the binary's recovery of `records`, from
+/// its log after SIGKILL, then from its snapshot after a clean stop.
+fn recovery(client: &Runtime, records: usize, connections: usize) -> ((u64, f64), (u64, f64)) {
+    let dir = TempDir::new();
+    let flags = ["--data-dir", &dir.0.display().to_string(), "--raw-workers", "2"].map(String::from);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let mut server = server::Server::start(&flags);
+    let r = batches(client, server.addr, connections, Arc::new(batch_bodies(records, "r")));
+    assert_eq!(r.errors, 0, "every batch is accepted");
+    let (status, _) = server::http(server.addr, "GET", "/settle?timeout_ms=600000", None);
+    assert_eq!(status, 200);
+    server.signal("KILL");
+    server.wait_for_exit(Duration::from_secs(60));
+    // Logged before the port opens, so it is in by the time the server
+    // is up.
+    let recovered = |server: &mut server::Server| {
+        let entries: Vec<Value> = server
+            .log_text()
+            .lines()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .collect();
+        let line = entries
+            .iter()
+            .find(|e| server::message(e) == "recovered from the data directory")
+            .expect("the server logs its recovery");
+        let fields = &line["fields"];
+        (
+            fields["frames"].as_u64().unwrap_or(0),
+            fields["seconds"].as_f64().unwrap_or(f64::NAN),
+        )
+    };
+    let mut server = server::Server::start(&flags);
+    let from_log = recovered(&mut server);
+    server.signal("TERM");
+    server.wait_for_exit(Duration::from_secs(120));
+    let mut server = server::Server::start(&flags);
+    let from_snapshot = recovered(&mut server);
+    server.signal("TERM");
+    server.wait_for_exit(Duration::from_secs(120));
+    (from_log, from_snapshot)
 }
