@@ -719,7 +719,11 @@ fn main() {
     );
 
     // 1. Single-record POSTs.
-    for connections in connection_counts.iter().copied().filter(|_| test_on("single")) {
+    for connections in connection_counts
+        .iter()
+        .copied()
+        .filter(|_| test_on("single"))
+    {
         let duration = Duration::from_secs(seconds);
         let test = format!("1. single POST, {connections} conns");
         let mut floor_rate = f64::NAN;
@@ -774,8 +778,16 @@ fn main() {
             assert!(servers.block_on(app.pipeline().engine.settle(Duration::from_secs(120))));
             durable.stop(&servers);
             let ratio = r.ok as f64 / r.elapsed.as_secs_f64() / memory_rate;
-            let target = if connections >= 64 { " (target >= 0.5: " } else { " (" };
-            let verdict = if connections >= 64 { verdict(ratio >= 0.5) } else { "no target" };
+            let target = if connections >= 64 {
+                " (target >= 0.5: "
+            } else {
+                " ("
+            };
+            let verdict = if connections >= 64 {
+                verdict(ratio >= 0.5)
+            } else {
+                "no target"
+            };
             row(
                 &test,
                 "durable",
@@ -930,10 +942,21 @@ fn main() {
 /// its log after SIGKILL, then from its snapshot after a clean stop.
 fn recovery(client: &Runtime, records: usize, connections: usize) -> ((u64, f64), (u64, f64)) {
     let dir = TempDir::new();
-    let flags = ["--data-dir", &dir.0.display().to_string(), "--raw-workers", "2"].map(String::from);
+    let flags = [
+        "--data-dir",
+        &dir.0.display().to_string(),
+        "--raw-workers",
+        "2",
+    ]
+    .map(String::from);
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let mut server = server::Server::start(&flags);
-    let r = batches(client, server.addr, connections, Arc::new(batch_bodies(records, "r")));
+    let r = batches(
+        client,
+        server.addr,
+        connections,
+        Arc::new(batch_bodies(records, "r")),
+    );
     assert_eq!(r.errors, 0, "every batch is accepted");
     let (status, _) = server::http(server.addr, "GET", "/settle?timeout_ms=600000", None);
     assert_eq!(status, 200);

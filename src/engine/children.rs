@@ -26,7 +26,7 @@ use std::sync::Mutex;
 
 use serde_json::value::RawValue;
 
-use super::record::{Data, RecordId, Version};
+use super::record::{Data, RecordId, Timestamp, Version};
 use super::table::{Table, Write};
 use crate::storage::effect::{self, AppliedFrame, ListingImage, VersionImage};
 use std::sync::Arc;
@@ -145,6 +145,12 @@ impl Children {
             return Ok(None);
         }
         let current = self.current(parent)?;
+        if let Some(journal) = self.listing.journal() {
+            // Before the effects, so that a restart knows every child they
+            // may have written, whatever part of them reached the disk.
+            let frame = self.intent(parent, previous, current.as_ref());
+            journal.append(effect::APPLIED, &frame);
+        }
         let result = apply(previous.and_then(|p| p.listing.as_ref()), current.as_ref())?;
         // Kept with no listing too: its sequence stops an older refresh
         // from bringing the children back.
@@ -176,6 +182,34 @@ impl Children {
         }
     }
 
+    /// What a restart takes as applied if it finds a refresh begun: the
+    /// previous sequence (so the change is refreshed again) and every child
+    /// of the previous and the current listing (so that one the refresh
+    /// dropped is dropped again), under a version no listing has (so every
+    /// child is written again).
+    fn intent(
+        &self,
+        parent: &RecordId,
+        previous: Option<&Applied>,
+        current: Option<&Listing>,
+    ) -> AppliedFrame {
+        let mut children: Vec<(RecordId, Data)> =
+            current.map(|c| c.children.clone()).unwrap_or_default();
+        for (child, data) in previous
+            .and_then(|p| p.listing.as_ref())
+            .map_or(&[][..], |l| &l.children[..])
+        {
+            if !children.iter().any(|(c, _)| c == child) {
+                children.push((child.clone(), data.clone()));
+            }
+        }
+        let union = Listing {
+            version: Version::delete(Timestamp::EPOCH),
+            children,
+        };
+        self.frame(parent, previous.map_or(0, |p| p.seq), Some(&union))
+    }
+
     /// Puts back what a frame read from disk says was applied.
     pub(crate) fn restore(&self, frame: AppliedFrame) -> Result<(), String> {
         let listing = frame
@@ -191,17 +225,16 @@ impl Children {
                 })
             })
             .transpose()?;
+        // Frames come in the order they were written, each holding every
+        // child the state before it held: the last one stands.
         let mut applied = self.applied.lock().unwrap_or_else(|e| e.into_inner());
-        let parent = RecordId::derived(frame.p);
-        if applied.get(&parent).is_none_or(|a| a.seq < frame.s) {
-            applied.insert(
-                parent,
-                Applied {
-                    seq: frame.s,
-                    listing,
-                },
-            );
-        }
+        applied.insert(
+            RecordId::derived(frame.p),
+            Applied {
+                seq: frame.s,
+                listing,
+            },
+        );
         Ok(())
     }
 

@@ -582,6 +582,8 @@ impl ChangeLog {
         *durable_seq = *next_seq - 1;
         let _ = self.journal.set(journal);
         self.activity.begin(owed);
+        // The log read back may hold more than retention keeps.
+        self.trim(&mut inner);
     }
 
     /// Writes every retained change as a snapshot frame, and returns the

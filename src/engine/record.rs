@@ -39,6 +39,9 @@ pub enum ValueError {
 pub struct Timestamp(DateTime<Utc>);
 
 impl Timestamp {
+    /// 1970-01-01T00:00:00Z.
+    pub const EPOCH: Timestamp = Timestamp(DateTime::<Utc>::UNIX_EPOCH);
+
     pub fn now() -> Self {
         Self(Utc::now())
     }

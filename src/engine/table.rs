@@ -420,6 +420,11 @@ impl Table {
         &self.name
     }
 
+    /// The journal this table's effects go to, on a data directory.
+    pub(crate) fn journal(&self) -> Option<&Arc<crate::storage::journal::Journal>> {
+        self.log.journal()
+    }
+
     pub fn kind(&self) -> TableKind {
         self.kind
     }

@@ -235,7 +235,7 @@ mod tests {
         // A crash loses everything not synced: nothing acknowledged is lost.
         let crashed = disk.crash(|_| 0, &[]);
         let (_, recovered) = Wal::open(crashed, 4096).unwrap();
-        let mut got: Vec<Vec<u8>> = recovered.into_iter().map(|f| f.payload).collect();
+        let mut got: Vec<Vec<u8>> = recovered.iter().map(|f| f.payload().to_vec()).collect();
         got.sort();
         acked.sort();
         assert_eq!(got, acked);
@@ -259,7 +259,7 @@ mod tests {
         // What was acknowledged before is still there.
         let (_, recovered) = Wal::open(disk.crash(|_| 0, &[]), 4096).unwrap();
         assert_eq!(recovered.len(), 1);
-        assert_eq!(recovered[0].payload, b"before");
+        assert_eq!(recovered[0].payload(), b"before");
     }
 
     #[tokio::test]

@@ -76,9 +76,12 @@ pub fn latest(disk: &impl Disk) -> io::Result<Option<(u64, Vec<u8>)>> {
         disk.remove(&leftover)?;
     }
     for (lsn, file) in snapshots(disk)? {
-        let bytes = disk.read(&file)?;
-        match body(&bytes) {
-            Some(body) => return Ok(Some((lsn, body.to_vec()))),
+        let mut bytes = disk.read(&file)?;
+        match body(&bytes).map(<[u8]>::len) {
+            Some(len) => {
+                bytes.truncate(len);
+                return Ok(Some((lsn, bytes)));
+            }
             None => tracing::warn!(%file, "passing over a snapshot whose checksum fails"),
         }
     }

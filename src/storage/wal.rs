@@ -27,12 +27,20 @@ fn segment_name(first: u64) -> String {
     format!("{first:020}{SUFFIX}")
 }
 
-/// A frame read back when the log is opened.
+/// A frame read back when the log is opened: a range of its segment's
+/// bytes, which the frames of one segment share (no copy per frame).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Recovered {
     pub lsn: u64,
     pub kind: u8,
-    pub payload: Vec<u8>,
+    segment: std::sync::Arc<Vec<u8>>,
+    range: std::ops::Range<usize>,
+}
+
+impl Recovered {
+    pub fn payload(&self) -> &[u8] {
+        &self.segment[self.range.clone()]
+    }
 }
 
 /// Why the log could not be opened; nothing was changed on disk.
@@ -153,12 +161,14 @@ impl<D: Disk> Wal<D> {
                 // Trailing zeros: appends go after the last frame.
                 disk.truncate(name, length).map_err(io(name))?;
             }
+            let segment = std::sync::Arc::new(bytes);
             for f in scanned.frames {
                 if next > after {
                     recovered.push(Recovered {
                         lsn: next,
                         kind: f.kind,
-                        payload: bytes[f.payload].to_vec(),
+                        segment: segment.clone(),
+                        range: f.payload,
                     });
                 }
                 next += 1;
@@ -330,7 +340,7 @@ mod tests {
     use std::sync::Arc;
 
     fn payloads(frames: &[Recovered]) -> Vec<Vec<u8>> {
-        frames.iter().map(|f| f.payload.clone()).collect()
+        frames.iter().map(|f| f.payload().to_vec()).collect()
     }
 
     #[test]
