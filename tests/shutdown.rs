@@ -147,7 +147,16 @@ fn refused_while_running(server: &mut Server) -> bool {
     loop {
         let running = matches!(server.child.try_wait(), Ok(None));
         match TcpStream::connect_timeout(&server.addr, Duration::from_secs(1)) {
-            Err(e) if e.kind() == ErrorKind::ConnectionRefused => return running,
+            // A connection caught in the backlog as the listener closes is
+            // reset rather than refused: the same answer.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::ConnectionRefused | ErrorKind::ConnectionReset
+                ) =>
+            {
+                return running;
+            }
             Err(e) => panic!("connecting after the signal: {e}"),
             Ok(_) => {}
         }
