@@ -65,7 +65,7 @@ impl Committer {
                 stopping: false,
                 poisoned: None,
                 remove_through: None,
-                segments: wal.segments().map_or(1, |s| s.len()),
+                segments: wal.segment_count(),
                 bytes: wal.bytes(),
             }),
             wake: Condvar::new(),
@@ -90,11 +90,17 @@ impl Committer {
         if let Some(poisoned) = &queue.poisoned {
             return Err(poisoned.clone());
         }
+        // The writer waits only while there is nothing to write, so only
+        // the first frame after it took the last batch needs to wake it
+        // (a wake-up is a system call).
+        let was_empty = queue.frames.is_empty();
         frame::encode(kind, payload, &mut queue.frames);
         let lsn = queue.next;
         queue.next += 1;
         drop(queue);
-        self.shared.wake.notify_one();
+        if was_empty {
+            self.shared.wake.notify_one();
+        }
         Ok(lsn)
     }
 
@@ -181,7 +187,7 @@ fn write<D: Disk>(mut wal: Wal<D>, shared: &Shared, durable: &watch::Sender<Dura
         batch.clear();
         {
             let mut queue = shared.lock();
-            queue.segments = wal.segments().map_or(queue.segments, |s| s.len());
+            queue.segments = wal.segment_count();
             queue.bytes = wal.bytes();
         }
         if let Err(poisoned) = &result {

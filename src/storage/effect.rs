@@ -312,8 +312,12 @@ pub struct CursorFrame {
 
 /// Encodes a frame payload.
 pub fn encode(value: &impl Serialize) -> Vec<u8> {
+    // Room for a typical entry with its change, so that it is not grown
+    // three times on the write path.
+    let mut out = Vec::with_capacity(512);
     // Serialising these plain structs into a Vec cannot fail.
-    serde_json::to_vec(value).unwrap_or_default()
+    let _ = serde_json::to_writer(&mut out, value);
+    out
 }
 
 /// Decodes a frame payload, naming the frame kind on failure.

@@ -88,6 +88,8 @@ pub struct Wal<D: Disk> {
     sync: bool,
     /// Bytes in the segments before the current one.
     earlier: u64,
+    /// Segment files on disk.
+    segment_count: usize,
 }
 
 impl<D: Disk> Wal<D> {
@@ -194,9 +196,11 @@ impl<D: Disk> Wal<D> {
             poisoned: None,
             sync: true,
             earlier: 0,
+            segment_count: 0,
         };
         let mut wal = wal;
         wal.earlier = wal.count_earlier();
+        wal.segment_count = wal.segments().map_or(1, |s| s.len());
         Ok((wal, recovered))
     }
 
@@ -257,6 +261,7 @@ impl<D: Disk> Wal<D> {
             self.current = name;
             self.earlier += self.written;
             self.written = 0;
+            self.segment_count += 1;
         }
         Ok(self.durable)
     }
@@ -294,9 +299,15 @@ impl<D: Disk> Wal<D> {
             let len = self.disk.len(name).unwrap_or(0);
             self.disk.remove(name)?;
             self.earlier = self.earlier.saturating_sub(len);
+            self.segment_count -= 1;
             removed += 1;
         }
         Ok(removed)
+    }
+
+    /// Segment files on disk (counted, not listed: read on every commit).
+    pub fn segment_count(&self) -> usize {
+        self.segment_count
     }
 
     /// Whether commits sync (the default) or only write.
