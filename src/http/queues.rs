@@ -191,8 +191,14 @@ pub async fn replay(
 ) -> Result<Json<Replayed>, ApiError> {
     let queue = queue(&state, &name)?;
     super::ingest::require_json(&super::ingest::essence(&headers)?)?;
-    let body: ReplayBody = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::BadRequest(format!("the body must be {{\"after\": <seq>}}: {e}")))?;
+    let shape = |e: &dyn std::fmt::Display| {
+        ApiError::BadRequest(format!("the body must be {{\"after\": <seq>}}: {e}"))
+    };
+    let value: Value = serde_json::from_slice(&body).map_err(|e| shape(&e))?;
+    if !value.is_object() {
+        return Err(shape(&"it is not an object"));
+    }
+    let body: ReplayBody = serde_json::from_value(value).map_err(|e| shape(&e))?;
     state.writable()?;
     let replayed = queue.replay(body.after).ok_or_else(|| {
         ApiError::Conflict(format!(

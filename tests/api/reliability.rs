@@ -284,3 +284,87 @@ async fn fault_bodies_must_be_json_objects() {
         json!(null)
     );
 }
+
+#[tokio::test]
+async fn a_replay_rebuilds_standard_tables_from_the_retained_changes() {
+    let app = TestApp::start();
+    // Every change fails for good and its dead letters are thrown away:
+    // the standard table misses them, as after a change of rules.
+    app.put(
+        "/faults/raw_handler",
+        json!({"failure_rate": 1.0, "permanent": true}),
+    )
+    .await
+    .ok();
+    app.post(
+        "/raw/movies",
+        json!([{"id": "m1", "title": "Heat"}, {"id": "m2", "title": "Ronin"}]),
+    )
+    .await
+    .ok();
+    app.settle().await;
+    assert_eq!(
+        app.delete("/queues/raw_queue/dead-letters").await.ok()["discarded"],
+        2
+    );
+    app.delete("/faults/raw_handler").await.ok();
+    assert!(app.ids("movies").await.is_empty());
+
+    let replayed = app
+        .post("/queues/raw_queue/replay", json!({"after": 0}))
+        .await;
+    assert_eq!(replayed.ok()["replayed"], 2);
+    app.settle().await;
+    assert_eq!(app.ids("movies").await, ["m1", "m2"]);
+    // Replaying again converges: nothing changes.
+    let latest = app.get("/events?after=0&limit=1000").await.ok()["next"].clone();
+    app.post("/queues/raw_queue/replay", json!({"after": 0}))
+        .await
+        .ok();
+    app.settle().await;
+    assert_eq!(
+        app.get("/events?after=0&limit=1000").await.ok()["next"],
+        latest,
+        "a replay of changes already applied emits nothing"
+    );
+    let after = latest.as_u64().unwrap();
+    let none = app
+        .post("/queues/raw_queue/replay", json!({"after": after}))
+        .await;
+    assert_eq!(none.ok()["replayed"], 0);
+
+    // What a replay refuses, naming why.
+    app.post("/queues/encode_queue/replay", json!({"after": 0}))
+        .await
+        .problem(409);
+    app.post("/queues/nope/replay", json!({"after": 0}))
+        .await
+        .problem(404);
+    for bad in [
+        json!({}),
+        json!({"after": -1}),
+        json!({"after": 0, "x": 1}),
+        json!([1]),
+    ] {
+        app.post("/queues/raw_queue/replay", bad).await.problem(400);
+    }
+}
+
+#[tokio::test]
+async fn a_replay_from_before_retention_is_gone() {
+    let app = TestApp::with(|c| c.event_retention = 2);
+    for n in 0..5 {
+        app.post("/raw/actors", json!({"id": format!("a{n}"), "name": "N"}))
+            .await
+            .ok();
+    }
+    app.settle().await;
+    let gone = app
+        .post("/queues/raw_queue/replay", json!({"after": 0}))
+        .await;
+    assert!(
+        gone.problem(410)["oldest"].as_u64().unwrap() > 1,
+        "{}",
+        gone.text
+    );
+}
