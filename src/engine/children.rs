@@ -239,7 +239,7 @@ impl Children {
     }
 
     /// Writes what was applied, per parent, as snapshot frames.
-    pub(crate) fn save(&self, out: &mut Vec<u8>) {
+    pub(crate) fn save(&self, out: &mut dyn FnMut(u8, &[u8])) {
         let frames: Vec<AppliedFrame> = self
             .applied
             .lock()
@@ -248,7 +248,7 @@ impl Children {
             .map(|(parent, a)| self.frame(parent, a.seq, a.listing.as_ref()))
             .collect();
         for frame in frames {
-            crate::storage::frame::encode(effect::APPLIED, &effect::encode(&frame), out);
+            out(effect::APPLIED, &effect::encode(&frame));
         }
     }
 }

@@ -588,7 +588,7 @@ impl ChangeLog {
 
     /// Writes every retained change as a snapshot frame, and returns the
     /// sequence the next change gets with each subscriber's cursor.
-    pub(crate) fn save(&self, out: &mut Vec<u8>) -> (u64, Vec<u64>) {
+    pub(crate) fn save(&self, out: &mut dyn FnMut(u8, &[u8])) -> (u64, Vec<u64>) {
         // The snapshot is written only once all that was appended by the
         // end of the copy is durable, so it may hold changes not durable yet.
         let (events, next, cursors) = {
@@ -603,11 +603,7 @@ impl ChangeLog {
             (events, next, cursors)
         };
         for change in events {
-            crate::storage::frame::encode(
-                effect::EVENT,
-                &effect::encode(&EventImage::of(&change)),
-                out,
-            );
+            out(effect::EVENT, &effect::encode(&EventImage::of(&change)));
         }
         (next, cursors)
     }

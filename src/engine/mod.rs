@@ -83,7 +83,7 @@ pub trait QueueView: Send + Sync {
     /// come again from the log).
     fn resume(&self, cursor: Option<u64>);
     /// Writes its state as snapshot frames.
-    fn save(&self, out: &mut Vec<u8>);
+    fn save(&self, out: &mut dyn FnMut(u8, &[u8]));
     /// Its place in the change log, if it is fed from it.
     fn feed(&self) -> Option<SubscriberId>;
 }
@@ -195,7 +195,7 @@ impl<T: QueueItem> QueueView for RegisteredQueue<T> {
         self.put_back(items);
     }
 
-    fn save(&self, out: &mut Vec<u8>) {
+    fn save(&self, out: &mut dyn FnMut(u8, &[u8])) {
         self.queue.save(out);
     }
 

@@ -563,7 +563,7 @@ impl<T: QueueItem> Queue<T> {
 
     /// Writes the queue's dead letters and unfinished items as snapshot
     /// frames.
-    pub(crate) fn save(&self, out: &mut Vec<u8>) {
+    pub(crate) fn save(&self, out: &mut dyn FnMut(u8, &[u8])) {
         let letters: Vec<DeadLetter<T>> = self.dead_letters();
         for letter in letters {
             let frame = DeadFrame {
@@ -575,7 +575,7 @@ impl<T: QueueItem> Queue<T> {
                 attempts: letter.attempts,
                 at: letter.failed_at.into(),
             };
-            crate::storage::frame::encode(effect::DEAD, &effect::encode(&frame), out);
+            out(effect::DEAD, &effect::encode(&frame));
         }
         for (ticket, item) in self.unfinished() {
             let frame = ItemFrame {
@@ -583,7 +583,7 @@ impl<T: QueueItem> Queue<T> {
                 ticket,
                 item: item.store(),
             };
-            crate::storage::frame::encode(effect::UNFINISHED, &effect::encode(&frame), out);
+            out(effect::UNFINISHED, &effect::encode(&frame));
         }
     }
 }

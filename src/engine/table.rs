@@ -986,7 +986,7 @@ impl Table {
 
     /// Writes the table as snapshot frames: its current reconciliation,
     /// then every entry.
-    pub(crate) fn save(&self, out: &mut Vec<u8>) {
+    pub(crate) fn save(&self, out: &mut dyn FnMut(u8, &[u8])) {
         let current = self
             .reconciling
             .lock()
@@ -998,7 +998,7 @@ impl Table {
                 a: current.as_of.into(),
                 ids: current.ids.clone(),
             };
-            crate::storage::frame::encode(effect::CURRENT, &effect::encode(&frame), out);
+            out(effect::CURRENT, &effect::encode(&frame));
         }
         for index in 0..SHARDS {
             let frames: Vec<Vec<u8>> = {
@@ -1010,7 +1010,7 @@ impl Table {
                     .collect()
             };
             for frame in frames {
-                crate::storage::frame::encode(effect::PUT, &frame, out);
+                out(effect::PUT, &frame);
             }
         }
     }

@@ -569,60 +569,29 @@ impl DataDir {
         self.journal.appended_bytes().saturating_sub(since) >= self.options.snapshot_bytes
     }
 
-    /// Copies the pipeline's state as of the log's end, writes it once all
-    /// it holds is durable, and lets the log drop what the snapshot before
-    /// it covered (that one is kept in case this one is found damaged).
-    pub async fn snapshot(&self, pipeline: &Pipeline) -> Result<SnapshotInfo, String> {
+    /// Copies the pipeline's state as of the log's end, streaming it to a
+    /// snapshot file on a blocking thread; makes it the newest once all it
+    /// holds is durable, and lets the log drop what the snapshot before it
+    /// covered (that one is kept in case this one is found damaged).
+    pub async fn snapshot(
+        self: &Arc<Self>,
+        pipeline: &Arc<Pipeline>,
+    ) -> Result<SnapshotInfo, String> {
         let _one = self.taking.lock().await;
         let started = Instant::now();
         let appended_bytes = self.journal.appended_bytes();
         // Frames after `lsn` are replayed over this copy; every effect
-        // copied is in a frame at most `appended()` at the copy's end.
+        // copied is in a frame appended by the copy's end, which is durable
+        // before the snapshot is made the newest.
         let lsn = self.journal.appended();
-        let engine = &pipeline.engine;
-        let mut events = Vec::new();
-        let (next_seq, cursors) = engine.log.save(&mut events);
-        let mut rest = Vec::new();
-        for queue in engine.queues() {
-            if let Some(cursor) = queue.feed().and_then(|sub| cursors.get(sub.index())) {
-                let frame = CursorFrame {
-                    q: queue.name().to_string(),
-                    cursor: *cursor,
-                };
-                frame::encode(effect::CURSOR, &effect::encode(&frame), &mut rest);
-            }
-            queue.save(&mut rest);
-        }
-        for table in engine.tables() {
-            table.save(&mut rest);
-        }
-        for children in pipeline.children() {
-            children.save(&mut rest);
-        }
-        for key in pipeline.dedup.keys() {
-            frame::encode(
-                effect::DEDUP,
-                &effect::encode(&DedupFrame(key.bytes())),
-                &mut rest,
-            );
-        }
-        let taken_at = Timestamp::now();
-        let header = HeaderFrame {
-            lsn,
-            next_seq,
-            taken_at: taken_at.into(),
-        };
-        // The header first: it sets the sequence the snapshot's changes
-        // and the log's after it are placed from.
-        let mut body = Vec::with_capacity(events.len() + rest.len() + 64);
-        frame::encode(effect::HEADER, &effect::encode(&header), &mut body);
-        body.extend_from_slice(&events);
-        body.extend_from_slice(&rest);
-        drop((events, rest));
+        let (this, copied) = (self.clone(), pipeline.clone());
+        let (next_seq, bytes) = tokio::task::spawn_blocking(move || this.copy(&copied, lsn))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("writing snapshot {}: {e}", snapshot::name(lsn)))?;
         self.sync().await.map_err(|p| p.to_string())?;
-        let bytes = body.len() as u64;
         let snaps = self.snaps.clone();
-        tokio::task::spawn_blocking(move || snapshot::write(&*snaps, lsn, &body))
+        tokio::task::spawn_blocking(move || snapshot::publish(&*snaps, lsn))
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("writing snapshot {}: {e}", snapshot::name(lsn)))?;
@@ -630,7 +599,7 @@ impl DataDir {
             lsn,
             seq: next_seq - 1,
             bytes,
-            taken_at,
+            taken_at: Timestamp::now(),
             seconds: started.elapsed().as_secs_f64(),
             appended_bytes,
         };
@@ -650,6 +619,56 @@ impl DataDir {
             "snapshot written"
         );
         Ok(info)
+    }
+
+    /// Streams the state to `<lsn>.snap.tmp`: the retained log (with each
+    /// fed queue's place), the queues, the tables, the child listings and
+    /// the dedup window, then a header. Returns the next sequence and the
+    /// body's length.
+    fn copy(&self, pipeline: &Pipeline, lsn: u64) -> io::Result<(u64, u64)> {
+        let mut writer = snapshot::Writer::create(&*self.snaps, lsn)?;
+        let mut failed = None;
+        let mut out = |kind: u8, payload: &[u8]| {
+            frame::encode(kind, payload, writer.buffer());
+            if failed.is_none()
+                && let Err(error) = writer.spill()
+            {
+                failed = Some(error);
+            }
+        };
+        let engine = &pipeline.engine;
+        let (next_seq, cursors) = engine.log.save(&mut out);
+        for queue in engine.queues() {
+            if let Some(cursor) = queue.feed().and_then(|sub| cursors.get(sub.index())) {
+                let frame = CursorFrame {
+                    q: queue.name().to_string(),
+                    cursor: *cursor,
+                };
+                out(effect::CURSOR, &effect::encode(&frame));
+            }
+            queue.save(&mut out);
+        }
+        for table in engine.tables() {
+            table.save(&mut out);
+        }
+        for children in pipeline.children() {
+            children.save(&mut out);
+        }
+        for key in pipeline.dedup.keys() {
+            out(effect::DEDUP, &effect::encode(&DedupFrame(key.bytes())));
+        }
+        // Last, as a restore reads it wherever it is: it raises the next
+        // sequence to what the copy saw, for changes not retained.
+        let header = HeaderFrame {
+            lsn,
+            next_seq,
+            taken_at: Timestamp::now().into(),
+        };
+        out(effect::HEADER, &effect::encode(&header));
+        if let Some(error) = failed {
+            return Err(error);
+        }
+        Ok((next_seq, writer.finish()?))
     }
 
     /// Takes a snapshot whenever enough was logged since the last, until
@@ -679,7 +698,7 @@ impl DataDir {
 
     /// After the pipeline has drained: a last snapshot, so the next start
     /// reads little log, then the writer stops.
-    pub async fn close(&self, pipeline: &Pipeline) {
+    pub async fn close(self: &Arc<Self>, pipeline: &Arc<Pipeline>) {
         if self.failure().is_none()
             && let Err(error) = self.snapshot(pipeline).await
         {

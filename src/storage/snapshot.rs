@@ -27,19 +27,79 @@ pub fn name(lsn: u64) -> String {
 /// Writes `body` as the snapshot at `lsn`, then drops all but the newest
 /// [`KEEP`].
 pub fn write(disk: &impl Disk, lsn: u64, body: &[u8]) -> io::Result<()> {
-    let tmp = format!("{lsn:020}{TMP}");
-    if disk.list()?.contains(&tmp) {
-        disk.remove(&tmp)?;
+    let mut writer = Writer::create(disk, lsn)?;
+    writer.buffer().extend_from_slice(body);
+    writer.finish()?;
+    publish(disk, lsn)
+}
+
+/// A snapshot being written, a buffer at a time, to `<lsn>.snap.tmp`: the
+/// state is streamed to disk as it is copied, never held whole in memory.
+pub struct Writer<'d, D: Disk> {
+    disk: &'d D,
+    tmp: String,
+    hasher: crc32fast::Hasher,
+    len: u64,
+    buffer: Vec<u8>,
+}
+
+/// Bytes gathered before they are written out.
+const FLUSH_BYTES: usize = 1 << 20;
+
+impl<'d, D: Disk> Writer<'d, D> {
+    pub fn create(disk: &'d D, lsn: u64) -> io::Result<Self> {
+        let tmp = format!("{lsn:020}{TMP}");
+        if disk.list()?.contains(&tmp) {
+            disk.remove(&tmp)?;
+        }
+        disk.create(&tmp)?;
+        Ok(Self {
+            disk,
+            tmp,
+            hasher: crc32fast::Hasher::new(),
+            len: 0,
+            buffer: Vec::with_capacity(FLUSH_BYTES + FLUSH_BYTES / 4),
+        })
     }
-    disk.create(&tmp)?;
-    let mut footer = Vec::with_capacity(FOOTER);
-    footer.extend_from_slice(&(body.len() as u64).to_le_bytes());
-    footer.extend_from_slice(&crc32fast::hash(body).to_le_bytes());
-    footer.extend_from_slice(&MAGIC);
-    disk.append(&tmp, body)?;
-    disk.append(&tmp, &footer)?;
-    disk.sync(&tmp)?;
-    disk.rename(&tmp, &name(lsn))?;
+
+    /// Where the next frames go; [`Writer::spill`] writes them out.
+    pub fn buffer(&mut self) -> &mut Vec<u8> {
+        &mut self.buffer
+    }
+
+    /// Writes out what is buffered once there is enough of it.
+    pub fn spill(&mut self) -> io::Result<()> {
+        if self.buffer.len() >= FLUSH_BYTES {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.hasher.update(&self.buffer);
+        self.len += self.buffer.len() as u64;
+        self.disk.append(&self.tmp, &self.buffer)?;
+        self.buffer.clear();
+        Ok(())
+    }
+
+    /// Writes the rest and the footer, and syncs: the body's length.
+    pub fn finish(mut self) -> io::Result<u64> {
+        self.flush()?;
+        let mut footer = Vec::with_capacity(FOOTER);
+        footer.extend_from_slice(&self.len.to_le_bytes());
+        footer.extend_from_slice(&self.hasher.clone().finalize().to_le_bytes());
+        footer.extend_from_slice(&MAGIC);
+        self.disk.append(&self.tmp, &footer)?;
+        self.disk.sync(&self.tmp)?;
+        Ok(self.len)
+    }
+}
+
+/// Makes the finished snapshot at `lsn` the newest (an atomic rename),
+/// then drops all but the newest [`KEEP`].
+pub fn publish(disk: &impl Disk, lsn: u64) -> io::Result<()> {
+    disk.rename(&format!("{lsn:020}{TMP}"), &name(lsn))?;
     for (_, old) in snapshots(disk)?.into_iter().skip(KEEP) {
         disk.remove(&old)?;
     }
