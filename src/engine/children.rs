@@ -148,7 +148,7 @@ impl Children {
         if let Some(journal) = self.listing.journal() {
             // Before the effects, so that a restart knows every child they
             // may have written, whatever part of them reached the disk.
-            let frame = self.intent(parent, previous, current.as_ref());
+            let frame = self.intent(parent, previous, current.as_ref())?;
             journal.append(effect::APPLIED, &frame);
         }
         let result = apply(previous.and_then(|p| p.listing.as_ref()), current.as_ref())?;
@@ -185,29 +185,31 @@ impl Children {
     /// What a restart takes as applied if it finds a refresh begun: the
     /// previous sequence (so the change is refreshed again) and every child
     /// of the previous and the current listing (so that one the refresh
-    /// dropped is dropped again), under a version no listing has (so every
-    /// child is written again).
+    /// dropped is dropped again), under a version no listing has. A child
+    /// the previous listing had keeps the data it had there; one only the
+    /// current listing has gets data no child has (`null`), so the refresh
+    /// writes it again, encode job and all, whatever part of it reached the
+    /// disk.
     fn intent(
         &self,
         parent: &RecordId,
         previous: Option<&Applied>,
         current: Option<&Listing>,
-    ) -> AppliedFrame {
+    ) -> Result<AppliedFrame, String> {
+        let unknown = Data::of_canonical(&()).map_err(|e| e.to_string())?;
+        let before = previous.and_then(|p| p.listing.as_ref());
         let mut children: Vec<(RecordId, Data)> =
-            current.map(|c| c.children.clone()).unwrap_or_default();
-        for (child, data) in previous
-            .and_then(|p| p.listing.as_ref())
-            .map_or(&[][..], |l| &l.children[..])
-        {
-            if !children.iter().any(|(c, _)| c == child) {
-                children.push((child.clone(), data.clone()));
+            before.map(|l| l.children.clone()).unwrap_or_default();
+        for (child, _) in current.map_or(&[][..], |c| &c.children[..]) {
+            if before.and_then(|l| l.child(child)).is_none() {
+                children.push((child.clone(), unknown.clone()));
             }
         }
         let union = Listing {
             version: Version::delete(Timestamp::EPOCH),
             children,
         };
-        self.frame(parent, previous.map_or(0, |p| p.seq), Some(&union))
+        Ok(self.frame(parent, previous.map_or(0, |p| p.seq), Some(&union)))
     }
 
     /// Puts back what a frame read from disk says was applied.
