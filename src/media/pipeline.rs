@@ -355,6 +355,15 @@ impl Pipeline {
         Ok(room)
     }
 
+    /// On a data directory: holds the log's writer off, so that the frames
+    /// of one request's step (a parent with its child list, a whole
+    /// reconciliation) reach the disk together or not at all. Never taken
+    /// twice on one thread (the writer would wait for the first, and the
+    /// second for the writer).
+    fn group(&self) -> Option<crate::storage::commit::Group<'_>> {
+        self.engine.log.journal().map(|journal| journal.group())
+    }
+
     fn listing_table(&self, kind: Kind) -> Option<&Arc<Table>> {
         self.parents.get(kind).as_ref().map(|p| &p.children.listing)
     }
@@ -362,6 +371,7 @@ impl Pipeline {
     /// One raw write, with its child list if it carries one. The list goes
     /// first, so the handler that sees the parent's change sees it too.
     fn write(&self, kind: Kind, write: Write, list: Option<Write>, cause: &Cause) -> Outcome {
+        let _together = self.group();
         if let (Some(list), Some(listing)) = (list, self.listing_table(kind)) {
             listing.apply(list, cause);
         }
@@ -427,6 +437,7 @@ impl Pipeline {
     ) -> Result<Result<Outcome, PreconditionFailed>, Refused> {
         let lists = self.lists(kind, std::slice::from_ref(&write));
         let _room = self.admit_all(kind, std::iter::once(&write), &lists)?;
+        let _together = self.group();
         let outcome = match self.raw.get(kind).apply_if(write, expect, cause) {
             Ok(outcome) => outcome,
             Err(failed) => return Ok(Err(failed)),
@@ -449,6 +460,7 @@ impl Pipeline {
     ) -> Result<Reconciliation, Refused> {
         let lists = self.lists(kind, &writes);
         let _room = self.admit_all(kind, writes.iter(), &lists)?;
+        let _together = self.group();
         if let Some(listing) = self.listing_table(kind) {
             for list in lists.into_iter().flatten() {
                 listing.apply(list, cause);

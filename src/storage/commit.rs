@@ -11,7 +11,7 @@
 //! gets the [`Poisoned`] error, so nothing is acknowledged that may not be
 //! on disk.
 
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use std::thread::JoinHandle;
 
 use tokio::sync::watch;
@@ -33,7 +33,15 @@ struct Shared {
     queue: Mutex<Queue>,
     /// Signalled when frames are appended or the committer stops.
     wake: Condvar,
+    /// Held (shared) by a step whose frames must reach the disk together
+    /// or not at all, and (exclusively) by the writer while it takes a
+    /// batch, so a batch never ends inside such a step. Writer-preferring,
+    /// so steps cannot starve the writer.
+    groups: RwLock<()>,
 }
+
+/// Frames appended while this is held go to the disk in one batch.
+pub type Group<'a> = RwLockReadGuard<'a, ()>;
 
 struct Queue {
     /// Frames appended and not yet taken by the writer.
@@ -69,6 +77,7 @@ impl Committer {
                 bytes: wal.bytes(),
             }),
             wake: Condvar::new(),
+            groups: RwLock::new(()),
         });
         let (sender, durable) = watch::channel(Ok(wal.durable()));
         let writer = std::thread::Builder::new()
@@ -102,6 +111,13 @@ impl Committer {
             self.shared.wake.notify_one();
         }
         Ok(lsn)
+    }
+
+    /// Holds the writer off taking a batch until dropped: the frames
+    /// appended meanwhile are written in one batch (a crash keeps all of
+    /// them or none).
+    pub fn group(&self) -> Group<'_> {
+        self.shared.groups.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The LSN of the last frame appended (0 before the first).
@@ -167,17 +183,25 @@ impl Drop for Committer {
 fn write<D: Disk>(mut wal: Wal<D>, shared: &Shared, durable: &watch::Sender<Durable>) {
     let mut batch = Vec::new();
     loop {
-        let (last, remove) = {
+        {
             let mut queue = shared.lock();
             while queue.frames.is_empty() && !queue.stopping && queue.remove_through.is_none() {
                 queue = shared.wake.wait(queue).unwrap_or_else(|e| e.into_inner());
             }
+        }
+        // No group is half appended while the batch is taken (the queue's
+        // lock is not held while waiting for the groups to end, so their
+        // appends can finish).
+        let _groups = shared.groups.write().unwrap_or_else(|e| e.into_inner());
+        let (last, remove) = {
+            let mut queue = shared.lock();
             if queue.frames.is_empty() && queue.stopping {
                 return;
             }
             std::mem::swap(&mut batch, &mut queue.frames);
             (queue.next - 1, queue.remove_through.take())
         };
+        drop(_groups);
         if let Some(lsn) = remove
             && let Err(error) = wal.remove_through(lsn)
         {

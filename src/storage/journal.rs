@@ -48,6 +48,13 @@ impl Journal {
         self.committer.append(kind, payload).unwrap_or(0)
     }
 
+    /// Frames appended while the guard is held reach the disk together or
+    /// not at all: for a step of several writes (a parent and its child
+    /// list, a reconciliation) that must not be cut in two by a crash.
+    pub fn group(&self) -> super::commit::Group<'_> {
+        self.committer.group()
+    }
+
     /// The LSN of the last frame appended.
     pub fn appended(&self) -> u64 {
         self.committer.appended()
