@@ -89,6 +89,23 @@ fn parse_json(body: &[u8]) -> Result<Value, ApiError> {
         .map_err(|e| ApiError::BadRequest(format!("the body is not valid JSON: {e}")))
 }
 
+/// A JSON object body read as `T`; `shape` (what the body must look like)
+/// goes in the error. An array is refused before serde sees it, since
+/// serde reads a struct from a sequence of its fields too.
+pub(super) fn parse_object<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+    shape: &str,
+) -> Result<T, ApiError> {
+    let value = parse_json(body)?;
+    if !value.is_object() {
+        return Err(ApiError::BadRequest(format!(
+            "the body must be an object: {shape}"
+        )));
+    }
+    serde_json::from_value(value)
+        .map_err(|e| ApiError::BadRequest(format!("the body must be {shape}: {e}")))
+}
+
 /// `If-Match: "<version>"` or `If-Match: *`.
 fn if_match(headers: &HeaderMap) -> Result<Option<Expect>, ApiError> {
     let Some(value) = headers.get(header::IF_MATCH) else {
@@ -298,11 +315,7 @@ pub async fn put(
     state.writable()?;
     state.pipeline().admit()?;
     require_json(&essence(&headers)?)?;
-    let body: ReconcileBody = serde_json::from_value(parse_json(&body)?).map_err(|e| {
-        ApiError::BadRequest(format!(
-            "the body must be {{\"as_of\": \"<timestamp>\", \"records\": [...]}}: {e}"
-        ))
-    })?;
+    let body: ReconcileBody = parse_object(&body, r#"{"as_of": "<timestamp>", "records": [...]}"#)?;
     let as_of = match body.as_of {
         None | Some(Value::Null) => Timestamp::now(),
         Some(Value::String(text)) => Timestamp::parse(&text).map_err(|e| invalid("as_of", e))?,

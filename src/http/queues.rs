@@ -191,14 +191,7 @@ pub async fn replay(
 ) -> Result<Json<Replayed>, ApiError> {
     let queue = queue(&state, &name)?;
     super::ingest::require_json(&super::ingest::essence(&headers)?)?;
-    let shape = |e: &dyn std::fmt::Display| {
-        ApiError::BadRequest(format!("the body must be {{\"after\": <seq>}}: {e}"))
-    };
-    let value: Value = serde_json::from_slice(&body).map_err(|e| shape(&e))?;
-    if !value.is_object() {
-        return Err(shape(&"it is not an object"));
-    }
-    let body: ReplayBody = serde_json::from_value(value).map_err(|e| shape(&e))?;
+    let body: ReplayBody = super::ingest::parse_object(&body, r#"{"after": <seq>}"#)?;
     state.writable()?;
     let replayed = queue.replay(body.after).ok_or_else(|| {
         ApiError::Conflict(format!(
@@ -346,18 +339,10 @@ pub async fn set_fault(
 ) -> Result<Json<FaultView>, ApiError> {
     let h = handler(&state, &name)?;
     super::ingest::require_json(&super::ingest::essence(&headers)?)?;
-    let value: serde_json::Value = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::BadRequest(format!("the body is not valid JSON: {e}")))?;
-    if !value.is_object() {
-        return Err(ApiError::BadRequest(
-            "the body must be an object: {\"failure_rate\": 0..1, \"permanent\": bool, \"delay_ms\": int}".into(),
-        ));
-    }
-    let fault: Fault = serde_json::from_value(value).map_err(|e| {
-        ApiError::BadRequest(format!(
-            "the body must be {{\"failure_rate\": 0..1, \"permanent\": bool, \"delay_ms\": int}}: {e}"
-        ))
-    })?;
+    let fault: Fault = super::ingest::parse_object(
+        &body,
+        r#"{"failure_rate": 0..1, "permanent": bool, "delay_ms": int}"#,
+    )?;
     fault.validate().map_err(ApiError::BadRequest)?;
     h.set_fault(Some(fault));
     tracing::info!(handler = %name, ?fault, "fault injected");

@@ -309,6 +309,9 @@ async fn reconciliation_bodies_are_checked_before_anything_is_deleted() {
     app.settle().await;
     let cases = [
         (json!([{"id": "a2", "name": "x"}]), None),
+        // The fields in order, as an array: serde would read it as the
+        // struct, an empty set that deletes everything.
+        (json!([null, []]), None),
         (json!({"as_of": "soon", "records": []}), None),
         (json!({"as_of": 5, "records": []}), None),
         (json!({"as_of": "2030-01-01T00:00:00Z"}), None),
