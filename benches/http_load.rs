@@ -57,6 +57,8 @@
 mod common;
 #[path = "../tests/support/server.rs"]
 mod server;
+#[path = "../tests/support/temp_dir.rs"]
+mod temp_dir;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -83,6 +85,7 @@ use eventsys::media::records::{Kind, parse_records};
 use eventsys::{App, Config};
 
 use common::{Usage, env_usize, load_average, plain, runtime};
+use temp_dir::TempDir;
 
 /// Upper bound on requests in one closed-loop run, whatever the duration.
 const MAX_REQUESTS: u64 = 5_000_000;
@@ -201,21 +204,6 @@ fn start_plain(rt: &Runtime) -> Server {
         .route("/raw/{kind}", post(plain_ingest))
         .with_state(pipeline.clone());
     serve_floor(rt, router, Some(pipeline))
-}
-
-/// A data directory for the durable runs, removed afterwards.
-struct TempDir(std::path::PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        Self(std::env::temp_dir().join(format!("eventsys-bench-{}", uuid::Uuid::new_v4())))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// eventsys in memory, or on `data_dir` (`--sync always`).

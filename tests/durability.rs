@@ -28,23 +28,14 @@ mod server;
 
 use server::{DEADLINE, Server, http, try_http};
 
+#[path = "support/temp_dir.rs"]
+mod temp_dir;
+
+use temp_dir::TempDir;
+
 const ROUNDS: usize = 20;
 const JSON: &str = "application/json";
 const CE_BATCH: &str = "application/cloudevents-batch+json";
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        Self(std::env::temp_dir().join(format!("eventsys-durability-{}", uuid::Uuid::new_v4())))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn durable_flags(dir: &Path) -> Vec<String> {
     [

@@ -257,17 +257,7 @@ impl<T: QueueItem> Queue<T> {
     /// Puts an event on the queue whose outstanding work is already counted
     /// (the change log counts it when appending).
     pub async fn deliver(&self, item: T) -> Result<(), Closed> {
-        let ticket = item.feed_seq();
-        self.track(ticket, &item);
-        self.put(
-            Envelope {
-                item,
-                attempts: 0,
-                ticket,
-            },
-            |c| c.enqueued += 1,
-        )
-        .await
+        self.deliver_ticketed(item.feed_seq(), item).await
     }
 
     /// Like [`Queue::deliver`], for an item that has its ticket.

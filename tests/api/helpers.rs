@@ -9,27 +9,13 @@ use tower::ServiceExt;
 
 use eventsys::{App, Config};
 
+use crate::temp_dir::TempDir;
+
 pub struct TestApp {
     pub app: App,
     router: Router,
     /// With `EVENTSYS_TEST_STORAGE=disk`: the app's data directory.
     _dir: Option<TempDir>,
-}
-
-/// A data directory removed when the test ends.
-pub struct TempDir(pub std::path::PathBuf);
-
-impl TempDir {
-    pub fn new() -> Self {
-        let dir = std::env::temp_dir().join(format!("eventsys-test-{}", uuid::Uuid::new_v4()));
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// Whether the suite runs on a data directory (`EVENTSYS_TEST_STORAGE=disk`)

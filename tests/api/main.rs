@@ -8,3 +8,5 @@ mod observability;
 mod openapi;
 mod reliability;
 mod scenarios;
+#[path = "../support/temp_dir.rs"]
+mod temp_dir;
