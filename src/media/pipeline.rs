@@ -357,7 +357,9 @@ impl Pipeline {
 
     /// On a data directory: holds the log's writer off, so that the frames
     /// of one request's step (a parent with its child list, a whole
-    /// reconciliation) reach the disk together or not at all. Never taken
+    /// reconciliation) go to the disk in one write, which no crash between
+    /// writes can split (a torn write still can: recovery keeps the whole
+    /// frames before the tear). Never taken
     /// twice on one thread (the writer would wait for the first, and the
     /// second for the writer).
     fn group(&self) -> Option<crate::storage::commit::Group<'_>> {

@@ -33,8 +33,8 @@ struct Shared {
     queue: Mutex<Queue>,
     /// Signalled when frames are appended or the committer stops.
     wake: Condvar,
-    /// Held (shared) by a step whose frames must reach the disk together
-    /// or not at all, and (exclusively) by the writer while it takes a
+    /// Held (shared) by a step whose frames must go to the disk in one
+    /// batch, and (exclusively) by the writer while it takes a
     /// batch, so a batch never ends inside such a step. Writer-preferring,
     /// so steps cannot starve the writer.
     groups: RwLock<()>,
@@ -114,8 +114,9 @@ impl Committer {
     }
 
     /// Holds the writer off taking a batch until dropped: the frames
-    /// appended meanwhile are written in one batch (a crash keeps all of
-    /// them or none).
+    /// appended meanwhile are written in one batch (a crash between
+    /// batches keeps all of them or none; a torn batch keeps its whole
+    /// frames before the tear).
     pub fn group(&self) -> Group<'_> {
         self.shared.groups.read().unwrap_or_else(|e| e.into_inner())
     }

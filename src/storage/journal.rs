@@ -48,9 +48,9 @@ impl Journal {
         self.committer.append(kind, payload).unwrap_or(0)
     }
 
-    /// Frames appended while the guard is held reach the disk together or
-    /// not at all: for a step of several writes (a parent and its child
-    /// list, a reconciliation) that must not be cut in two by a crash.
+    /// Frames appended while the guard is held go to the disk in one write:
+    /// for a step of several writes (a parent and its child list, a
+    /// reconciliation) that a crash between writes must not cut in two.
     pub fn group(&self) -> super::commit::Group<'_> {
         self.committer.group()
     }
