@@ -139,7 +139,9 @@ async fn dead_letters_can_be_redriven_once_the_fault_is_gone() {
 
 #[tokio::test(start_paused = true)]
 async fn an_open_circuit_holds_events_instead_of_dead_lettering_them() {
-    let app = TestApp::with(|c| {
+    // Its cool-downs are counted on paused time, which a wait for the
+    // log's writer thread would move on: in memory on every suite.
+    let app = TestApp::in_memory_with(|c| {
         c.breaker_threshold = 2;
         c.breaker_cooldown_ms = 10_000;
         c.max_attempts = 1000;
@@ -225,7 +227,9 @@ async fn an_overloaded_pipeline_refuses_ingest_with_503_and_stores_nothing_of_it
 /// refused, nothing deadlocks, and exactly 50,000 episodes result.
 #[tokio::test(start_paused = true)]
 async fn backpressure_never_refuses_handler_writes_nor_deadlocks() {
-    let app = Arc::new(TestApp::with(|c| {
+    // Its request timeouts run on paused time, which a wait for the log's
+    // writer thread would move on: in memory on every suite.
+    let app = Arc::new(TestApp::in_memory_with(|c| {
         c.queue_capacity = 1;
         c.raw_workers = Some(1);
         c.ingest_backlog_limit = 200;
