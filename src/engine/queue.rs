@@ -171,7 +171,7 @@ impl<T: QueueItem> Queue<T> {
                 let frame = ItemFrame {
                     q: self.name.to_string(),
                     ticket: 0,
-                    item: item.store(),
+                    item: effect::Json(item.store()),
                 };
                 let ticket = OUTBOX | tracking.journal.append(effect::ENLIST, &frame);
                 tracking.unfinished().insert(ticket, item.clone());
@@ -378,7 +378,7 @@ impl<T: QueueItem> Queue<T> {
                     q: self.name.to_string(),
                     n: 0,
                     ticket,
-                    item: event.store(),
+                    item: effect::Json(event.store()),
                     error: error.clone(),
                     attempts,
                     at: failed_at.into(),
@@ -479,7 +479,7 @@ impl<T: QueueItem> Queue<T> {
                 } else {
                     frame.ticket
                 };
-                self.track(ticket, &read(frame.item)?);
+                self.track(ticket, &read(frame.item.0)?);
             }
             effect::DONE => {
                 let frame: TicketFrame = effect::decode(kind, payload)?;
@@ -502,7 +502,7 @@ impl<T: QueueItem> Queue<T> {
                     dead.pop_front();
                 }
                 dead.push_back(DeadLetter {
-                    event: read(frame.item)?,
+                    event: read(frame.item.0)?,
                     error: frame.error,
                     attempts: frame.attempts,
                     failed_at: frame.at.get()?,
@@ -560,7 +560,7 @@ impl<T: QueueItem> Queue<T> {
                 q: self.name.to_string(),
                 n: letter.number,
                 ticket: 0,
-                item: letter.event.store(),
+                item: effect::Json(letter.event.store()),
                 error: letter.error,
                 attempts: letter.attempts,
                 at: letter.failed_at.into(),
@@ -571,7 +571,7 @@ impl<T: QueueItem> Queue<T> {
             let frame = ItemFrame {
                 q: self.name.to_string(),
                 ticket,
-                item: item.store(),
+                item: effect::Json(item.store()),
             };
             out(effect::UNFINISHED, &effect::encode(&frame));
         }

@@ -326,9 +326,14 @@ impl fmt::Debug for Data {
     }
 }
 
+/// As JSON, the value itself; in a binary frame (postcard), its text.
 impl Serialize for Data {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        self.0.serialize(s)
+        if s.is_human_readable() {
+            self.0.serialize(s)
+        } else {
+            s.serialize_str(self.0.get())
+        }
     }
 }
 
@@ -336,7 +341,12 @@ impl Serialize for Data {
 /// text is kept exactly as written, never re-canonicalised.
 impl<'de> Deserialize<'de> for Data {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        Box::<RawValue>::deserialize(d).map(|raw| Self(Arc::from(raw)))
+        let raw = if d.is_human_readable() {
+            Box::<RawValue>::deserialize(d)?
+        } else {
+            RawValue::from_string(String::deserialize(d)?).map_err(serde::de::Error::custom)?
+        };
+        Ok(Self(Arc::from(raw)))
     }
 }
 

@@ -686,8 +686,8 @@ impl Table {
 
     fn put_frame(&self, id: &RecordId, entry: Option<&Entry>) -> Vec<u8> {
         effect::encode(&PutFrame {
-            t: self.name.to_string(),
-            id: id.to_string(),
+            t: &*self.name,
+            id: id.as_str(),
             e: entry.map(Entry::image),
         })
     }

@@ -331,12 +331,11 @@ fn decode(kind: u8, lsn: u64, payload: &[u8]) -> Result<Decoded, String> {
     Ok(match kind {
         effect::PUT => {
             // The entry, then (if the write emitted one) its change.
-            let (put, change) = match payload.iter().position(|b| *b == b'\n') {
-                Some(at) => (&payload[..at], Some(&payload[at + 1..])),
-                None => (payload, None),
-            };
-            let change = change.map(|c| effect::decode(kind, c)).transpose()?;
-            Decoded::Put(effect::decode(kind, put)?, change)
+            let (put, rest) = effect::decode_prefix(kind, payload)?;
+            let change = (!rest.is_empty())
+                .then(|| effect::decode(kind, rest))
+                .transpose()?;
+            Decoded::Put(put, change)
         }
         effect::CURRENT => Decoded::Current(effect::decode(kind, payload)?),
         effect::DEDUP => {

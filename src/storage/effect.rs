@@ -3,8 +3,9 @@
 //! A frame says what a step *did* (an entry's state after a write, with
 //! the change it emitted), never what was asked for, so replaying the log
 //! mints no sequence numbers, ids or timestamps, and replaying a frame
-//! twice leaves the state as once. Payloads are JSON: short keys, and
-//! record data as the canonical text it already is.
+//! twice leaves the state as once. Payloads are postcard (serde's compact
+//! binary form: fields in order, varint numbers, ids as 16 bytes), with
+//! record data as the canonical JSON text it already is.
 //!
 //! Log frames are written in the step that makes the effect; snapshot
 //! frames (kinds from [`HEADER`] on) only in snapshots.
@@ -16,7 +17,7 @@ use crate::engine::log::{Cause, Change, ChangeKind};
 use crate::engine::record::{Data, RecordId, Tie, Timestamp, Version};
 
 /// A table entry after a write, and the change the write emitted, if any:
-/// [`PutFrame`], then, after a newline, a [`ChangeImage`].
+/// [`PutFrame`], then, unless the payload ends there, a [`ChangeImage`].
 pub const PUT: u8 = 1;
 /// A reconciliation became its table's current one ([`CurrentFrame`]).
 pub const CURRENT: u8 = 2;
@@ -69,9 +70,7 @@ impl At {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct VersionImage {
     pub a: At,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub k: Option<Data>,
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub same: bool,
 }
 
@@ -124,47 +123,40 @@ impl StoredImage {
 /// What a table keeps for one id (see `engine::table`'s `Entry`).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct EntryImage {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub o: Option<StoredImage>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub d: Option<At>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub l: Vec<(String, StoredImage)>,
-    #[serde(default, skip_serializing_if = "is_zero")]
     pub s: u64,
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub i: bool,
 }
 
-fn is_zero(n: &u64) -> bool {
-    *n == 0
-}
-
 /// One table entry as it is after a write (`e`: none once it is gone).
+/// Written with borrowed names (`PutFrame<&str>`), read back owned.
 #[derive(Debug, Serialize, Deserialize)]
-pub struct PutFrame {
-    pub t: String,
-    pub id: String,
+pub struct PutFrame<S = String> {
+    pub t: S,
+    pub id: S,
     pub e: Option<EntryImage>,
 }
 
 /// A change, without what the entry beside it already says: its data and,
 /// unless it is a delete, its version are the entry's record after it.
+///
+/// Written with a borrowed correlation (`ChangeImage<&str>`), read back
+/// owned.
 #[derive(Debug, Serialize, Deserialize)]
-pub struct ChangeImage {
+pub struct ChangeImage<S = String> {
     pub s: u64,
     pub id: Uuid,
     pub k: ChangeKind,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub v: Option<VersionImage>,
     pub at: At,
-    pub c: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub c: S,
     pub by: Option<Uuid>,
 }
 
-impl ChangeImage {
-    pub fn of(change: &Change) -> Self {
+impl<'a> ChangeImage<&'a str> {
+    pub fn of(change: &'a Change) -> Self {
         Self {
             s: change.seq,
             id: change.id,
@@ -172,11 +164,13 @@ impl ChangeImage {
             v: (change.kind == ChangeKind::Deleted)
                 .then(|| VersionImage::of(&change.version, None)),
             at: change.time.into(),
-            c: change.cause.correlation.to_string(),
+            c: &change.cause.correlation,
             by: change.cause.causation,
         }
     }
+}
 
+impl ChangeImage {
     /// The change, given the record it left (`None` for a delete).
     pub fn get(
         self,
@@ -209,27 +203,28 @@ impl ChangeImage {
 
 /// A retained change, whole (snapshots, dead letters, queue items).
 #[derive(Debug, Serialize, Deserialize)]
-pub struct EventImage {
-    pub t: String,
-    pub key: String,
-    pub change: ChangeImage,
+pub struct EventImage<S = String> {
+    pub t: S,
+    pub key: S,
+    pub change: ChangeImage<S>,
     /// The version, for every kind.
     pub v: VersionImage,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub x: Option<Data>,
 }
 
-impl EventImage {
-    pub fn of(change: &Change) -> Self {
+impl<'a> EventImage<&'a str> {
+    pub fn of(change: &'a Change) -> Self {
         Self {
-            t: change.table.to_string(),
-            key: change.key.to_string(),
+            t: &change.table,
+            key: change.key.as_str(),
             change: ChangeImage::of(change),
             v: VersionImage::of(&change.version, change.data.as_ref()),
             x: change.data.clone(),
         }
     }
+}
 
+impl EventImage {
     pub fn get(self) -> Result<Change, String> {
         let version = self.v.get(self.x.as_ref())?;
         let record = self.x.map(|data| (version, data));
@@ -253,7 +248,7 @@ pub struct DedupFrame(pub [u8; 32]);
 pub struct ItemFrame {
     pub q: String,
     pub ticket: u64,
-    pub item: serde_json::Value,
+    pub item: Json,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -268,7 +263,7 @@ pub struct DeadFrame {
     /// The letter's number: the LSN of this frame.
     pub n: u64,
     pub ticket: u64,
-    pub item: serde_json::Value,
+    pub item: Json,
     pub error: String,
     pub attempts: u32,
     pub at: At,
@@ -310,17 +305,110 @@ pub struct CursorFrame {
     pub cursor: u64,
 }
 
+/// A JSON value inside a frame, as its text: postcard is not
+/// self-describing, so a value of any shape (a queue's item) travels as
+/// the text it reads back from.
+#[derive(Clone, Debug)]
+pub struct Json(pub serde_json::Value);
+
+impl Serialize for Json {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for Json {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        serde_json::from_str(&text)
+            .map(Self)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
 /// Encodes a frame payload.
 pub fn encode(value: &impl Serialize) -> Vec<u8> {
     // Room for a typical entry with its change, so that it is not grown
-    // three times on the write path.
-    let mut out = Vec::with_capacity(512);
-    // Serialising these plain structs into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut out, value);
-    out
+    // on the write path.
+    encode_onto(value, Vec::with_capacity(512))
+}
+
+/// Encodes `value` after what `out` holds.
+pub fn encode_onto(value: &impl Serialize, out: Vec<u8>) -> Vec<u8> {
+    // Encoding these plain structs into a Vec cannot fail; if it ever
+    // did, the frame would be short and fail to decode, loudly, on restart.
+    match postcard::to_extend(value, out) {
+        Ok(out) => out,
+        Err(error) => {
+            tracing::error!(%error, "a frame could not be encoded");
+            Vec::new()
+        }
+    }
 }
 
 /// Decodes a frame payload, naming the frame kind on failure.
-pub fn decode<T: serde::de::DeserializeOwned>(kind: u8, payload: &[u8]) -> Result<T, String> {
-    serde_json::from_slice(payload).map_err(|e| format!("frame of kind {kind}: {e}"))
+pub fn decode<'a, T: Deserialize<'a>>(kind: u8, payload: &'a [u8]) -> Result<T, String> {
+    decode_prefix(kind, payload).map(|(value, _)| value)
+}
+
+/// Decodes a value at the start of `payload`; it and the bytes after it.
+pub fn decode_prefix<'a, T: Deserialize<'a>>(
+    kind: u8,
+    payload: &'a [u8],
+) -> Result<(T, &'a [u8]), String> {
+    postcard::take_from_bytes(payload).map_err(|e| format!("frame of kind {kind}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn frames_read_back_as_written_with_data_text_exact() {
+        let data =
+            Data::of_value(&json!({"id": "m\"1", "t": "a\\b\nc", "n": [1, 2.5, null]})).unwrap();
+        let version = Version::write(
+            Timestamp::from_parts(1_700_000_000, 5).unwrap(),
+            data.clone(),
+        );
+        let put = PutFrame {
+            t: "movies",
+            id: "m\"1",
+            e: Some(EntryImage {
+                o: Some(StoredImage::of(&version, &data)),
+                d: Some(At(1, 2)),
+                l: vec![("raw".into(), StoredImage::of(&version, &data))],
+                s: 7,
+                i: true,
+            }),
+        };
+        let item = ItemFrame {
+            q: "encode_queue".into(),
+            ticket: 9,
+            item: Json(json!({"video": "v1", "rendition": [720, "hd"]})),
+        };
+        let payload = encode_onto(&item, encode(&put));
+        let (back, rest): (PutFrame, _) = decode_prefix(PUT, &payload).unwrap();
+        let entry = back.e.unwrap();
+        let (v, x) = entry.o.unwrap().get().unwrap();
+        assert_eq!(x.as_str(), data.as_str(), "data is kept as its exact text");
+        assert_eq!(v, version);
+        assert_eq!((entry.s, entry.i, entry.l.len()), (7, true, 1));
+        let item: ItemFrame = decode(ENLIST, rest).unwrap();
+        assert_eq!(
+            item.item.0,
+            json!({"video": "v1", "rendition": [720, "hd"]})
+        );
+    }
+
+    #[test]
+    fn a_cut_frame_is_an_error_naming_its_kind() {
+        let payload = encode(&CursorFrame {
+            q: "raw_queue".into(),
+            cursor: 1 << 40,
+        });
+        let error = decode::<CursorFrame>(CURSOR, &payload[..payload.len() - 1]).unwrap_err();
+        assert!(error.contains("frame of kind 22"), "{error}");
+    }
 }
