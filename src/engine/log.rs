@@ -323,11 +323,10 @@ impl ChangeLog {
             time,
             cause,
         });
-        if let (Some(journal), Some(mut payload)) = (self.journal.get(), put) {
+        if let (Some(journal), Some(payload)) = (self.journal.get(), put) {
             // The change's frame is appended under this lock, so frames are
             // in sequence order and a durable prefix has no gaps.
-            payload.push(b'\n');
-            payload.extend_from_slice(&effect::encode(&ChangeImage::of(&change)));
+            let payload = effect::encode_onto(&ChangeImage::of(&change), payload);
             let lsn = journal.append_raw(effect::PUT, &payload);
             inner.marks.push_back((lsn, seq));
         }
@@ -388,7 +387,10 @@ impl ChangeLog {
         let mut found = Vec::new();
         let mut cursor = subscriber.cursor;
         for change in inner.events.range(start.min(inner.events.len())..) {
-            if found.len() == max || change.seq > inner.durable_seq {
+            if found.len() == max {
+                break;
+            }
+            if change.seq > inner.durable_seq {
                 break;
             }
             cursor = change.seq + 1;
@@ -397,6 +399,14 @@ impl ChangeLog {
             {
                 found.push(change.clone());
             }
+        }
+        // What is left of its backlog waits for frames to be durable: ask
+        // for them now rather than when the log's writer would take them.
+        if found.len() < max
+            && (found.len() as u64) < subscriber.backlog
+            && let Some(journal) = self.journal.get()
+        {
+            journal.want_all();
         }
         (found, cursor)
     }

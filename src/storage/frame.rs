@@ -26,13 +26,24 @@ pub const MAX_LEN: usize = 64 << 20;
 
 /// Appends one frame of `kind` with `payload` to `out`.
 pub fn encode(kind: u8, payload: &[u8], out: &mut Vec<u8>) {
-    let len = payload.len() + 1;
-    assert!(len <= MAX_LEN, "a frame of {len} bytes is over the limit");
+    encode_checked(kind, payload, checksum(kind, payload), out);
+}
+
+/// The CRC a frame of `kind` with `payload` carries.
+pub fn checksum(kind: u8, payload: &[u8]) -> u32 {
     let mut crc = crc32fast::Hasher::new();
     crc.update(&[kind]);
     crc.update(payload);
+    crc.finalize()
+}
+
+/// Appends one frame whose [`checksum`] is already known (so that a writer
+/// can take it before a shared buffer's lock, and copy only under it).
+pub fn encode_checked(kind: u8, payload: &[u8], crc: u32, out: &mut Vec<u8>) {
+    let len = payload.len() + 1;
+    assert!(len <= MAX_LEN, "a frame of {len} bytes is over the limit");
     out.extend_from_slice(&(len as u32).to_le_bytes());
-    out.extend_from_slice(&crc.finalize().to_le_bytes());
+    out.extend_from_slice(&crc.to_le_bytes());
     out.push(kind);
     out.extend_from_slice(payload);
 }

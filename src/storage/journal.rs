@@ -65,6 +65,12 @@ impl Journal {
         self.appended_bytes.load(Ordering::Relaxed)
     }
 
+    /// Asks for everything appended so far to be written and synced now
+    /// (a queue waits to deliver it), without waiting.
+    pub fn want_all(&self) {
+        self.committer.want(self.appended());
+    }
+
     /// Waits until everything appended so far is durable.
     pub async fn sync(&self) -> Result<(), Poisoned> {
         self.committer.durable(self.appended()).await
