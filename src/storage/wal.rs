@@ -143,6 +143,15 @@ impl<D: Disk> Wal<D> {
                     found: *first,
                 });
             }
+            // A segment whose frames the state holds already (the next one
+            // starts at or before `after + 1`) is kept for an older
+            // snapshot, not read.
+            if let Some((following, _)) = segments.get(index + 1)
+                && *following <= after + 1
+            {
+                next = *following;
+                continue;
+            }
             let bytes = disk.read(name).map_err(io(name))?;
             let scanned = frame::scan(&bytes).map_err(|damage| OpenError::Damage {
                 file: name.clone(),
@@ -431,6 +440,13 @@ mod tests {
         let message = error.to_string();
         assert!(message.starts_with(middle.as_str()), "{message}");
         assert!(message.contains("offset 0"), "{message}");
+        // A snapshot past it holds its frames: it is kept for an older
+        // snapshot, and not read.
+        let (_, recovered) = Wal::open_after(disk.clone(), 40, 4).unwrap();
+        assert_eq!(
+            recovered.iter().map(|f| f.lsn).collect::<Vec<_>>(),
+            [5, 6, 7, 8, 9, 10]
+        );
     }
 
     #[derive(Clone, Debug)]
