@@ -387,10 +387,7 @@ impl ChangeLog {
         let mut found = Vec::new();
         let mut cursor = subscriber.cursor;
         for change in inner.events.range(start.min(inner.events.len())..) {
-            if found.len() == max {
-                break;
-            }
-            if change.seq > inner.durable_seq {
+            if found.len() == max || change.seq > inner.durable_seq {
                 break;
             }
             cursor = change.seq + 1;
