@@ -12,6 +12,17 @@ pub trait Disk: Send + Sync + 'static {
     /// The names of the files, in no order.
     fn list(&self) -> io::Result<Vec<String>>;
     fn read(&self, name: &str) -> io::Result<Vec<u8>>;
+    /// Reads into `buf` from `offset` on; how many bytes it read (0 at the
+    /// end), so a large file can be read a buffer at a time.
+    fn read_at(&self, name: &str, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+        let bytes = self.read(name)?;
+        let start = bytes
+            .len()
+            .min(usize::try_from(offset).unwrap_or(usize::MAX));
+        let n = buf.len().min(bytes.len() - start);
+        buf[..n].copy_from_slice(&bytes[start..start + n]);
+        Ok(n)
+    }
     /// Makes an empty file; it exists after a crash once this returns.
     fn create(&self, name: &str) -> io::Result<()>;
     /// Appends to a file; the bytes may be lost in a crash until synced.
@@ -37,6 +48,9 @@ impl<D: Disk> Disk for std::sync::Arc<D> {
     }
     fn read(&self, name: &str) -> io::Result<Vec<u8>> {
         (**self).read(name)
+    }
+    fn read_at(&self, name: &str, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+        (**self).read_at(name, offset, buf)
     }
     fn create(&self, name: &str) -> io::Result<()> {
         (**self).create(name)
@@ -116,6 +130,11 @@ impl Disk for FsDisk {
 
     fn read(&self, name: &str) -> io::Result<Vec<u8>> {
         fs::read(self.dir.join(name))
+    }
+
+    fn read_at(&self, name: &str, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        File::open(self.dir.join(name))?.read_at(buf, offset)
     }
 
     fn create(&self, name: &str) -> io::Result<()> {

@@ -156,6 +156,34 @@ pub fn scan(bytes: &[u8]) -> Result<Scanned, Damage> {
     }
 }
 
+/// The whole frames at the start of `bytes`, which a checksum over all of
+/// them has already checked (a snapshot's body), and where the first one
+/// `bytes` cuts short starts; fails only on an impossible length.
+pub fn split(bytes: &[u8]) -> Result<(Vec<Frame>, usize), Damage> {
+    let mut frames = Vec::new();
+    let mut offset = 0;
+    while let Some(header) = bytes.get(offset..offset + HEADER) {
+        let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        if len == 0 || len > MAX_LEN {
+            return Err(Damage {
+                offset,
+                reason: "an impossible length",
+            });
+        }
+        let start = offset + HEADER;
+        let Some(&kind) = bytes.get(start).filter(|_| start + len <= bytes.len()) else {
+            break;
+        };
+        frames.push(Frame {
+            offset,
+            kind,
+            payload: start + 1..start + len,
+        });
+        offset = start + len;
+    }
+    Ok((frames, offset))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
