@@ -37,7 +37,7 @@ use settle::Activity;
 use table::{Table, TableKind};
 use topology::Topology;
 
-use crate::storage::effect::EventImage;
+use crate::storage::effect::{Correlations, EventImage};
 use crate::storage::journal::Journal;
 
 impl QueueItem for Arc<Change> {
@@ -55,7 +55,7 @@ impl QueueItem for Arc<Change> {
 
     fn restore(stored: serde_json::Value) -> Option<Self> {
         let image: EventImage = serde_json::from_value(stored).ok()?;
-        image.get().ok().map(Arc::new)
+        image.get(&mut Correlations::default()).ok().map(Arc::new)
     }
 }
 

@@ -221,6 +221,12 @@ impl std::borrow::Borrow<str> for RecordId {
 pub struct Data(Arc<RawValue>);
 
 impl Data {
+    /// Whether the two are one copy.
+    #[cfg(test)]
+    pub fn is_shared_with(&self, other: &Data) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+
     /// Canonicalises any JSON value.
     pub fn canonical(value: &impl Serialize) -> Result<Self, ValueError> {
         let text = serde_json_canonicalizer::to_string(value)

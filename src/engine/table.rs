@@ -53,7 +53,7 @@ use serde::Serialize;
 use super::log::{Cause, Change, ChangeKind, ChangeLog, TableName};
 use super::record::{Data, RecordId, Timestamp, Version};
 use crate::storage::effect::{
-    self, At, ChangeImage, CurrentFrame, EntryImage, PutFrame, StoredImage,
+    self, At, ChangeImage, Correlations, CurrentFrame, EntryImage, PutFrame, StoredImage,
 };
 
 const SHARDS: usize = 16;
@@ -899,6 +899,7 @@ impl Table {
         id: RecordId,
         image: Option<EntryImage>,
         change: Option<ChangeImage>,
+        correlations: &mut Correlations,
     ) -> Result<Option<Change>, String> {
         let mut shard = self.shard(id.as_str());
         let record = match image {
@@ -915,8 +916,25 @@ impl Table {
         };
         drop(shard);
         change
-            .map(|change| change.get(&self.name, id, record))
+            .map(|change| change.get(&self.name, id, record, correlations))
             .transpose()
+    }
+
+    /// The id, version and data `key`'s entry holds, if they equal
+    /// `version` and `data`: a change read back from a snapshot then
+    /// shares them instead of keeping a copy of its own.
+    pub(crate) fn restored_record(
+        &self,
+        key: &str,
+        version: &Version,
+        data: &Data,
+    ) -> Option<(RecordId, Version, Data)> {
+        let shard = self.shard(key);
+        let (id, entry) = shard.entries.get_key_value(key)?;
+        entry
+            .best()
+            .filter(|s| s.version == *version && s.data == *data)
+            .map(|s| (id.clone(), s.version.clone(), s.data.clone()))
     }
 
     /// Makes a reconciliation read back from disk the current one (the

@@ -25,19 +25,19 @@ use serde::{Deserialize, Serialize};
 use crate::engine::QueueView;
 use crate::engine::children::Children;
 use crate::engine::dedup::DedupKey;
-use crate::engine::log::Cause;
+use crate::engine::log::{Cause, Change};
 use crate::engine::record::{RecordId, Timestamp};
 use crate::engine::table::Table;
 use crate::storage::commit::Committer;
 use crate::storage::disk::{Disk, FsDisk};
 use crate::storage::effect::{
-    self, AppliedFrame, ChangeImage, CurrentFrame, CursorFrame, DedupFrame, EventImage,
-    HeaderFrame, PutFrame,
+    self, AppliedFrame, ChangeImage, Correlations, CurrentFrame, CursorFrame, DedupFrame,
+    EventImage, HeaderFrame, PutFrame,
 };
-use crate::storage::frame::{self, End};
+use crate::storage::frame;
 use crate::storage::journal::Journal;
 use crate::storage::lock::{DirLock, LockError};
-use crate::storage::snapshot;
+use crate::storage::snapshot::{self, ReadError};
 use crate::storage::wal::{OpenError, Poisoned, Recovered, Wal};
 
 use super::pipeline::Pipeline;
@@ -140,6 +140,7 @@ struct Restorer<'p> {
     cursors: HashMap<String, u64>,
     header: Option<HeaderFrame>,
     frames: u64,
+    correlations: Correlations,
 }
 
 #[derive(Deserialize)]
@@ -165,6 +166,7 @@ impl<'p> Restorer<'p> {
             cursors: HashMap::new(),
             header: None,
             frames: 0,
+            correlations: Correlations::default(),
         }
     }
 
@@ -181,7 +183,10 @@ impl<'p> Restorer<'p> {
         match frame {
             Decoded::Put(put, change) => {
                 let table = self.table(&put.t)?;
-                if let Some(change) = table.restore_put(RecordId::derived(put.id), put.e, change)? {
+                let id = RecordId::derived(put.id);
+                if let Some(change) =
+                    table.restore_put(id, put.e, change, &mut self.correlations)?
+                {
                     log.restore(change);
                 }
             }
@@ -233,6 +238,7 @@ impl<'p> Restorer<'p> {
     ) -> Result<(), OpenFailure> {
         const CHUNK: usize = 2048;
         const DECODERS: usize = 2;
+        let decoder = &Decoder::new(self.pipeline);
         std::thread::scope(|scope| {
             // Two decoders take alternate chunks; the chunks are applied
             // in order, taking turns between them.
@@ -240,10 +246,18 @@ impl<'p> Restorer<'p> {
                 .map(|first| {
                     let (sender, decoded) = std::sync::mpsc::sync_channel(2);
                     scope.spawn(move || {
+                        let mut correlations = Correlations::default();
                         for chunk in frames.chunks(CHUNK).skip(first).step_by(DECODERS) {
                             let batch: Vec<Result<Decoded, String>> = chunk
                                 .iter()
-                                .map(|f| decode(f.kind(), f.lsn(), f.payload()))
+                                .map(|f| {
+                                    decoder.decode(
+                                        f.kind(),
+                                        f.lsn(),
+                                        f.payload(),
+                                        &mut correlations,
+                                    )
+                                })
                                 .collect();
                             if sender.send(batch).is_err() {
                                 return;
@@ -293,7 +307,7 @@ impl Frame for Recovered {
 /// A frame of a snapshot's body.
 struct InSnapshot<'b> {
     kind: u8,
-    offset: usize,
+    offset: u64,
     payload: &'b [u8],
 }
 
@@ -323,48 +337,89 @@ enum Decoded {
         payload: Vec<u8>,
     },
     Header(HeaderFrame),
-    Event(Box<crate::engine::log::Change>),
+    Event(Box<Change>),
     Cursor(CursorFrame),
 }
 
-fn decode(kind: u8, lsn: u64, payload: &[u8]) -> Result<Decoded, String> {
-    Ok(match kind {
-        effect::PUT => {
-            // The entry, then (if the write emitted one) its change.
-            let (put, rest) = effect::decode_prefix(kind, payload)?;
-            let change = (!rest.is_empty())
-                .then(|| effect::decode(kind, rest))
-                .transpose()?;
-            Decoded::Put(put, change)
+/// Parses frames (on the decoding threads).
+struct Decoder<'p> {
+    tables: HashMap<&'p str, &'p Arc<Table>>,
+}
+
+impl<'p> Decoder<'p> {
+    fn new(pipeline: &'p Pipeline) -> Self {
+        let tables = pipeline.engine.tables().iter();
+        Self {
+            tables: tables.map(|t| (t.name().as_ref(), t)).collect(),
         }
-        effect::CURRENT => Decoded::Current(effect::decode(kind, payload)?),
-        effect::DEDUP => {
-            let DedupFrame(key) = effect::decode(kind, payload)?;
-            Decoded::Dedup(key)
-        }
-        effect::APPLIED => Decoded::Applied(effect::decode(kind, payload)?),
-        effect::ENLIST
-        | effect::DONE
-        | effect::DEAD
-        | effect::REDRIVE
-        | effect::DISCARD
-        | effect::UNFINISHED => {
-            let QueueName { q } = effect::decode(kind, payload)?;
-            Decoded::Queue {
-                q,
-                kind,
-                lsn,
-                payload: payload.to_vec(),
+    }
+
+    fn decode(
+        &self,
+        kind: u8,
+        lsn: u64,
+        payload: &[u8],
+        correlations: &mut Correlations,
+    ) -> Result<Decoded, String> {
+        Ok(match kind {
+            effect::PUT => {
+                // The entry, then (if the write emitted one) its change.
+                let (put, rest) = effect::decode_prefix(kind, payload)?;
+                let change = (!rest.is_empty())
+                    .then(|| effect::decode(kind, rest))
+                    .transpose()?;
+                Decoded::Put(put, change)
             }
-        }
-        effect::HEADER => Decoded::Header(effect::decode(kind, payload)?),
-        effect::EVENT => {
-            let image: EventImage = effect::decode(kind, payload)?;
-            Decoded::Event(Box::new(image.get()?))
-        }
-        effect::CURSOR => Decoded::Cursor(effect::decode(kind, payload)?),
-        other => return Err(format!("a frame of unknown kind {other}")),
-    })
+            effect::CURRENT => Decoded::Current(effect::decode(kind, payload)?),
+            effect::DEDUP => {
+                let DedupFrame(key) = effect::decode(kind, payload)?;
+                Decoded::Dedup(key)
+            }
+            effect::APPLIED => Decoded::Applied(effect::decode(kind, payload)?),
+            effect::ENLIST
+            | effect::DONE
+            | effect::DEAD
+            | effect::REDRIVE
+            | effect::DISCARD
+            | effect::UNFINISHED => {
+                let QueueName { q } = effect::decode(kind, payload)?;
+                Decoded::Queue {
+                    q,
+                    kind,
+                    lsn,
+                    payload: payload.to_vec(),
+                }
+            }
+            effect::HEADER => Decoded::Header(effect::decode(kind, payload)?),
+            effect::EVENT => {
+                let image: EventImage = effect::decode(kind, payload)?;
+                Decoded::Event(Box::new(self.event(image, correlations)?))
+            }
+            effect::CURSOR => Decoded::Cursor(effect::decode(kind, payload)?),
+            other => return Err(format!("a frame of unknown kind {other}")),
+        })
+    }
+
+    /// A retained change of a snapshot, sharing its key and record with
+    /// its table's entry where that still holds them (the snapshot writes
+    /// tables first), so that a million retained changes do not keep a
+    /// second copy of the records they made.
+    fn event(&self, image: EventImage, correlations: &mut Correlations) -> Result<Change, String> {
+        let Some(table) = self.tables.get(image.t.as_str()) else {
+            return image.get(correlations);
+        };
+        let version = image.v.get(image.x.as_ref())?;
+        let shared =
+            (image.x.as_ref()).and_then(|data| table.restored_record(&image.key, &version, data));
+        let (key, record) = match shared {
+            Some((key, version, data)) => (key, Some((version, data))),
+            None => (
+                RecordId::derived(image.key),
+                image.x.map(|data| (version, data)),
+            ),
+        };
+        image.change.get(table.name(), key, record, correlations)
+    }
 }
 
 /// Logs how a long recovery is going, every few seconds.
@@ -405,7 +460,7 @@ impl DataDir {
         let engine = &pipeline.engine;
         engine.log.begin_restore();
         let snapshot = snapshot::latest(&*snaps).map_err(io)?;
-        let after = snapshot.as_ref().map_or(0, |(lsn, _)| *lsn);
+        let after = snapshot.as_ref().map_or(0, |found| found.lsn);
         let (mut wal, frames) =
             Wal::open_after(wal_disk, options.segment_bytes, after).map_err(|error| {
                 OpenFailure::Log {
@@ -426,40 +481,47 @@ impl DataDir {
             logged: started,
         };
         let mut last = None;
-        if let Some((lsn, body)) = &snapshot {
-            let file = dir.join("snap").join(snapshot::name(*lsn));
-            let scanned = frame::scan(body).map_err(|damage| OpenFailure::Snapshot {
-                file: file.clone(),
-                damage,
+        if let Some(found) = &snapshot {
+            let file = dir.join("snap").join(&found.file);
+            snapshot::read_frames(&*snaps, found, |bytes, frames, base| {
+                let frames: Vec<InSnapshot> = frames
+                    .iter()
+                    .map(|f| InSnapshot {
+                        kind: f.kind,
+                        offset: base + f.offset as u64,
+                        payload: &bytes[f.payload.clone()],
+                    })
+                    .collect();
+                // Decoding runs ahead of applying, so retained changes are
+                // decoded only once the entries before them are applied:
+                // they share their records with those entries.
+                let place = |f: &InSnapshot| format!("{} at offset {}", file.display(), f.offset);
+                let mut rest = &frames[..];
+                while !rest.is_empty() {
+                    let events = rest.iter().position(|f| f.kind == effect::EVENT);
+                    let split = match events {
+                        Some(0) => rest.iter().position(|f| f.kind != effect::EVENT),
+                        other => other,
+                    };
+                    let (now, later) = rest.split_at(split.unwrap_or(rest.len()));
+                    restorer.apply_all(now, place, &mut progress)?;
+                    rest = later;
+                }
+                Ok(())
+            })
+            .map_err(|error| match error {
+                ReadError::Io(error) => io(error),
+                ReadError::Damage(damage) => OpenFailure::Snapshot {
+                    file: file.clone(),
+                    damage,
+                },
+                ReadError::Stopped(failure) => failure,
             })?;
-            if let End::Torn { at } = scanned.end {
-                return Err(OpenFailure::Snapshot {
-                    file,
-                    damage: frame::Damage {
-                        offset: at,
-                        reason: "a frame cut short inside a whole snapshot",
-                    },
-                });
-            }
-            let frames: Vec<InSnapshot> = scanned
-                .frames
-                .iter()
-                .map(|f| InSnapshot {
-                    kind: f.kind,
-                    offset: f.offset,
-                    payload: &body[f.payload.clone()],
-                })
-                .collect();
-            restorer.apply_all(
-                &frames,
-                |f| format!("{} at offset {}", file.display(), f.offset),
-                &mut progress,
-            )?;
             let header = restorer.header.as_ref();
             last = Some(SnapshotInfo {
-                lsn: *lsn,
+                lsn: found.lsn,
                 seq: header.map_or(0, |h| h.next_seq.saturating_sub(1)),
-                bytes: body.len() as u64,
+                bytes: found.len,
                 taken_at: header
                     .and_then(|h| h.taken_at.get().ok())
                     .unwrap_or_else(Timestamp::now),
@@ -620,8 +682,8 @@ impl DataDir {
         Ok(info)
     }
 
-    /// Streams the state to `<lsn>.snap.tmp`: the retained log (with each
-    /// fed queue's place), the queues, the tables, the child listings and
+    /// Streams the state to `<lsn>.snap.tmp`: the tables, the retained log
+    /// (with each fed queue's place), the queues, the child listings and
     /// the dedup window, then a header. Returns the next sequence and the
     /// body's length.
     fn copy(&self, pipeline: &Pipeline, lsn: u64) -> io::Result<(u64, u64)> {
@@ -636,6 +698,11 @@ impl DataDir {
             }
         };
         let engine = &pipeline.engine;
+        // Tables before the retained log, so that a restore can share a
+        // change's record with its entry.
+        for table in engine.tables() {
+            table.save(&mut out);
+        }
         let (next_seq, cursors) = engine.log.save(&mut out);
         for queue in engine.queues() {
             if let Some(cursor) = queue.feed().and_then(|sub| cursors.get(sub.index())) {
@@ -646,9 +713,6 @@ impl DataDir {
                 out(effect::CURSOR, &effect::encode(&frame));
             }
             queue.save(&mut out);
-        }
-        for table in engine.tables() {
-            table.save(&mut out);
         }
         for children in pipeline.children() {
             children.save(&mut out);
@@ -726,4 +790,82 @@ fn follow_durable(journal: &Journal, log: Arc<crate::engine::log::ChangeLog>) {
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode};
+    use serde_json::json;
+    use tower::ServiceExt;
+
+    use crate::{App, Config};
+
+    async fn call(app: &App, method: &str, path: &str, body: serde_json::Value) -> StatusCode {
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        app.router().oneshot(request).await.unwrap().status()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn changes_read_back_from_a_snapshot_share_their_records_with_the_tables() {
+        let dir = std::env::temp_dir().join(format!("eventsys-{}", uuid::Uuid::new_v4()));
+        let app = App::start(Config {
+            data_dir: Some(dir.clone()),
+            ..Config::default()
+        });
+        let movies: Vec<_> = (0..40)
+            .map(|n| {
+                json!({"id": format!("m{n}"), "title": format!("Film {n}"), "year": 2001,
+                       "actor_ids": ["a1"], "updated_at": "2024-03-01T12:00:00Z"})
+            })
+            .collect();
+        assert_eq!(
+            call(&app, "POST", "/raw/movies", json!(movies)).await,
+            StatusCode::OK
+        );
+        let settled = call(&app, "GET", "/settle?timeout_ms=30000", json!(null)).await;
+        assert_eq!(settled, StatusCode::OK);
+        app.shutdown().await;
+        drop(app);
+
+        // Restarted from the snapshot the shutdown took, on a copy (the
+        // first server's tasks may still hold the directory's lock).
+        let copy = dir.with_extension("copy");
+        for part in ["snap", "wal"] {
+            std::fs::create_dir_all(copy.join(part)).unwrap();
+            for file in std::fs::read_dir(dir.join(part)).unwrap() {
+                let file = file.unwrap().path();
+                std::fs::copy(&file, copy.join(part).join(file.file_name().unwrap())).unwrap();
+            }
+        }
+        let app = App::start(Config {
+            data_dir: Some(copy.clone()),
+            ..Config::default()
+        });
+        let engine = &app.pipeline().engine;
+        let page = engine.log.read(0, usize::MAX, |_| true).unwrap();
+        let mut shared = 0;
+        for change in &page.events {
+            let table = engine.table(&change.table).unwrap();
+            let record = table.get(change.key.as_str()).unwrap();
+            assert_eq!(record.version, change.version, "nothing changed since");
+            let data = change.data.as_ref().unwrap();
+            assert!(
+                data.is_shared_with(&record.data),
+                "change {} keeps its own copy of {}",
+                change.seq,
+                change.key.as_str()
+            );
+            shared += 1;
+        }
+        assert_eq!(shared, 80, "40 raw movies and their 40 standard ones");
+        app.shutdown().await;
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(&copy);
+    }
 }

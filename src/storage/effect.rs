@@ -170,6 +170,28 @@ impl<'a> ChangeImage<&'a str> {
     }
 }
 
+/// Correlation ids read back, shared: the changes of one request (a
+/// batch's records, and the changes they caused) are read back close
+/// together, so the few ids seen last are kept and a change reuses the one
+/// it carries instead of holding a copy of its own.
+#[derive(Default)]
+pub struct Correlations {
+    recent: [Option<std::sync::Arc<str>>; 4],
+    next: usize,
+}
+
+impl Correlations {
+    pub fn get(&mut self, text: &str) -> std::sync::Arc<str> {
+        if let Some(seen) = self.recent.iter().flatten().find(|seen| ***seen == *text) {
+            return seen.clone();
+        }
+        let id: std::sync::Arc<str> = text.into();
+        self.recent[self.next] = Some(id.clone());
+        self.next = (self.next + 1) % self.recent.len();
+        id
+    }
+}
+
 impl ChangeImage {
     /// The change, given the record it left (`None` for a delete).
     pub fn get(
@@ -177,6 +199,7 @@ impl ChangeImage {
         table: &crate::engine::log::TableName,
         key: RecordId,
         record: Option<(Version, Data)>,
+        correlations: &mut Correlations,
     ) -> Result<Change, String> {
         let (version, data) = match (self.k, self.v, record) {
             (ChangeKind::Deleted, Some(v), _) => (v.get(None)?, None),
@@ -194,7 +217,7 @@ impl ChangeImage {
             data,
             time: self.at.get()?,
             cause: Cause {
-                correlation: self.c.into(),
+                correlation: correlations.get(&self.c),
                 causation: self.by,
             },
         })
@@ -225,11 +248,12 @@ impl<'a> EventImage<&'a str> {
 }
 
 impl EventImage {
-    pub fn get(self) -> Result<Change, String> {
+    pub fn get(self, correlations: &mut Correlations) -> Result<Change, String> {
         let version = self.v.get(self.x.as_ref())?;
         let record = self.x.map(|data| (version, data));
         let table: crate::engine::log::TableName = self.t.into();
-        self.change.get(&table, RecordId::derived(self.key), record)
+        self.change
+            .get(&table, RecordId::derived(self.key), record, correlations)
     }
 }
 
