@@ -96,12 +96,14 @@ impl Outcome {
 
 /// Who writes a table: ingest (`raw`, as received, versioned by the
 /// records' own versions) or handlers (`standard`, derived from changes and
-/// sequenced by them).
+/// sequenced by them; `view`, a read model its one handler computes from
+/// standard tables, sequenced by the change-log position it read).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum TableKind {
     Raw,
     Standard,
+    View,
 }
 
 /// One write: a record's id, its version and its data.
@@ -366,7 +368,9 @@ type Seen = Option<Stored>;
 #[derive(Clone, Copy)]
 enum Effect<'e> {
     Changed(Option<&'e Entry>),
-    Unchanged,
+    /// The entry is as it was (what is visible may still have moved: a
+    /// reconciliation hides an entry it did not touch).
+    Unchanged(Option<&'e Entry>),
 }
 
 impl<'e> Effect<'e> {
@@ -374,7 +378,13 @@ impl<'e> Effect<'e> {
         if changed {
             Self::Changed(entry)
         } else {
-            Self::Unchanged
+            Self::Unchanged(entry)
+        }
+    }
+
+    fn entry(self) -> Option<&'e Entry> {
+        match self {
+            Self::Changed(entry) | Self::Unchanged(entry) => entry,
         }
     }
 }
@@ -386,7 +396,7 @@ impl Table {
             kind,
             order: match kind {
                 TableKind::Raw => Order::Versioned,
-                TableKind::Standard => Order::Sequenced,
+                TableKind::Standard | TableKind::View => Order::Sequenced,
             },
             versions_are_changes: false,
             shards: (0..SHARDS)
@@ -649,8 +659,9 @@ impl Table {
         // or not it changes what is visible (a newer version with equal
         // data, a tombstone, a reconciliation mark): restart must rebuild
         // what the table received, not only what it showed.
-        let put = match (self.log.journal(), effect) {
-            (Some(_), Effect::Changed(entry)) => Some(self.put_frame(id, entry)),
+        let journaled = self.log.journal().is_some();
+        let put = match effect {
+            Effect::Changed(entry) if journaled => Some(self.put_frame(id, entry)),
             _ => None,
         };
         let (kind, version, data) = match (before, after) {
@@ -671,8 +682,10 @@ impl Table {
                 (ChangeKind::Updated, a.version, Some(a.data))
             }
         };
-        // The frame travels with the change; it cannot be a delete's frame
-        // without its entry, since every change follows a state change.
+        // The frame travels with the change, even when only what is visible
+        // moved, so that the change is in the log and marks its place
+        // there (a change without a frame would never become durable).
+        let put = put.or_else(|| journaled.then(|| self.put_frame(id, effect.entry())));
         self.log
             .append(&self.name, id.clone(), kind, version, data, cause, put);
     }
