@@ -6,7 +6,9 @@
 //! is applied in a random order, with repeats, from several concurrent
 //! clients. Once the pipeline settles, every table must equal a model
 //! computed from the set of writes alone (API.md, "The convergence law"):
-//! raw tables by id, version and data; derived tables by id and data.
+//! raw tables by id, version and data; derived tables by id and data; and
+//! scenario 5's views must be what the settled standard tables imply
+//! (actors and movies take part for them).
 //!
 //! Cases: `CONVERGENCE_CASES` (default 2000, about 20 s on two cores).
 
@@ -108,7 +110,21 @@ fn record(kind: Kind) -> BoxedStrategy<Value> {
                 video
             })
             .boxed(),
-        _ => (
+        Kind::Actors => (0..3u8, prop::sample::select(vec!["Ada", "Bo"]))
+            .prop_map(|(a, name)| json!({"id": format!("a{a}"), "name": name}))
+            .boxed(),
+        Kind::Movies => (
+            0..3u8,
+            title,
+            prop::option::of(1990..1992i64),
+            prop::collection::vec(0..4u8, 0..3),
+        )
+            .prop_map(|(m, title, year, cast)| {
+                let cast: Vec<String> = cast.into_iter().map(|a| format!("a{a}")).collect();
+                json!({"id": format!("m{m}"), "title": title, "year": year, "actor_ids": cast})
+            })
+            .boxed(),
+        Kind::Episodes => (
             0..3u8,
             0..2u8,
             title,
@@ -122,7 +138,7 @@ fn record(kind: Kind) -> BoxedStrategy<Value> {
 }
 
 fn kind() -> impl Strategy<Value = Kind> {
-    prop::sample::select(vec![Kind::Series, Kind::Videos, Kind::Episodes])
+    prop::sample::select(Kind::ALL.to_vec())
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -133,7 +149,13 @@ fn op() -> impl Strategy<Value = Op> {
             Op::Post(k, r)
         })),
         2 => (kind(), 0..3u8, at.clone()).prop_map(|(k, n, at)| {
-            let prefix = match k { Kind::Series => "s", Kind::Videos => "v", _ => "e" };
+            let prefix = match k {
+                Kind::Actors => "a",
+                Kind::Movies => "m",
+                Kind::Series => "s",
+                Kind::Videos => "v",
+                Kind::Episodes => "e",
+            };
             Op::Delete(k, format!("{prefix}{n}"), at)
         }),
         2 => (kind(), at).prop_flat_map(|(k, as_of)| {
@@ -441,6 +463,63 @@ fn tables_of(pipeline: &Pipeline) -> Tables {
         .collect()
 }
 
+/// A table's live records, by id, as JSON.
+fn contents(pipeline: &Pipeline, name: &str) -> BTreeMap<String, Value> {
+    let table = pipeline.engine.table(name).unwrap();
+    table
+        .snapshot()
+        .into_iter()
+        .map(|r| {
+            let data = serde_json::from_str(r.data.as_str()).unwrap();
+            (r.id.as_str().to_string(), data)
+        })
+        .collect()
+}
+
+/// Scenario 5's views as API.md defines them from the standard tables.
+fn views_implied(pipeline: &Pipeline) -> [BTreeMap<String, Value>; 2] {
+    let movies = contents(pipeline, "movies");
+    let filmography = contents(pipeline, "actors")
+        .into_iter()
+        .map(|(id, actor)| {
+            let mut credits: Vec<&Value> = movies
+                .values()
+                .filter(|m| m["actor_ids"].as_array().unwrap().contains(&json!(id)))
+                .collect();
+            credits.sort_by_key(|m| {
+                let year = m["year"].as_i64();
+                (
+                    year.is_none(),
+                    year,
+                    m["title"].to_string(),
+                    m["id"].to_string(),
+                )
+            });
+            let credits: Vec<Value> = credits
+                .into_iter()
+                .map(|m| json!({"id": m["id"], "title": m["title"], "year": m["year"]}))
+                .collect();
+            let record = json!({"id": id, "name": actor["name"], "movies": credits});
+            (id, record)
+        })
+        .collect();
+    let episodes = contents(pipeline, "episodes");
+    let overview = contents(pipeline, "series")
+        .into_iter()
+        .map(|(id, series)| {
+            let own: Vec<&Value> = episodes
+                .values()
+                .filter(|e| e["series_id"] == json!(id))
+                .collect();
+            let seasons: BTreeSet<u64> = own.iter().filter_map(|e| e["season"].as_u64()).collect();
+            let record = json!({"id": id, "title": series["title"],
+                "seasons": seasons.len(), "episodes": own.len()});
+            (id, record)
+        })
+        .collect();
+    [filmography, overview]
+}
+
 fn run_case(ops: &[Op], arrival: &[Op], clients: usize) -> Result<(), TestCaseError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -484,9 +563,22 @@ fn run_case(ops: &[Op], arrival: &[Op], clients: usize) -> Result<(), TestCaseEr
             );
         }
         let got = tables_of(&pipeline);
+        let views = [
+            contents(&pipeline, "filmography"),
+            contents(&pipeline, "series_overview"),
+        ];
+        let implied = views_implied(&pipeline);
         pipeline.engine.shutdown(Duration::ZERO).await;
-        got
+        (got, views, implied)
     });
+    let (got, views, implied) = got;
+    for (view, implied) in views.iter().zip(&implied) {
+        prop_assert_eq!(
+            view,
+            implied,
+            "a view is not what the standard tables imply"
+        );
+    }
     let expected = model(ops);
     for (name, want) in &expected {
         let have = &got[name];

@@ -520,7 +520,14 @@ fn acknowledged_writes_survive_kill_9_at_random_instants() {
         200
     );
     for name in [
-        "actors", "movies", "series", "episodes", "videos", "encodes",
+        "actors",
+        "movies",
+        "series",
+        "episodes",
+        "videos",
+        "encodes",
+        "filmography",
+        "series_overview",
     ] {
         let (durable, fresh) = (table(server.addr, name), table(memory.addr, name));
         assert_eq!(

@@ -150,6 +150,7 @@ fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(tables::list))
         .routes(routes!(tables::page))
         .routes(routes!(tables::record))
+        .routes(routes!(tables::rebuild))
         .routes(routes!(queues::list))
         .routes(routes!(queues::dead_letters, queues::discard))
         .routes(routes!(queues::redrive))

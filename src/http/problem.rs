@@ -64,6 +64,9 @@ pub enum ApiError {
     /// The request asks for something this queue does not do.
     #[error("{0}")]
     Conflict(String),
+    /// Something the server itself got wrong (a bug): 500.
+    #[error("{0}")]
+    Internal(String),
 }
 
 impl ApiError {
@@ -84,6 +87,7 @@ impl ApiError {
             ApiError::TimedOut { .. } => StatusCode::REQUEST_TIMEOUT,
             ApiError::Gone(_) => StatusCode::GONE,
             ApiError::Full(_) => StatusCode::INSUFFICIENT_STORAGE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 

@@ -1,4 +1,5 @@
-//! `GET /tables`, `/tables/{table}` (paged) and `/tables/{table}/{id}`.
+//! `GET /tables`, `/tables/{table}` (paged) and `/tables/{table}/{id}`;
+//! `POST /tables/{view}/rebuild`.
 
 use std::sync::Arc;
 
@@ -9,12 +10,14 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
+use crate::engine::log::Cause;
 use crate::engine::record::{Data, RecordId, Timestamp};
 use crate::engine::table::{Record, Table, TableKind, TableStats};
 
 use super::problem::Problem;
 use super::problem::shared::BadQuery;
-use super::{ApiError, AppState, NoQuery, Query};
+use super::{ApiError, AppState, NoQuery, Query, RequestId};
+use crate::media::projection::ViewError;
 
 #[derive(Serialize, ToSchema)]
 pub struct TableSummary {
@@ -176,4 +179,62 @@ pub async fn record(
         response.headers_mut().insert(header::ETAG, value);
     }
     Ok(response)
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Rebuilt {
+    /// Records the view holds once rebuilt.
+    rebuilt: u64,
+}
+
+/// Recomputes a view (a table of kind `view`) from the standard tables,
+/// writing the records that differ; its handler's work waits meanwhile.
+#[utoipa::path(
+    post,
+    path = "/tables/{table}/rebuild",
+    operation_id = "rebuild_view",
+    tag = "tables",
+    params(("table" = String, Path, description = "A view, as `GET /tables` lists them \
+        (kind `view`)", example = "filmography")),
+    responses(
+        (status = 200, description = "The view, recomputed", body = Rebuilt),
+        (status = 404, description = "No such table", body = Problem,
+            content_type = "application/problem+json"),
+        (status = 409, description = "The table is not a view", body = Problem,
+            content_type = "application/problem+json"),
+        (status = 507, description = "The view is at its limit of ids (--max-records)",
+            body = Problem, content_type = "application/problem+json"),
+    ),
+)]
+pub async fn rebuild(
+    _: NoQuery,
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    RequestId(request): RequestId,
+) -> Result<Json<Rebuilt>, ApiError> {
+    let table = table(&state, &name)?;
+    if table.kind() != TableKind::View {
+        return Err(ApiError::Conflict(format!(
+            "`{name}` is a {} table; only views (kind `view` in GET /tables) are rebuilt",
+            serde_json::to_value(table.kind())
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default()
+        )));
+    }
+    state.writable()?;
+    let pipeline = state.pipeline().clone();
+    let cause = Cause::request(request);
+    let view = name.clone();
+    let rebuilt = tokio::task::spawn_blocking(move || pipeline.views.rebuild(&view, &cause))
+        .await
+        .map_err(|e| ApiError::Internal(format!("the rebuild stopped: {e}")))?
+        .ok_or_else(|| ApiError::NotFound(format!("no view named `{name}`")))?
+        .map_err(|error| match error {
+            ViewError::Full(full) => ApiError::Full(full),
+            ViewError::Source(reason) => ApiError::Internal(reason),
+        })?;
+    state.durable().await?;
+    tracing::info!(view = %name, rebuilt, "rebuilt a view");
+    Ok(Json(Rebuilt { rebuilt }))
 }

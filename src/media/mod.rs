@@ -4,5 +4,6 @@
 pub mod data_dir;
 pub mod encode_handler;
 pub mod pipeline;
+pub mod projection;
 pub mod raw_handler;
 pub mod records;

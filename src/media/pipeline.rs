@@ -32,6 +32,7 @@ use crate::storage::effect::{self, DedupFrame};
 use prometheus_client::metrics::histogram::Histogram;
 
 use super::encode_handler::{EncodeHandler, EncodeJob};
+use super::projection::{Filmography, Overview, ProjectionHandler, Rule, View, ViewError};
 use super::raw_handler::{ChildRecords, ChildSink, EncodeJobs, Parent, RawHandler, Route};
 use super::records::{ByKind, Kind};
 
@@ -116,8 +117,29 @@ impl Drop for Admitted<'_> {
     }
 }
 
+/// The read models of scenario 5.
+pub struct Views {
+    pub filmography: Arc<View<Filmography>>,
+    pub overview: Arc<View<Overview>>,
+}
+
+impl Views {
+    /// Recomputes the view named `name` from the standard tables: how many
+    /// records it holds after; `None` if no view has that name.
+    pub fn rebuild(&self, name: &str, cause: &Cause) -> Option<Result<u64, ViewError>> {
+        if name == Filmography::NAME {
+            Some(self.filmography.rebuild(cause))
+        } else if name == Overview::NAME {
+            Some(self.overview.rebuild(cause))
+        } else {
+            None
+        }
+    }
+}
+
 pub struct Pipeline {
     pub engine: Engine,
+    pub views: Views,
     raw: ByKind<Arc<Table>>,
     /// Parent kinds' child lists and where the children go (`None` for
     /// kinds without children).
@@ -224,8 +246,46 @@ impl Pipeline {
                 breaker: config.breaker,
             },
         );
+        // Scenario 5: the standard tables also feed projection_queue (each
+        // subscriber has its own cursor), whose handler alone writes the
+        // views.
+        let filmography = engine.add_table(Filmography::NAME, TableKind::View);
+        let series_overview = engine.add_table(Overview::NAME, TableKind::View);
+        let sources: Vec<&Arc<Table>> = Kind::PROJECTED.iter().map(|k| standard.get(*k)).collect();
+        let (projection_queue, _) =
+            engine.add_fed_queue("projection_queue", config.queue_capacity, &sources);
+        let views = Views {
+            filmography: Arc::new(View::new(
+                filmography,
+                standard.actors.clone(),
+                standard.movies.clone(),
+                engine.log.clone(),
+            )),
+            overview: Arc::new(View::new(
+                series_overview,
+                standard.series.clone(),
+                standard.episodes.clone(),
+                engine.log.clone(),
+            )),
+        };
+        engine.add_handler(
+            "projection_handler",
+            &projection_queue,
+            ProjectionHandler {
+                filmography: views.filmography.clone(),
+                overview: views.overview.clone(),
+            },
+            HandlerConfig {
+                // A view's work is serialised by its lock.
+                workers: 1,
+                batch: 32,
+                retry: config.retry,
+                breaker: config.breaker,
+            },
+        );
         describe(&mut engine.topology);
         Self {
+            views,
             engine,
             raw,
             parents,
@@ -534,6 +594,18 @@ fn describe(t: &mut Topology) {
     t.edge("raw_handler", "encode_queue", "one job per rendition", &[3]);
     t.edge("encode_queue", "encode_handler", "job", &[3]);
     t.edge("encode_handler", "encodes", "encoded rendition", &[3]);
+    t.scenario(
+        5,
+        "Projection (CQRS)",
+        "The standard tables also feed projection_queue; projection_handler alone keeps the \
+         filmography and series_overview views, whatever order records arrive in.",
+    );
+    for kind in Kind::PROJECTED {
+        t.edge(kind.standard_table(), "projection_queue", "change", &[5]);
+    }
+    t.edge("projection_queue", "projection_handler", "event", &[5]);
+    t.edge("projection_handler", Filmography::NAME, "view record", &[5]);
+    t.edge("projection_handler", Overview::NAME, "view record", &[5]);
 }
 
 #[cfg(test)]

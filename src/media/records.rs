@@ -38,6 +38,9 @@ impl Kind {
         Kind::Videos,
     ];
 
+    /// The kinds whose standard tables feed `projection_queue`.
+    pub const PROJECTED: [Kind; 4] = [Kind::Actors, Kind::Movies, Kind::Series, Kind::Episodes];
+
     pub fn parse(text: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|k| k.as_str() == text)
     }

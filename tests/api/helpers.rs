@@ -173,12 +173,10 @@ impl TestApp {
     /// Waits (via `/settle`) until the pipeline has nothing left to do.
     pub async fn settle(&self) {
         let reply = self.get("/settle?timeout_ms=60000").await;
-        assert_eq!(
-            reply.status,
-            StatusCode::OK,
-            "did not settle: {}",
-            reply.text
-        );
+        if reply.status != StatusCode::OK {
+            let queues = self.get("/queues").await;
+            panic!("did not settle: {}\nqueues: {}", reply.text, queues.text);
+        }
     }
 
     /// Every live record id of `table`, paging through.

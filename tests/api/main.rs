@@ -6,6 +6,7 @@ mod helpers;
 mod limits;
 mod observability;
 mod openapi;
+mod projection;
 mod reliability;
 mod scenarios;
 #[path = "../support/temp_dir.rs"]
