@@ -4,8 +4,9 @@
 #   ./demo.sh                                  # builds and starts a server on :8080 if none answers
 #   EVENTSYS_URL=http://127.0.0.1:9000 ./demo.sh   # or use a server that is already running
 #
-# It walks through the four scenarios of the pipeline (mixed schemas on one
-# queue, recursive breakdown, async secondary work, full-set reconciliation),
+# It walks through five scenarios of the pipeline (mixed schemas on one
+# queue, recursive breakdown, async secondary work, full-set reconciliation,
+# a CQRS projection),
 # then faults, retries and dead letters, the change log (a live SSE tail, a
 # causation chain, CloudEvents ingest with duplicates, /metrics), and last a
 # second server on a data directory that is killed with SIGKILL and
@@ -545,7 +546,66 @@ check_eq "and from raw_actors (404)" "$CODE" "404"
 
 # ==================================================================== 5 ======
 
-part "Part 5 · Faults, retries and dead letters"
+part "Part 5 · Projection (CQRS): read models kept by their own subscriber"
+say "The standard tables feed a second queue, projection_queue, beside everything they fed before" \
+    "(pub/sub: one change, two subscribers, each with its own cursor). projection_handler alone" \
+    "writes two views: filmography (per actor, the movies naming them) and series_overview."
+
+A5="$RUN-ian" M4="$RUN-wick"
+
+step "The filmography view already follows parts 1 and 4"
+req 200 GET "/tables/filmography/$A1"
+show .data
+check_eq "$A1 is in The Matrix" "$(get '[.data.movies[].title] | join(",")')" "The Matrix"
+req 200 GET "/tables/filmography/$A2"
+check_eq "$A2's entry carries the name part 4 changed" "$(get .data.name)" "Carrie-Anne Moss"
+req 404 GET "/tables/filmography/$A3"
+check_eq "the actor part 4 deleted has no entry (404)" "$CODE" "404"
+
+step "A movie naming an actor nobody has sent yet"
+BODY=$(jq -nc --arg m "$M4" --arg a1 "$A1" --arg a5 "$A5" \
+  '{id:$m, title:"John Wick", year:2014, actor_ids:[$a5,$a1], updated_at:"2024-05-01T00:00:00Z"}')
+req 200 POST /raw/movies "$BODY"
+settle
+req 200 GET "/tables/filmography/$A1"
+show '.data.movies'
+check_eq "$A1's movies, oldest first" "$(get '[.data.movies[].title] | join(",")')" "The Matrix,John Wick"
+req 404 GET "/tables/filmography/$A5"
+check_eq "$A5 is not live yet: no entry (404)" "$CODE" "404"
+
+step "The actor arrives after the movie: their entry appears with it"
+say "(Sent without updated_at, so it is versioned now: an older one would be hidden by part 4's set.)"
+BODY=$(jq -nc --arg a "$A5" '{id:$a, name:"Ian McShane"}')
+req 200 POST /raw/actors "$BODY"
+settle
+req 200 GET "/tables/filmography/$A5"
+show .data
+check_eq "arrival order does not matter" "$(get '[.data.movies[].id] | join(",")')" "$M4"
+
+step "series_overview counts the live episodes of part 2's series"
+req 200 GET "/tables/series_overview/$S1"
+show .data
+check_eq "two episodes (the newer version dropped one), one season" \
+  "$(get '"\(.data.episodes) episodes, \(.data.seasons) season"')" "2 episodes, 1 season"
+
+step "Both subscribers got every change, and a view can be rebuilt from the tables"
+req 200 GET /queues
+show '.queues[] | select(.name == "projection_queue")'
+check_jq "projection_queue processed all it was given, no dead letters" \
+  '.queues[] | select(.name == "projection_queue") | .processed == .enqueued and .dead_letters == 0'
+req 200 GET "/tables/filmography/$A1"
+BEFORE=$(get .data)
+req 200 POST /tables/filmography/rebuild
+show
+check_jq "the rebuild recomputed every actor's entry" '.rebuilt >= 3'
+req 200 GET "/tables/filmography/$A1"
+check_eq "and found the view already right" "$(get .data)" "$BEFORE"
+req 409 POST /tables/movies/rebuild
+check_eq "only views are rebuilt (409 for movies)" "$CODE" "409"
+
+# ==================================================================== 6 ======
+
+part "Part 6 · Faults, retries and dead letters"
 say "Handlers retry transient failures with exponential backoff and jitter; permanent failures," \
     "and events that fail every attempt, go to the queue's dead letters, from where they can be redriven."
 
@@ -609,9 +669,9 @@ req 200 GET /queues/encode_queue/dead-letters
 show
 check_eq "encode_queue has no dead letters left" "$(get '.dead_letters | length')" "0"
 
-# ==================================================================== 6 ======
+# ==================================================================== 7 ======
 
-part "Part 6 · The change log: live stream, causation, CloudEvents"
+part "Part 7 · The change log: live stream, causation, CloudEvents"
 say "Every real change (inserted, updated, deleted) of every table is appended to one change log" \
     "as a CloudEvent with a global sequence. GET /events pages it; GET /events/stream serves it live (SSE)."
 
@@ -641,14 +701,19 @@ check_eq "the response echoes the X-Request-Id" "$(header x-request-id)" "$CORR"
 settle
 say "Waiting (at most ~10 s) for the tail to have received the 7 changes, then stopping it."
 OURS='.data.correlationid == $c'
-if await_sse "$STREAM_FILE" 7 "$OURS" --arg c "$CORR"; then STREAM_OK=1; else STREAM_OK=''; fi
+# The view projection_handler keeps (part 5) moves too, as often as its
+# source changes reach it in whatever order: told apart, not counted.
+VIEW='.data.source == "/tables/series_overview"'
+if await_sse "$STREAM_FILE" 7 "$OURS and ($VIEW | not)" --arg c "$CORR"; then STREAM_OK=1; else STREAM_OK=''; fi
 stop_tail
 say "Everything this request caused, as the stream delivered it (id: is the sequence):"
 # One line per event: id, type, source, subject.
 SSE_LINE='.[] | "    id: \(.id)  \(.data.type | ltrimstr("eventsys.record.") | . + " " * (9 - length))"
   + "\(.data.source | . + " " * (20 - length))  \(.data.subject)"'
-STREAM=$(sse_events "$STREAM_FILE" | jq -sc --arg c "$CORR" '[.[] | select(.data.correlationid == $c)]')
+STREAM=$(sse_events "$STREAM_FILE" | jq -sc --arg c "$CORR" "[.[] | select($OURS and ($VIEW | not))]")
 jq -r "$SSE_LINE" <<<"$STREAM"
+VIEWS=$(sse_events "$STREAM_FILE" | jq -s --arg c "$CORR" "[.[] | select($OURS and $VIEW)] | length")
+[[ $VIEWS -gt 0 ]] && say "(and $VIEWS change(s) of the series_overview view, which projection_handler made from these.)"
 OTHER=$(sse_events "$STREAM_FILE" | jq -s --arg c "$CORR" '[.[] | select(.data.correlationid != $c)] | length')
 [[ $OTHER -gt 0 ]] && say "($OTHER change(s) made meanwhile by other clients of this server are not shown.)"
 say "On the wire, each is an SSE frame: id: the sequence, data: the CloudEvent (shortened here):"
@@ -758,9 +823,9 @@ check "raw_movies' inserted counter rose by at least the 2 movies above" \
 check "ingest-to-visible timed at least this part's 5 standard writes (series, 2 episodes, 2 movies)" \
   test "$((${VISIBLE_AFTER:-0} - ${VISIBLE_BEFORE:-0}))" -ge 5
 
-# ==================================================================== 7 ======
+# ==================================================================== 8 ======
 
-part "Part 7 · Durable on disk: kill -9, restart, nothing lost"
+part "Part 8 · Durable on disk: kill -9, restart, nothing lost"
 say "With --data-dir the pipeline lives in a write-ahead log and snapshots in that directory, and a" \
     "2xx goes out only once the write is on disk. This part starts a second server of its own on a" \
     "fresh directory, writes to it, kills it with SIGKILL (no shutdown, no final snapshot) and starts" \

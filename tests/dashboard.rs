@@ -85,6 +85,17 @@ async fn drive_the_page(c: &Client, url: &str) -> Result<(), String> {
     )
     .await?;
 
+    // Scenario 5: the actor's filmography appears once they are live.
+    click(c, "#scenario-5").await?;
+    wait_until(
+        c,
+        "scenario 5 to finish with both movies in the actor's filmography",
+        "const result = document.querySelector('#scenario-5-result');
+         return result.dataset.done === '1' && result.textContent.includes('Hidden Figures (2016)')
+            && document.querySelector('[data-node=\"filmography\"] .count').textContent === '1'",
+    )
+    .await?;
+
     // Operate: a permanent fault on encode_handler, set through the form.
     let rate = find(c, "#fault-encode_handler input[name=\"failure_rate\"]").await?;
     rate.clear()

@@ -345,6 +345,8 @@ function setFigures(id, texts, extra) {
 
 function showTables(tables) {
   for (const t of tables) {
+    // Views (scenario 5) are drawn apart: only their handler writes them.
+    document.querySelector(`[data-node="${t.name}"]`)?.classList.toggle('view', t.kind === 'view');
     setFigures(t.name, {
       count: fmt(t.count),
       drops: `stale ${fmt(t.stats.stale)} · no-op ${fmt(t.stats.unchanged)}`,
@@ -883,6 +885,25 @@ const scenarios = {
     report(`PUT ${records.length} actors: ${result.unchanged} unchanged, deleted ${result.deleted.join(', ') || 'nothing'}`);
     await waitFor(async () => !(await exists('actors', ids[2])));
     report(`done: ${result.deleted.join(', ')} deleted from raw_actors and then from actors`);
+  },
+
+  // 5: the view follows the standard tables, whatever order records arrive in.
+  async 5(report) {
+    const s = uid();
+    const actor = `actor-${s}`;
+    const later = { id: `movie-${s}-2`, title: 'Hidden Figures', year: 2016, actor_ids: [actor] };
+    await post('movies', { id: `movie-${s}-1`, title: 'The Imitation Game', year: 2014, actor_ids: [actor] });
+    report(`movie-${s}-1 names ${actor}, who is not known yet: no filmography entry…`);
+    await waitFor(() => exists('movies', `movie-${s}-1`));
+    await post('actors', { id: actor, name: 'Katherine Johnson' });
+    await waitFor(() => exists('filmography', actor));
+    report(`${actor} arrived: filmography has them with movie-${s}-1; now a second movie…`);
+    await post('movies', later);
+    const entry = await waitFor(async () => {
+      const record = await api('GET', `/tables/filmography/${encodeURIComponent(actor)}`);
+      return record.data.movies.length === 2 ? record : null;
+    });
+    report(`filmography/${actor}: ${entry.data.movies.map((m) => `${m.title} (${m.year})`).join(', ')}`);
   },
 
   // A record raw_handler cannot standardise: a permanent failure.
