@@ -93,7 +93,8 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub max_dead_letters: u64,
 
-    /// Events outstanding in the queues ingest feeds (raw_queue, encode_queue)
+    /// Events outstanding in the queues ingest feeds (raw_queue, encode_queue,
+    /// projection_queue)
     /// above which ingest answers 503.
     #[arg(long, env = "EVENTSYS_INGEST_BACKLOG_LIMIT", default_value_t = 100_000)]
     pub ingest_backlog_limit: u64,

@@ -420,6 +420,12 @@ impl Engine {
     }
 
     /// A token cancelled when the engine shuts down (live streams end on it).
+    /// Runs a task of the pipeline's own until shutdown (it must end once
+    /// [`Engine::shutdown_token`] is cancelled).
+    pub fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.tasks.spawn(task);
+    }
+
     pub fn shutdown_token(&self) -> CancellationToken {
         self.cancel.clone()
     }

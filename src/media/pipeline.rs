@@ -85,8 +85,8 @@ impl Default for PipelineConfig {
 /// Ingest was refused because the pipeline is behind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "the pipeline is behind: {backlog} events are outstanding in raw_queue and encode_queue \
-     (limit {limit})"
+    "the pipeline is behind: {backlog} events are outstanding in raw_queue, encode_queue and \
+     projection_queue (limit {limit})"
 )]
 pub struct Overloaded {
     pub backlog: u64,
@@ -124,6 +124,13 @@ pub struct Views {
 }
 
 impl Views {
+    /// After a restart: rebuilds both views and their indexes from the
+    /// restored tables (in their tasks; settle waits for it).
+    pub fn invalidate(&self) {
+        self.filmography.invalidate();
+        self.overview.invalidate();
+    }
+
     /// Recomputes the view named `name` from the standard tables: how many
     /// records it holds after; `None` if no view has that name.
     pub fn rebuild(&self, name: &str, cause: &Cause) -> Option<Result<u64, ViewError>> {
@@ -146,6 +153,8 @@ pub struct Pipeline {
     parents: ByKind<Option<Arc<Parent>>>,
     raw_feed: SubscriberId,
     pub raw_queue: Arc<Queue<Arc<Change>>>,
+    projection_feed: SubscriberId,
+    pub projection_queue: Arc<Queue<Arc<Change>>>,
     pub encode_queue: Arc<Queue<EncodeJob>>,
     /// Seconds from a raw write to the standard write it caused.
     pub ingest_to_visible: Histogram,
@@ -252,7 +261,7 @@ impl Pipeline {
         let filmography = engine.add_table(Filmography::NAME, TableKind::View);
         let series_overview = engine.add_table(Overview::NAME, TableKind::View);
         let sources: Vec<&Arc<Table>> = Kind::PROJECTED.iter().map(|k| standard.get(*k)).collect();
-        let (projection_queue, _) =
+        let (projection_queue, projection_feed) =
             engine.add_fed_queue("projection_queue", config.queue_capacity, &sources);
         let views = Views {
             filmography: Arc::new(View::new(
@@ -260,14 +269,23 @@ impl Pipeline {
                 standard.actors.clone(),
                 standard.movies.clone(),
                 engine.log.clone(),
+                engine.activity.clone(),
             )),
             overview: Arc::new(View::new(
                 series_overview,
                 standard.series.clone(),
                 standard.episodes.clone(),
                 engine.log.clone(),
+                engine.activity.clone(),
             )),
         };
+        // Two rounds per view, one per core here: a record is never
+        // recomputed by both at once.
+        let stop = engine.shutdown_token();
+        for _ in 0..2 {
+            engine.spawn(views.filmography.clone().run(stop.clone()));
+            engine.spawn(views.overview.clone().run(stop.clone()));
+        }
         engine.add_handler(
             "projection_handler",
             &projection_queue,
@@ -276,7 +294,7 @@ impl Pipeline {
                 overview: views.overview.clone(),
             },
             HandlerConfig {
-                // A view's work is serialised by its lock.
+                // It only marks what moved; each view's task recomputes.
                 workers: 1,
                 batch: 32,
                 retry: config.retry,
@@ -286,6 +304,8 @@ impl Pipeline {
         describe(&mut engine.topology);
         Self {
             views,
+            projection_feed,
+            projection_queue,
             engine,
             raw,
             parents,
@@ -315,15 +335,19 @@ impl Pipeline {
     }
 
     /// Events outstanding in the queues ingest feeds, directly or through
-    /// `raw_handler`: raw changes not yet put on `raw_queue`, and what waits,
-    /// runs or retries on `raw_queue` and `encode_queue`.
+    /// handlers: changes not yet put on `raw_queue` or `projection_queue`,
+    /// and what waits, runs or retries on those and `encode_queue`. (A slow
+    /// subscriber holds the change log past its retention, so it must hold
+    /// back ingest too.)
     pub fn backlog(&self) -> u64 {
         fn outstanding(c: QueueCounts) -> u64 {
             c.depth + c.in_flight + c.retrying
         }
         self.engine.log.backlog(self.raw_feed)
+            + self.engine.log.backlog(self.projection_feed)
             + outstanding(self.raw_queue.counts())
             + outstanding(self.encode_queue.counts())
+            + outstanding(self.projection_queue.counts())
     }
 
     /// Refuses new ingest while the backlog, with what admitted requests

@@ -22,24 +22,30 @@
 //!
 //! The index lives in memory. It is built from the tables, with a full
 //! recomputation of the view (a *rebuild*, also `POST
-//! /tables/{view}/rebuild`), on the first change after a start or restart,
-//! so that index and view agree from then on whatever the log replays.
+//! /tables/{view}/rebuild`), on the first change after a start and at once
+//! after a restart, so that index and view agree from then on whatever the
+//! log replays.
 //!
-//! Work on one view is serialised by its lock. Each computation first
-//! reads the change-log position, then the tables, so what it read holds
-//! every change up to that position; the record is written at that position
-//! (a sequenced table keeps the newest), and a later computation, which
-//! read later, always wins. A computation that leaves a record as it was
-//! writes nothing.
+//! The handler only marks the owners a change moves; the view's own tasks
+//! recompute them in rounds (see [`View`]), and settle waits for them. Each
+//! round first reads the change-log position, then the tables, so what it
+//! read holds every change up to that position; records are written at
+//! that position (a sequenced table keeps the newest). One owner is never
+//! in two rounds at once, so a later computation of it read later and
+//! wins. A computation that leaves a record as it was writes nothing.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 use crate::engine::handler::{Failure, Process};
 use crate::engine::log::{Cause, Change, ChangeLog};
 use crate::engine::record::{Data, RecordId, Tie, Timestamp, Version};
+use crate::engine::settle::Activity;
 use crate::engine::table::{Full, Record, Table};
 
 /// What a view is computed from: the record it keeps per live owner.
@@ -58,28 +64,34 @@ pub struct Filmography;
 /// `series_overview`: series, and their episodes.
 pub struct Overview;
 
+/// The fields read from standard records: borrowed from their canonical
+/// JSON text, and written back into view records as that same text, so a
+/// view record is canonical without being canonicalised again.
 #[derive(Deserialize)]
-struct Named {
-    name: String,
+struct Owner<'a> {
+    /// An actor's `name`, a series' `title`.
+    #[serde(borrow, alias = "title")]
+    name: &'a RawValue,
 }
 
 #[derive(Deserialize)]
-struct Titled {
-    title: String,
-}
-
-#[derive(Deserialize)]
-struct Movie {
-    title: String,
-    year: Option<i64>,
+struct MovieCast {
     #[serde(default)]
     actor_ids: Vec<String>,
 }
 
 #[derive(Deserialize)]
+struct Movie<'a> {
+    #[serde(borrow)]
+    title: &'a RawValue,
+    #[serde(borrow)]
+    year: &'a RawValue,
+}
+
+#[derive(Deserialize)]
 struct Episode {
     series_id: String,
-    season: Option<u64>,
+    season: Option<serde_json::Number>,
 }
 
 fn parse<'a, T: Deserialize<'a>>(data: &'a Data, what: &str) -> Result<T, String> {
@@ -94,47 +106,80 @@ fn ids(texts: impl IntoIterator<Item = String>) -> Vec<RecordId> {
     set.into_iter().collect()
 }
 
-/// A movie as its actors' filmography lists it.
+/// A movie as its actors' filmography lists it. Fields in byte-wise order
+/// of their names, as RFC 8785 orders them (so are the records' below).
 #[derive(Serialize)]
 struct Credit<'a> {
-    id: &'a str,
-    title: String,
-    year: Option<i64>,
+    id: &'a RecordId,
+    title: &'a RawValue,
+    year: &'a RawValue,
+}
+
+#[derive(Serialize)]
+struct FilmographyRecord<'a> {
+    id: &'a RecordId,
+    movies: Vec<Credit<'a>>,
+    name: &'a RawValue,
+}
+
+#[derive(Serialize)]
+struct OverviewRecord<'a> {
+    episodes: usize,
+    id: &'a RecordId,
+    seasons: usize,
+    title: &'a RawValue,
 }
 
 impl Rule for Filmography {
     const NAME: &'static str = "filmography";
 
     fn owners_of(movie: &Data) -> Vec<RecordId> {
-        parse::<Movie>(movie, "a movie")
+        parse::<MovieCast>(movie, "a movie")
             .map(|m| ids(m.actor_ids))
             .unwrap_or_default()
     }
 
     fn record(actor: &Record, movies: &[Record]) -> Result<Data, String> {
-        let Named { name } = parse(&actor.data, "an actor")?;
-        let mut credits = movies
-            .iter()
-            .map(|m| {
-                let Movie { title, year, .. } = parse(&m.data, "a movie")?;
-                Ok(Credit {
-                    id: m.id.as_str(),
-                    title,
-                    year,
-                })
-            })
-            .collect::<Result<Vec<_>, String>>()?;
+        let Owner { name } = parse(&actor.data, "an actor")?;
+        let mut credits = Vec::with_capacity(movies.len());
+        let mut keys = Vec::with_capacity(movies.len());
+        for movie in movies {
+            let Movie { title, year } = parse(&movie.data, "a movie")?;
+            let title_text: String =
+                serde_json::from_str(title.get()).map_err(|e| e.to_string())?;
+            let year_number: Option<f64> =
+                serde_json::from_str(year.get()).map_err(|e| e.to_string())?;
+            keys.push((
+                year_number.is_none(),
+                year_number,
+                title_text,
+                movie.id.as_str(),
+            ));
+            credits.push(Credit {
+                id: &movie.id,
+                title,
+                year,
+            });
+        }
         // By year, null last, then title, then id.
-        credits.sort_by(|a, b| {
-            (a.year.is_none(), a.year, &a.title, a.id).cmp(&(
-                b.year.is_none(),
-                b.year,
-                &b.title,
-                b.id,
-            ))
+        let mut order: Vec<usize> = (0..credits.len()).collect();
+        order.sort_by(|a, b| {
+            let (a, b) = (&keys[*a], &keys[*b]);
+            (a.0, a.1, &a.2, a.3)
+                .partial_cmp(&(b.0, b.1, &b.2, b.3))
+                .unwrap_or(std::cmp::Ordering::Equal)
         });
-        let record = serde_json::json!({"id": actor.id, "name": name, "movies": credits});
-        Data::canonical(&record).map_err(|e| e.to_string())
+        let mut credits: Vec<Option<Credit>> = credits.into_iter().map(Some).collect();
+        let movies = order
+            .into_iter()
+            .filter_map(|i| credits[i].take())
+            .collect();
+        let record = FilmographyRecord {
+            id: &actor.id,
+            movies,
+            name,
+        };
+        Data::of_canonical(&record).map_err(|e| e.to_string())
     }
 }
 
@@ -148,19 +193,19 @@ impl Rule for Overview {
     }
 
     fn record(series: &Record, episodes: &[Record]) -> Result<Data, String> {
-        let Titled { title } = parse(&series.data, "a series")?;
+        let Owner { name: title } = parse(&series.data, "a series")?;
         let mut seasons = BTreeSet::new();
         for episode in episodes {
             let Episode { season, .. } = parse(&episode.data, "an episode")?;
-            seasons.extend(season);
+            seasons.extend(season.map(|n| n.to_string()));
         }
-        let record = serde_json::json!({
-            "id": series.id,
-            "title": title,
-            "seasons": seasons.len(),
-            "episodes": episodes.len(),
-        });
-        Data::canonical(&record).map_err(|e| e.to_string())
+        let record = OverviewRecord {
+            episodes: episodes.len(),
+            id: &series.id,
+            seasons: seasons.len(),
+            title,
+        };
+        Data::of_canonical(&record).map_err(|e| e.to_string())
     }
 }
 
@@ -172,6 +217,13 @@ struct Index {
 }
 
 impl Index {
+    /// The members that name `owner`.
+    fn members_of(&self, owner: &RecordId) -> Vec<RecordId> {
+        (self.members.get(owner).into_iter().flatten())
+            .cloned()
+            .collect()
+    }
+
     /// Records that `member` names `owners` now; returns whom it named.
     fn set(&mut self, member: &RecordId, owners: Vec<RecordId>) -> Vec<RecordId> {
         let before = if owners.is_empty() {
@@ -198,14 +250,40 @@ impl Index {
     }
 }
 
-/// One view: its table, the tables it is computed from, and its index
-/// (`None` until the first change or rebuild builds it).
+/// What a view's lock guards.
+#[derive(Default)]
+struct State {
+    /// `None` until built (on the first change, or after a restart).
+    index: Option<Index>,
+    /// Owners some change moved whose record is not recomputed yet, with
+    /// the cause of the latest such change (the view's change names it).
+    dirty: BTreeMap<RecordId, Cause>,
+    /// Owners a round is recomputing now, outside the lock; one owner is
+    /// never recomputed by two rounds at once, so that the later one reads
+    /// after the earlier one's write.
+    computing: HashSet<RecordId>,
+    /// Whether settle is told that work is outstanding (one unit while
+    /// anything is dirty or computing, or the index unbuilt).
+    owed: bool,
+}
+
+/// One view: its table, the tables it is computed from, its index, and the
+/// owners waiting to be recomputed.
+///
+/// `projection_handler` only updates the index and marks owners dirty; the
+/// view's own tasks ([`View::run`], two rounds) recompute them, as many as
+/// are dirty at a time, reading the tables outside the lock, so a burst of
+/// a thousand movies naming one actor recomputes that actor's record a few
+/// times, not a thousand (a record of n movies rewritten for each of them
+/// would be n² work).
 pub struct View<R: Rule> {
     pub table: Arc<Table>,
     owners: Arc<Table>,
     members: Arc<Table>,
     log: Arc<ChangeLog>,
-    index: Mutex<Option<Index>>,
+    activity: Activity,
+    state: Mutex<State>,
+    wake: Notify,
     _rule: std::marker::PhantomData<R>,
 }
 
@@ -218,25 +296,51 @@ pub enum ViewError {
     Source(String),
 }
 
+/// Owners recomputed under one hold of the lock.
+const CHUNK: usize = 256;
+
 impl<R: Rule> View<R> {
     pub fn new(
         table: Arc<Table>,
         owners: Arc<Table>,
         members: Arc<Table>,
         log: Arc<ChangeLog>,
+        activity: Activity,
     ) -> Self {
         Self {
             table,
             owners,
             members,
             log,
-            index: Mutex::new(None),
+            activity,
+            state: Mutex::new(State::default()),
+            wake: Notify::new(),
             _rule: std::marker::PhantomData,
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Option<Index>> {
-        self.index.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Tells settle that work is outstanding, once.
+    fn owe(&self, state: &mut State) {
+        if !state.owed {
+            state.owed = true;
+            self.activity.begin(1);
+        }
+    }
+
+    /// Tells settle the outstanding work is done, if it is.
+    fn settle_if_done(&self, state: &mut State) {
+        if state.owed
+            && state.index.is_some()
+            && state.dirty.is_empty()
+            && state.computing.is_empty()
+        {
+            state.owed = false;
+            self.activity.end(1);
+        }
     }
 
     /// The position every computation starting now reads at least.
@@ -244,30 +348,33 @@ impl<R: Rule> View<R> {
         self.log.next_seq().saturating_sub(1)
     }
 
-    /// Refreshes what `change` (of the owner or member table) can move.
+    /// Marks what `change` (of the owner or member table) can move.
     pub fn apply(&self, change: &Change) -> Result<(), ViewError> {
-        let mut guard = self.lock();
-        let cause = Cause::caused_by(change);
-        let index = match &mut *guard {
-            Some(index) => index,
-            None => {
-                let index = self.rebuild_locked(&cause)?.1;
-                guard.insert(index)
-            }
+        let mut state = self.lock();
+        let state = &mut *state;
+        if state.index.is_none() {
+            self.rebuild_locked(state, &Cause::caused_by(change))?;
+        }
+        let Some(index) = state.index.as_mut() else {
+            return Ok(());
         };
-        let at = self.position();
-        let mut moved = BTreeSet::new();
-        if change.table == *self.owners.name() {
-            moved.insert(change.key.clone());
+        let cause = Cause::caused_by(change);
+        let moved = if change.table == *self.owners.name() {
+            vec![change.key.clone()]
         } else {
             let now = (self.members.get(change.key.as_str()))
                 .map(|m| R::owners_of(&m.data))
                 .unwrap_or_default();
-            moved.extend(now.iter().cloned());
-            moved.extend(index.set(&change.key, now));
+            let mut moved = index.set(&change.key, now.clone());
+            moved.extend(now);
+            moved
+        };
+        for owner in moved {
+            state.dirty.insert(owner, cause.clone());
         }
-        for owner in &moved {
-            self.refresh(index, owner, at, &cause)?;
+        if !state.dirty.is_empty() {
+            self.owe(state);
+            self.wake.notify_one();
         }
         Ok(())
     }
@@ -275,13 +382,23 @@ impl<R: Rule> View<R> {
     /// Recomputes the whole view and its index from the tables; how many
     /// records the view holds after.
     pub fn rebuild(&self, cause: &Cause) -> Result<u64, ViewError> {
-        let mut guard = self.lock();
-        let (count, index) = self.rebuild_locked(cause)?;
-        *guard = Some(index);
-        Ok(count)
+        let mut state = self.lock();
+        self.rebuild_locked(&mut state, cause)?;
+        self.settle_if_done(&mut state);
+        Ok(self.table.len())
     }
 
-    fn rebuild_locked(&self, cause: &Cause) -> Result<(u64, Index), ViewError> {
+    /// Forgets the index, so that it is rebuilt with the whole view (after
+    /// a restart: what was dirty in memory is gone, and the tables may
+    /// have moved since the view last saw them).
+    pub fn invalidate(&self) {
+        let mut state = self.lock();
+        state.index = None;
+        self.owe(&mut state);
+        self.wake.notify_one();
+    }
+
+    fn rebuild_locked(&self, state: &mut State, cause: &Cause) -> Result<(), ViewError> {
         let at = self.position();
         let mut index = Index::default();
         for member in self.members.snapshot() {
@@ -291,26 +408,104 @@ impl<R: Rule> View<R> {
             self.owners.snapshot().into_iter().map(|r| r.id).collect();
         keys.extend(self.table.snapshot().into_iter().map(|r| r.id));
         for key in &keys {
-            self.refresh(&index, key, at, cause)?;
+            self.refresh(key, &index.members_of(key), at, cause)?;
         }
-        Ok((self.table.len(), index))
+        state.index = Some(index);
+        state.dirty.clear();
+        Ok(())
+    }
+
+    /// Recomputes up to [`CHUNK`] dirty owners (none another round is
+    /// computing), reading the tables outside the lock; whether any are
+    /// left for this round to take.
+    fn flush_some(&self) -> bool {
+        let picked: Vec<(RecordId, Cause, Vec<RecordId>)> = {
+            let mut state = self.lock();
+            let state = &mut *state;
+            if state.index.is_none()
+                && let Err(error) = self.rebuild_locked(state, &Cause::request("recovery"))
+            {
+                tracing::error!(view = R::NAME, %error, "the view could not be rebuilt");
+                return false;
+            }
+            let Some(index) = &state.index else {
+                return false;
+            };
+            let owners: Vec<RecordId> = (state.dirty.keys())
+                .filter(|o| !state.computing.contains(*o))
+                .take(CHUNK)
+                .cloned()
+                .collect();
+            if owners.is_empty() {
+                // Nothing to take: a rebuild just now may have been all.
+                self.settle_if_done(state);
+                return false;
+            }
+            owners
+                .into_iter()
+                .filter_map(|owner| {
+                    let cause = state.dirty.remove(&owner)?;
+                    let members = index.members_of(&owner);
+                    state.computing.insert(owner.clone());
+                    Some((owner, cause, members))
+                })
+                .collect()
+        };
+        // Read after what the picked members say: every change up to `at`
+        // is in the tables read below.
+        let at = self.position();
+        for (owner, cause, members) in &picked {
+            if let Err(error) = self.refresh(owner, members, at, cause) {
+                tracing::warn!(view = R::NAME, owner = %owner.as_str(), %error,
+                    "a view record could not be written");
+            }
+        }
+        let mut state = self.lock();
+        for (owner, ..) in &picked {
+            state.computing.remove(owner);
+        }
+        self.settle_if_done(&mut state);
+        let more = !state.dirty.is_empty();
+        if more {
+            // Another round may be waiting for an owner this one held.
+            self.wake.notify_one();
+        }
+        more
+    }
+
+    /// Recomputes dirty owners whenever there are some, until `stop`.
+    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+        loop {
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => return,
+                _ = self.wake.notified() => {}
+            }
+            while self.flush_some() {
+                // Let the handler mark more meanwhile: they join this round.
+                tokio::task::yield_now().await;
+            }
+        }
     }
 
     /// Writes `owner`'s view record as the tables say it is now (read after
     /// position `at`), unless it is so already.
+    ///
+    /// `members` are those the index says name it: what the handler has
+    /// seen of them (a member whose change is still on its way marks this
+    /// owner again once seen).
     fn refresh(
         &self,
-        index: &Index,
         owner: &RecordId,
+        members: &[RecordId],
         at: u64,
         cause: &Cause,
     ) -> Result<(), ViewError> {
         let record = match self.owners.get(owner.as_str()) {
             None => None,
             Some(live) => {
-                let members: Vec<Record> = (index.members.get(owner).into_iter().flatten())
+                let members: Vec<Record> = (members.iter())
                     .filter_map(|m| self.members.get(m.as_str()))
-                    .filter(|m| R::owners_of(&m.data).contains(owner))
                     .collect();
                 Some(R::record(&live, &members).map_err(ViewError::Source)?)
             }
