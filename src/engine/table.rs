@@ -106,6 +106,16 @@ pub enum TableKind {
     View,
 }
 
+impl TableKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TableKind::Raw => "raw",
+            TableKind::Standard => "standard",
+            TableKind::View => "view",
+        }
+    }
+}
+
 /// One write: a record's id, its version and its data.
 #[derive(Clone, Debug)]
 pub struct Write {

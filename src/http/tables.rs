@@ -216,10 +216,7 @@ pub async fn rebuild(
     if table.kind() != TableKind::View {
         return Err(ApiError::Conflict(format!(
             "`{name}` is a {} table; only views (kind `view` in GET /tables) are rebuilt",
-            serde_json::to_value(table.kind())
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_default()
+            table.kind().as_str()
         )));
     }
     state.writable()?;

@@ -132,9 +132,10 @@ pub struct DataDir {
 }
 
 /// Routes frames to the part of the pipeline they belong to.
-struct Restorer<'p> {
+struct Restorer<'d, 'p> {
     pipeline: &'p Pipeline,
-    tables: HashMap<&'p str, &'p Arc<Table>>,
+    /// Parses frames, and knows the tables they name.
+    decoder: &'d Decoder<'p>,
     queues: HashMap<&'p str, &'p Arc<dyn QueueView>>,
     children: HashMap<&'p str, &'p Arc<Children>>,
     cursors: HashMap<String, u64>,
@@ -148,16 +149,12 @@ struct QueueName {
     q: String,
 }
 
-impl<'p> Restorer<'p> {
-    fn new(pipeline: &'p Pipeline) -> Self {
+impl<'d, 'p> Restorer<'d, 'p> {
+    fn new(pipeline: &'p Pipeline, decoder: &'d Decoder<'p>) -> Self {
         let engine = &pipeline.engine;
         Self {
             pipeline,
-            tables: engine
-                .tables()
-                .iter()
-                .map(|t| (t.name().as_ref(), t))
-                .collect(),
+            decoder,
             queues: engine.queues().iter().map(|q| (q.name(), q)).collect(),
             children: pipeline
                 .children()
@@ -171,7 +168,7 @@ impl<'p> Restorer<'p> {
     }
 
     fn table(&self, name: &str) -> Result<&'p Arc<Table>, String> {
-        self.tables
+        (self.decoder.tables)
             .get(name)
             .copied()
             .ok_or_else(|| format!("a frame of table {name}, which this pipeline does not have"))
@@ -238,7 +235,7 @@ impl<'p> Restorer<'p> {
     ) -> Result<(), OpenFailure> {
         const CHUNK: usize = 2048;
         const DECODERS: usize = 2;
-        let decoder = &Decoder::new(self.pipeline);
+        let decoder = self.decoder;
         std::thread::scope(|scope| {
             // Two decoders take alternate chunks; the chunks are applied
             // in order, taking turns between them.
@@ -475,7 +472,8 @@ impl DataDir {
             queue.attach(journal.clone());
         }
 
-        let mut restorer = Restorer::new(pipeline);
+        let decoder = Decoder::new(pipeline);
+        let mut restorer = Restorer::new(pipeline, &decoder);
         let mut progress = Progress {
             started,
             logged: started,
@@ -496,16 +494,9 @@ impl DataDir {
                 // decoded only once the entries before them are applied:
                 // they share their records with those entries.
                 let place = |f: &InSnapshot| format!("{} at offset {}", file.display(), f.offset);
-                let mut rest = &frames[..];
-                while !rest.is_empty() {
-                    let events = rest.iter().position(|f| f.kind == effect::EVENT);
-                    let split = match events {
-                        Some(0) => rest.iter().position(|f| f.kind != effect::EVENT),
-                        other => other,
-                    };
-                    let (now, later) = rest.split_at(split.unwrap_or(rest.len()));
-                    restorer.apply_all(now, place, &mut progress)?;
-                    rest = later;
+                let event = |f: &InSnapshot| f.kind == effect::EVENT;
+                for run in frames.chunk_by(|a, b| event(a) == event(b)) {
+                    restorer.apply_all(run, place, &mut progress)?;
                 }
                 Ok(())
             })

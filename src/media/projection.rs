@@ -141,42 +141,31 @@ impl Rule for Filmography {
 
     fn record(actor: &Record, movies: &[Record]) -> Result<Data, String> {
         let Owner { name } = parse(&actor.data, "an actor")?;
+        // Each credit with what it sorts by: year, null last, then title,
+        // then id.
         let mut credits = Vec::with_capacity(movies.len());
-        let mut keys = Vec::with_capacity(movies.len());
         for movie in movies {
             let Movie { title, year } = parse(&movie.data, "a movie")?;
             let title_text: String =
                 serde_json::from_str(title.get()).map_err(|e| e.to_string())?;
             let year_number: Option<f64> =
                 serde_json::from_str(year.get()).map_err(|e| e.to_string())?;
-            keys.push((
-                year_number.is_none(),
-                year_number,
-                title_text,
-                movie.id.as_str(),
-            ));
-            credits.push(Credit {
+            let key = (year_number.is_none(), year_number, title_text);
+            let credit = Credit {
                 id: &movie.id,
                 title,
                 year,
-            });
+            };
+            credits.push((key, credit));
         }
-        // By year, null last, then title, then id.
-        let mut order: Vec<usize> = (0..credits.len()).collect();
-        order.sort_by(|a, b| {
-            let (a, b) = (&keys[*a], &keys[*b]);
-            (a.0, a.1, &a.2, a.3)
-                .partial_cmp(&(b.0, b.1, &b.2, b.3))
+        credits.sort_by(|(a, ca), (b, cb)| {
+            (a, ca.id)
+                .partial_cmp(&(b, cb.id))
                 .unwrap_or(std::cmp::Ordering::Equal)
         });
-        let mut credits: Vec<Option<Credit>> = credits.into_iter().map(Some).collect();
-        let movies = order
-            .into_iter()
-            .filter_map(|i| credits[i].take())
-            .collect();
         let record = FilmographyRecord {
             id: &actor.id,
-            movies,
+            movies: credits.into_iter().map(|(_, credit)| credit).collect(),
             name,
         };
         Data::of_canonical(&record).map_err(|e| e.to_string())
@@ -296,7 +285,7 @@ pub enum ViewError {
     Source(String),
 }
 
-/// Owners recomputed under one hold of the lock.
+/// Owners one round takes at a time.
 const CHUNK: usize = 256;
 
 impl<R: Rule> View<R> {
@@ -352,13 +341,13 @@ impl<R: Rule> View<R> {
     pub fn apply(&self, change: &Change) -> Result<(), ViewError> {
         let mut state = self.lock();
         let state = &mut *state;
+        let cause = Cause::caused_by(change);
         if state.index.is_none() {
-            self.rebuild_locked(state, &Cause::caused_by(change))?;
+            self.rebuild_locked(state, &cause)?;
         }
         let Some(index) = state.index.as_mut() else {
             return Ok(());
         };
-        let cause = Cause::caused_by(change);
         let moved = if change.table == *self.owners.name() {
             vec![change.key.clone()]
         } else {
