@@ -100,24 +100,36 @@ fn at(bytes: &[u8], nonzero_end: usize, offset: usize) -> At {
     if rest.len() < HEADER + 1 {
         return At::Bad("an incomplete header");
     }
-    let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-    let crc = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]);
-    if len == 0 || len > MAX_LEN {
+    let Some(len) = length(rest) else {
         return At::Bad("an impossible length");
-    }
+    };
+    let crc = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]);
     let Some(body) = rest.get(HEADER..HEADER + len) else {
         return At::Bad("an incomplete frame");
     };
     if crc32fast::hash(body) != crc {
         return At::Bad("a checksum mismatch");
     }
-    let start = offset + HEADER;
-    let frame = Frame {
-        offset,
-        kind: body[0],
-        payload: start + 1..start + len,
-    };
-    At::Good(frame, start + len)
+    At::Good(Frame::new(offset, body[0], len), offset + HEADER + len)
+}
+
+/// The `len` a frame's header (at least [`HEADER`] bytes) gives, if a
+/// frame can have it.
+fn length(header: &[u8]) -> Option<usize> {
+    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+    (len != 0 && len <= MAX_LEN).then_some(len)
+}
+
+impl Frame {
+    /// The frame at `offset` whose header gives `len`.
+    fn new(offset: usize, kind: u8, len: usize) -> Self {
+        let start = offset + HEADER;
+        Self {
+            offset,
+            kind,
+            payload: start + 1..start + len,
+        }
+    }
 }
 
 /// Reads every good frame of `bytes` (one segment) and how it ends, or
@@ -163,23 +175,16 @@ pub fn split(bytes: &[u8]) -> Result<(Vec<Frame>, usize), Damage> {
     let mut frames = Vec::new();
     let mut offset = 0;
     while let Some(header) = bytes.get(offset..offset + HEADER) {
-        let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
-        if len == 0 || len > MAX_LEN {
-            return Err(Damage {
-                offset,
-                reason: "an impossible length",
-            });
-        }
-        let start = offset + HEADER;
-        let Some(&kind) = bytes.get(start).filter(|_| start + len <= bytes.len()) else {
+        let len = length(header).ok_or(Damage {
+            offset,
+            reason: "an impossible length",
+        })?;
+        let end = offset + HEADER + len;
+        let Some(&kind) = bytes.get(offset + HEADER).filter(|_| end <= bytes.len()) else {
             break;
         };
-        frames.push(Frame {
-            offset,
-            kind,
-            payload: start + 1..start + len,
-        });
-        offset = start + len;
+        frames.push(Frame::new(offset, kind, len));
+        offset = end;
     }
     Ok((frames, offset))
 }
