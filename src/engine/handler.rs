@@ -42,6 +42,11 @@ pub enum Failure {
 /// The work a handler does for one event.
 pub trait Process<T>: Send + Sync + 'static {
     fn process(&self, item: &T) -> impl Future<Output = Result<(), Failure>> + Send;
+
+    /// Called as `item` is given up on, before it goes to dead letters, so
+    /// that the step can record the failure where others will see it (a
+    /// table, whose change the change log carries). Must not block.
+    fn gave_up(&self, _item: &T, _error: &str) {}
 }
 
 /// When to try again.
@@ -497,12 +502,14 @@ impl<T: QueueItem, P: Process<T>> Handler<T, P> {
             Failure::Permanent(error) => {
                 self.breaker.succeeded();
                 tracing::warn!(%error, "permanent failure: dead-lettered");
+                self.process.gave_up(&envelope.item, &error);
                 self.queue
                     .dead_letter(envelope.ticket, envelope.item, error, attempts);
             }
             Failure::Transient(error) if attempts >= self.config.retry.max_attempts => {
                 self.breaker.failed();
                 tracing::warn!(%error, attempts, "failed on the last attempt: dead-lettered");
+                self.process.gave_up(&envelope.item, &error);
                 self.queue
                     .dead_letter(envelope.ticket, envelope.item, error, attempts);
             }

@@ -146,9 +146,8 @@ impl<T: QueueItem> QueueView for RegisteredQueue<T> {
     }
 
     fn redrive(&self) -> usize {
-        let letters = self.queue.redrive_letters();
-        let count = letters.len();
-        self.put_back(letters);
+        let (count, items) = self.queue.redrive_letters();
+        self.put_back(items);
         count
     }
 
@@ -205,35 +204,44 @@ impl<T: QueueItem> QueueView for RegisteredQueue<T> {
 }
 
 impl<T: QueueItem> RegisteredQueue<T> {
-    /// Puts items back on the queue from a task: the queue may be full,
-    /// and the client should not wait for room; they are counted now, so
-    /// settle waits for them.
     fn put_back(&self, items: Vec<(u64, T)>) {
-        let count = items.len() as u64;
-        if count == 0 {
-            return;
-        }
-        let queue = self.queue.clone();
-        let cancel = self.cancel.clone();
-        queue.owe(count);
-        self.tasks.spawn(async move {
-            let mut left = count;
-            for (ticket, item) in items {
-                let delivered = tokio::select! {
-                    biased;
-                    _ = cancel.cancelled() => break,
-                    d = queue.deliver_ticketed(ticket, item) => d,
-                };
-                if delivered.is_err() {
-                    break;
-                }
-                left -= 1;
-            }
-            if left > 0 {
-                queue.forgive(left);
-            }
-        });
+        put_back(&self.queue, items, &self.tasks, &self.cancel);
     }
+}
+
+/// Puts ticketed items on `queue` from a task: the queue may be full, and
+/// whoever asked should not wait for room; they are counted now, so settle
+/// waits for them.
+fn put_back<T: QueueItem>(
+    queue: &Arc<Queue<T>>,
+    items: Vec<(u64, T)>,
+    tasks: &TaskTracker,
+    cancel: &CancellationToken,
+) {
+    let count = items.len() as u64;
+    if count == 0 {
+        return;
+    }
+    let queue = queue.clone();
+    let cancel = cancel.clone();
+    queue.owe(count);
+    tasks.spawn(async move {
+        let mut left = count;
+        for (ticket, item) in items {
+            let delivered = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break,
+                d = queue.deliver_ticketed(ticket, item) => d,
+            };
+            if delivered.is_err() {
+                break;
+            }
+            left -= 1;
+        }
+        if left > 0 {
+            queue.forgive(left);
+        }
+    });
 }
 
 impl<T: QueueItem, P: Process<T>> HandlerView for Handler<T, P> {
@@ -424,6 +432,12 @@ impl Engine {
     /// [`Engine::shutdown_token`] is cancelled).
     pub fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
         self.tasks.spawn(task);
+    }
+
+    /// Puts enlisted items (see [`Queue::enlist`]) on `queue` without
+    /// waiting for room; settle waits for them.
+    pub fn put_back<T: QueueItem>(&self, queue: &Arc<Queue<T>>, items: Vec<(u64, T)>) {
+        put_back(queue, items, &self.tasks, &self.cancel);
     }
 
     pub fn shutdown_token(&self) -> CancellationToken {

@@ -112,7 +112,14 @@ pub struct Queue<T> {
     /// On a data directory: the journal, and the items taken and not yet
     /// finished, by ticket, so a restart can give them back.
     tracking: OnceLock<Tracking<T>>,
+    /// What the pipeline does with redriven items (see [`Queue::on_redrive`]).
+    redrive: OnceLock<RedriveHook<T>>,
 }
+
+/// Given the items a redrive takes from dead letters (with their tickets),
+/// returns those to put back on the queue; the rest it has taken over
+/// (and finished, with [`Queue::finished`]).
+pub type RedriveHook<T> = Box<dyn Fn(Vec<(u64, T)>) -> Vec<(u64, T)> + Send + Sync>;
 
 struct Tracking<T> {
     journal: Arc<Journal>,
@@ -139,7 +146,15 @@ impl<T: QueueItem> Queue<T> {
             max_dead_letters: max_dead_letters.max(1),
             activity,
             tracking: OnceLock::new(),
+            redrive: OnceLock::new(),
         }
+    }
+
+    /// Lets the pipeline take over redriven items instead of putting them
+    /// back as they were (a saga starts a new attempt for a redriven step
+    /// of one it compensated). Set once, before any redrive.
+    pub fn on_redrive(&self, hook: RedriveHook<T>) {
+        let _ = self.redrive.set(hook);
     }
 
     /// Starts tracking items and writing dead letters to `journal`.
@@ -428,11 +443,14 @@ impl<T: QueueItem> Queue<T> {
             .collect()
     }
 
-    /// Removes every dead letter to put it back on the queue; returns each
-    /// with its ticket for [`Queue::deliver_ticketed`].
-    pub fn redrive_letters(&self) -> Vec<(u64, T)> {
+    /// Removes every dead letter to put it back on the queue; returns how
+    /// many, and the items to put back, each with its ticket for
+    /// [`Queue::deliver_ticketed`] (all of them, unless the redrive hook
+    /// took some over).
+    pub fn redrive_letters(&self) -> (usize, Vec<(u64, T)>) {
         let letters = self.take_dead_letters(effect::REDRIVE);
-        letters
+        let count = letters.len();
+        let items = letters
             .into_iter()
             .map(|letter| {
                 let ticket = if self.tracking.get().is_some() {
@@ -443,7 +461,12 @@ impl<T: QueueItem> Queue<T> {
                 self.track(ticket, &letter.event);
                 (ticket, letter.event)
             })
-            .collect()
+            .collect();
+        let items = match self.redrive.get() {
+            Some(hook) => hook(items),
+            None => items,
+        };
+        (count, items)
     }
 
     /// Drops every dead letter; how many.

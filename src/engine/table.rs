@@ -1068,6 +1068,12 @@ impl Table {
         })
     }
 
+    /// A sequenced table: the change-log sequence `id` was last derived at
+    /// (0 if never), deleted or not.
+    pub fn seq_of(&self, id: &str) -> u64 {
+        self.shard(id).entries.get(id).map_or(0, |entry| entry.seq)
+    }
+
     /// Up to `limit` live records with ids after `after`, in id order, and
     /// the id to continue after if there are more.
     pub fn page(&self, after: Option<&str>, limit: usize) -> (Vec<Record>, Option<RecordId>) {
