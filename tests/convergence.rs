@@ -6,8 +6,9 @@
 //! is applied in a random order, with repeats, from several concurrent
 //! clients. Once the pipeline settles, every table must equal a model
 //! computed from the set of writes alone (API.md, "The convergence law"):
-//! raw tables by id, version and data; derived tables by id and data; and
-//! scenario 5's views must be what the settled standard tables imply
+//! raw tables by id, version and data; derived tables by id and data;
+//! scenario 5's views must be what the settled standard tables imply; and
+//! scenario 6's publications all published
 //! (actors and movies take part for them).
 //!
 //! Cases: `CONVERGENCE_CASES` (default 2000, about 20 s on two cores).
@@ -520,6 +521,23 @@ fn views_implied(pipeline: &Pipeline) -> [BTreeMap<String, Value>; 2] {
     [filmography, overview]
 }
 
+/// Scenario 6 without faults: each live video published, all of its
+/// renditions encoded, in its first attempt.
+fn published_implied(pipeline: &Pipeline) -> BTreeMap<String, Value> {
+    let videos = pipeline.engine.table("videos").unwrap().snapshot();
+    videos
+        .into_iter()
+        .map(|video| {
+            let data: Value = serde_json::from_str(video.data.as_str()).unwrap();
+            let total = data["rendition_ids"].as_array().map_or(0, Vec::len);
+            let id = video.id.as_str().to_string();
+            let record = json!({"id": id, "status": "published", "attempt": 1, "since": 0,
+                "done": total, "total": total});
+            (id, record)
+        })
+        .collect()
+}
+
 fn run_case(ops: &[Op], arrival: &[Op], clients: usize) -> Result<(), TestCaseError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -568,10 +586,17 @@ fn run_case(ops: &[Op], arrival: &[Op], clients: usize) -> Result<(), TestCaseEr
             contents(&pipeline, "series_overview"),
         ];
         let implied = views_implied(&pipeline);
+        let publications = contents(&pipeline, "publications");
+        let published = published_implied(&pipeline);
         pipeline.engine.shutdown(Duration::ZERO).await;
-        (got, views, implied)
+        (got, views, implied, publications, published)
     });
-    let (got, views, implied) = got;
+    let (got, views, implied, publications, published) = got;
+    prop_assert_eq!(
+        publications,
+        published,
+        "without faults every live video ends published, and only those"
+    );
     for (view, implied) in views.iter().zip(&implied) {
         prop_assert_eq!(
             view,

@@ -12,6 +12,7 @@ mod ingest;
 mod metrics;
 pub mod openapi;
 pub mod problem;
+mod publications;
 mod queues;
 mod stream;
 mod system;
@@ -151,6 +152,7 @@ fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(tables::page))
         .routes(routes!(tables::record))
         .routes(routes!(tables::rebuild))
+        .routes(routes!(publications::retry))
         .routes(routes!(queues::list))
         .routes(routes!(queues::dead_letters, queues::discard))
         .routes(routes!(queues::redrive))

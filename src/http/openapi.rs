@@ -261,10 +261,21 @@ impl PartialSchema for EncodeJob {
             .property("video_id", reference::<RecordId>("The video to encode"))
             .required("video_id")
             .property("rendition", reference::<Rendition>("The rendition to make"))
-            .required("rendition");
+            .required("rendition")
+            .property(
+                "attempt",
+                ObjectBuilder::new()
+                    .schema_type(Type::Integer)
+                    .minimum(Some(1))
+                    .description(Some(
+                        "The publication attempt it belongs to: 1 for raw_handler's jobs, more \
+                         for those of a new attempt after a compensation (scenario 6)",
+                    )),
+            )
+            .required("attempt");
         cloud_event(
             string_enum(
-                ["/handlers/raw_handler"],
+                ["/handlers/raw_handler", "/handlers/publication_handler"],
                 "The handler that asked for the job",
             ),
             string_enum(["eventsys.encode.requested"], "An encode job"),
@@ -586,6 +597,7 @@ mod tests {
             seq: 7,
             version: Version::write(Timestamp::now(), data()),
             cause: Cause::request("req-1"),
+            attempt: 1,
         };
         let json = serde_json::to_value(&job).expect("serialises");
         let (names, required) = properties::<EncodeJob>();
@@ -597,7 +609,7 @@ mod tests {
         for name in required {
             assert!(json.get(&name).is_some(), "`{name}` missing from {json}");
         }
-        assert_eq!(keys(&json["data"]), ["rendition", "video_id"]);
+        assert_eq!(keys(&json["data"]), ["attempt", "rendition", "video_id"]);
     }
 
     #[test]

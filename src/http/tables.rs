@@ -223,7 +223,7 @@ pub async fn rebuild(
     let pipeline = state.pipeline().clone();
     let cause = Cause::request(request);
     let view = name.clone();
-    let rebuilt = tokio::task::spawn_blocking(move || pipeline.views.rebuild(&view, &cause))
+    let rebuilt = tokio::task::spawn_blocking(move || pipeline.rebuild(&view, &cause))
         .await
         .map_err(|e| ApiError::Internal(format!("the rebuild stopped: {e}")))?
         .ok_or_else(|| ApiError::NotFound(format!("no view named `{name}`")))?

@@ -35,8 +35,12 @@ pub struct EncodeJob {
     pub seq: u64,
     /// The video's listing version.
     pub version: Version,
-    /// The raw video change that asked for it.
+    /// The change that asked for it (raw_handler's, or the saga's for a
+    /// new attempt).
     pub cause: Cause,
+    /// The publication attempt it belongs to: 1 for the jobs raw_handler
+    /// makes, then one more for each attempt scenario 6's saga starts.
+    pub attempt: u64,
 }
 
 impl QueueItem for EncodeJob {
@@ -53,6 +57,7 @@ impl QueueItem for EncodeJob {
             version: VersionImage::of(&self.version, None),
             correlation: self.cause.correlation.to_string(),
             causation: self.cause.causation,
+            attempt: self.attempt,
         })
         .unwrap_or_default()
     }
@@ -69,6 +74,7 @@ impl QueueItem for EncodeJob {
                 correlation: job.correlation.into(),
                 causation: job.causation,
             },
+            attempt: job.attempt,
         })
     }
 }
@@ -83,6 +89,12 @@ struct StoredJob {
     version: VersionImage,
     correlation: String,
     causation: Option<Uuid>,
+    #[serde(default = "first_attempt")]
+    attempt: u64,
+}
+
+fn first_attempt() -> u64 {
+    1
 }
 
 /// Shown as a CloudEvent, like the changes on `raw_queue`.
@@ -91,7 +103,12 @@ impl Serialize for EncodeJob {
         let mut map = s.serialize_map(None)?;
         map.serialize_entry("specversion", "1.0")?;
         map.serialize_entry("id", &self.id)?;
-        map.serialize_entry("source", "/handlers/raw_handler")?;
+        let source = if self.attempt > 1 {
+            "/handlers/publication_handler"
+        } else {
+            "/handlers/raw_handler"
+        };
+        map.serialize_entry("source", source)?;
         map.serialize_entry("type", "eventsys.encode.requested")?;
         map.serialize_entry("subject", &encode_id(&self.video_id, &self.rendition.id))?;
         map.serialize_entry("recordversion", &self.version.at)?;
@@ -102,7 +119,11 @@ impl Serialize for EncodeJob {
         map.serialize_entry("datacontenttype", "application/json")?;
         map.serialize_entry(
             "data",
-            &json!({ "video_id": self.video_id, "rendition": self.rendition }),
+            &json!({
+                "video_id": self.video_id,
+                "rendition": self.rendition,
+                "attempt": self.attempt,
+            }),
         )?;
         map.end()
     }
@@ -114,25 +135,48 @@ pub struct EncodeHandler {
     pub(crate) delay: Duration,
 }
 
-impl Process<EncodeJob> for EncodeHandler {
-    async fn process(&self, job: &EncodeJob) -> Result<(), Failure> {
-        if !self.delay.is_zero() {
-            tokio::time::sleep(self.delay).await;
-        }
+impl EncodeHandler {
+    /// Writes the job's encode record with `status` (and `error`, for a
+    /// failed one), at the job's sequence: stale if a later change of the
+    /// rendition (or a saga's compensation) has written it since.
+    fn write(&self, job: &EncodeJob, status: &str, error: Option<&str>) -> Result<(), Failure> {
         let id = encode_id(&job.video_id, &job.rendition.id);
-        let data = Data::of_value(&json!({
+        let mut record = json!({
             "id": id,
             "video_id": job.video_id,
             "rendition_id": job.rendition.id,
             "codec": job.rendition.codec,
             "height": job.rendition.height,
-            "status": "encoded",
-        }))
-        .map_err(|e| Failure::Permanent(e.to_string()))?;
-        // The encode's causation is the raw video change, which is in the log.
+            "status": status,
+        });
+        if let Some(error) = error {
+            // The job names its dead letter, and sets one failure apart
+            // from another's: each is a change the saga hears of.
+            record["error"] = error.into();
+            record["job"] = job.id.to_string().into();
+        }
+        let data = Data::of_value(&record).map_err(|e| Failure::Permanent(e.to_string()))?;
+        // The encode's causation is the change that asked for it, in the log.
         self.encodes
             .derive(&id, job.seq, job.version.clone(), Some(data), &job.cause)
             .map_err(|full| Failure::Permanent(full.to_string()))?;
         Ok(())
+    }
+}
+
+impl Process<EncodeJob> for EncodeHandler {
+    async fn process(&self, job: &EncodeJob) -> Result<(), Failure> {
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
+        }
+        self.write(job, "encoded", None)
+    }
+
+    /// A job given up on leaves its encode `failed`, with why: the change
+    /// that tells scenario 6's saga to compensate.
+    fn gave_up(&self, job: &EncodeJob, error: &str) {
+        if let Err(failure) = self.write(job, "failed", Some(error)) {
+            tracing::error!(%failure, job = %job.id, "the failed encode could not be recorded");
+        }
     }
 }

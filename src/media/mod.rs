@@ -7,3 +7,4 @@ pub mod pipeline;
 pub mod projection;
 pub mod raw_handler;
 pub mod records;
+pub mod saga;

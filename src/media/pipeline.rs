@@ -35,6 +35,7 @@ use super::encode_handler::{EncodeHandler, EncodeJob};
 use super::projection::{Filmography, Overview, ProjectionHandler, Rule, View, ViewError};
 use super::raw_handler::{ChildRecords, ChildSink, EncodeJobs, Parent, RawHandler, Route};
 use super::records::{ByKind, Kind};
+use super::saga::{Publication, PublicationHandler, RetryError, Saga, StepError};
 
 /// Everything the pipeline's shape and speed depend on.
 #[derive(Clone, Debug)]
@@ -85,8 +86,8 @@ impl Default for PipelineConfig {
 /// Ingest was refused because the pipeline is behind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "the pipeline is behind: {backlog} events are outstanding in raw_queue, encode_queue and \
-     projection_queue (limit {limit})"
+    "the pipeline is behind: {backlog} events are outstanding in raw_queue, encode_queue, \
+     projection_queue and publication_queue (limit {limit})"
 )]
 pub struct Overloaded {
     pub backlog: u64,
@@ -147,6 +148,9 @@ impl Views {
 pub struct Pipeline {
     pub engine: Engine,
     pub views: Views,
+    pub saga: Arc<Saga>,
+    publication_feed: SubscriberId,
+    pub publication_queue: Arc<Queue<Arc<Change>>>,
     raw: ByKind<Arc<Table>>,
     /// Parent kinds' child lists and where the children go (`None` for
     /// kinds without children).
@@ -245,7 +249,7 @@ impl Pipeline {
             "encode_handler",
             &encode_queue,
             EncodeHandler {
-                encodes,
+                encodes: encodes.clone(),
                 delay: config.encode_delay,
             },
             HandlerConfig {
@@ -301,9 +305,46 @@ impl Pipeline {
                 breaker: config.breaker,
             },
         );
+        // Scenario 6: the saga follows videos, their rendition lists and
+        // their encodes through the change log, and alone writes
+        // publications.
+        let publications = engine.add_table(Saga::NAME, TableKind::View);
+        let renditions = children
+            .get(Kind::Videos)
+            .clone()
+            .expect("videos list renditions");
+        let sources = [&standard.videos, &renditions.listing, &encodes];
+        let (publication_queue, publication_feed) =
+            engine.add_fed_queue("publication_queue", config.queue_capacity, &sources);
+        let saga = Arc::new(Saga::new(
+            publications,
+            standard.videos.clone(),
+            encodes.clone(),
+            renditions,
+            encode_queue.clone(),
+            engine.log.clone(),
+        ));
+        // A redrive of a job the saga compensated for starts a new attempt.
+        let redriven = saga.clone();
+        encode_queue.on_redrive(Box::new(move |letters| redriven.redriven(letters)));
+        engine.add_handler(
+            "publication_handler",
+            &publication_queue,
+            PublicationHandler { saga: saga.clone() },
+            HandlerConfig {
+                // Steps run one at a time anyway (see saga.rs).
+                workers: 1,
+                batch: 32,
+                retry: config.retry,
+                breaker: config.breaker,
+            },
+        );
         describe(&mut engine.topology);
         Self {
             views,
+            saga,
+            publication_feed,
+            publication_queue,
             projection_feed,
             projection_queue,
             engine,
@@ -317,6 +358,32 @@ impl Pipeline {
             admitting: AtomicU64::new(0),
             config,
         }
+    }
+
+    /// Recomputes the view named `name` (scenario 5's from the standard
+    /// tables, scenario 6's publications from the videos and encodes):
+    /// how many records it holds after; `None` if no view has that name.
+    pub fn rebuild(&self, name: &str, cause: &Cause) -> Option<Result<u64, ViewError>> {
+        if name == Saga::NAME {
+            return Some(self.saga.rebuild(cause).map_err(|error| match error {
+                StepError::Full(full) => ViewError::Full(full),
+                StepError::Source(reason) => ViewError::Source(reason),
+            }));
+        }
+        self.views.rebuild(name, cause)
+    }
+
+    /// An operator's retry of a compensated publication: a new attempt,
+    /// whose jobs go on `encode_queue` without waiting for room.
+    pub fn retry_publication(
+        &self,
+        video: &RecordId,
+        cause: &Cause,
+    ) -> Result<(Publication, usize), RetryError> {
+        let (publication, jobs) = self.saga.retry(video, cause)?;
+        let count = jobs.len();
+        self.engine.put_back(&self.encode_queue, jobs);
+        Ok((publication, count))
     }
 
     /// The parents' child listings (what raw_handler has applied of each).
@@ -345,9 +412,11 @@ impl Pipeline {
         }
         self.engine.log.backlog(self.raw_feed)
             + self.engine.log.backlog(self.projection_feed)
+            + self.engine.log.backlog(self.publication_feed)
             + outstanding(self.raw_queue.counts())
             + outstanding(self.encode_queue.counts())
             + outstanding(self.projection_queue.counts())
+            + outstanding(self.publication_queue.counts())
     }
 
     /// Refuses new ingest while the backlog, with what admitted requests
@@ -616,8 +685,13 @@ fn describe(t: &mut Topology) {
     t.edge("raw_queue", "raw_handler", "event", &[1, 2, 3, 4]);
     t.edge("raw_handler", "raw_episodes", "episodes split off", &[2]);
     t.edge("raw_handler", "encode_queue", "one job per rendition", &[3]);
-    t.edge("encode_queue", "encode_handler", "job", &[3]);
-    t.edge("encode_handler", "encodes", "encoded rendition", &[3]);
+    t.edge("encode_queue", "encode_handler", "job", &[3, 6]);
+    t.edge(
+        "encode_handler",
+        "encodes",
+        "encoded (or failed) rendition",
+        &[3, 6],
+    );
     t.scenario(
         5,
         "Projection (CQRS)",
@@ -630,6 +704,37 @@ fn describe(t: &mut Topology) {
     t.edge("projection_queue", "projection_handler", "event", &[5]);
     t.edge("projection_handler", Filmography::NAME, "view record", &[5]);
     t.edge("projection_handler", Overview::NAME, "view record", &[5]);
+    t.scenario(
+        6,
+        "Saga with compensation",
+        "publication_handler follows each video's encodes through the change log: pending, \
+         then published; a dead-lettered encode is compensated by deleting the encodes made, \
+         and a retry or redrive starts a new attempt.",
+    );
+    if let Some((_, listing, _)) = Kind::Videos.children() {
+        t.edge(listing, "publication_queue", "change", &[6]);
+    }
+    t.edge(
+        Kind::Videos.standard_table(),
+        "publication_queue",
+        "change",
+        &[6],
+    );
+    t.edge(
+        "encodes",
+        "publication_queue",
+        "change (encoded or failed)",
+        &[6],
+    );
+    t.edge("publication_queue", "publication_handler", "event", &[6]);
+    t.edge("publication_handler", Saga::NAME, "publication", &[6]);
+    t.edge(
+        "publication_handler",
+        "encodes",
+        "compensation: delete",
+        &[6],
+    );
+    t.edge("publication_handler", "encode_queue", "new attempt", &[6]);
 }
 
 #[cfg(test)]

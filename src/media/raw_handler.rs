@@ -313,6 +313,7 @@ impl ChildSink for EncodeJobs {
                     seq: change.seq,
                     version: current.version.clone(),
                     cause: cause.clone(),
+                    attempt: 1,
                 })
             })
             .collect()
@@ -327,12 +328,30 @@ pub fn encode_id(video: &RecordId, rendition: &RecordId) -> RecordId {
 /// An encode job's id: the same for the same video, rendition and listing
 /// version, so a redelivered job is recognisable.
 pub fn job_id(video: &RecordId, rendition: &RecordId, version: &Version) -> Uuid {
+    Uuid::new_v5(
+        &JOB_NAMESPACE,
+        job_name(video, rendition, version).as_bytes(),
+    )
+}
+
+/// The id of a job of a publication's `attempt` (after the first, which
+/// is raw_handler's): deterministic too, and apart from the first's.
+pub fn attempt_job_id(
+    video: &RecordId,
+    rendition: &RecordId,
+    version: &Version,
+    attempt: u64,
+) -> Uuid {
+    let name = format!("{}\nattempt {attempt}", job_name(video, rendition, version));
+    Uuid::new_v5(&JOB_NAMESPACE, name.as_bytes())
+}
+
+fn job_name(video: &RecordId, rendition: &RecordId, version: &Version) -> String {
     let key = match &version.tie {
         Tie::Key(key) => key.as_str(),
         Tie::Tombstone => "",
     };
-    let name = format!("{video}\n{rendition}\n{}\n{key}", version.at);
-    Uuid::new_v5(&JOB_NAMESPACE, name.as_bytes())
+    format!("{video}\n{rendition}\n{}\n{key}", version.at)
 }
 
 /// The UUID namespace of encode job ids.

@@ -399,9 +399,10 @@ async fn inspection_endpoints_describe_the_pipeline() {
             )
         })
         .collect();
-    assert_eq!(names.len(), 15);
+    assert_eq!(names.len(), 16);
     assert!(names.contains(&("raw_series".into(), "raw".into())));
     assert!(names.contains(&("filmography".into(), "view".into())));
+    assert!(names.contains(&("publications".into(), "view".into())));
     assert!(names.contains(&("raw_series_episodes".into(), "raw".into())));
     assert!(names.contains(&("raw_videos_renditions".into(), "raw".into())));
     assert!(names.contains(&("encodes".into(), "standard".into())));
@@ -424,7 +425,7 @@ async fn inspection_endpoints_describe_the_pipeline() {
     }
     let handlers = app.get("/handlers").await;
     let handlers = handlers.ok()["handlers"].as_array().unwrap().clone();
-    assert_eq!(handlers.len(), 3);
+    assert_eq!(handlers.len(), 4);
     assert_eq!(handlers[0]["circuit"], "closed");
     assert_eq!(
         handlers[0]["workers"],
@@ -433,8 +434,8 @@ async fn inspection_endpoints_describe_the_pipeline() {
 
     let topology = app.get("/topology").await;
     let topology = topology.ok();
-    assert_eq!(topology["nodes"].as_array().unwrap().len(), 15 + 3 + 3);
-    assert_eq!(topology["scenarios"].as_array().unwrap().len(), 5);
+    assert_eq!(topology["nodes"].as_array().unwrap().len(), 16 + 4 + 4);
+    assert_eq!(topology["scenarios"].as_array().unwrap().len(), 6);
     let edge = |from: &str, to: &str| {
         topology["edges"]
             .as_array()
@@ -449,6 +450,11 @@ async fn inspection_endpoints_describe_the_pipeline() {
         "pub/sub: a second subscriber"
     );
     assert!(edge("projection_handler", "series_overview"));
+    assert!(
+        edge("encodes", "publication_queue"),
+        "the saga hears of encodes"
+    );
+    assert!(edge("publication_handler", "encode_queue"), "a new attempt");
     assert_eq!(app.get("/healthz").await.ok()["status"], "ok");
     let page = app.get("/").await;
     assert!(page.text.contains("<html"), "the dashboard is served");

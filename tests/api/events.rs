@@ -169,7 +169,10 @@ async fn retention_never_drops_what_a_queue_has_not_received() {
 }
 
 /// Reads SSE frames from a streaming body until `n` events (id + data) arrived.
-async fn read_sse(body: &mut Body, n: usize) -> Vec<(Option<String>, Option<String>, Value)> {
+pub(crate) async fn read_sse(
+    body: &mut Body,
+    n: usize,
+) -> Vec<(Option<String>, Option<String>, Value)> {
     let mut buffer = String::new();
     let mut out = Vec::new();
     while out.len() < n {
@@ -201,7 +204,7 @@ async fn read_sse(body: &mut Body, n: usize) -> Vec<(Option<String>, Option<Stri
     out
 }
 
-async fn open_stream(app: &TestApp, query: &str, last_event_id: Option<&str>) -> Body {
+pub(crate) async fn open_stream(app: &TestApp, query: &str, last_event_id: Option<&str>) -> Body {
     let mut request = Request::get(format!("/events/stream{query}"));
     if let Some(id) = last_event_id {
         request = request.header("last-event-id", id);

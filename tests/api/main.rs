@@ -8,6 +8,7 @@ mod observability;
 mod openapi;
 mod projection;
 mod reliability;
+mod saga;
 mod scenarios;
 #[path = "../support/temp_dir.rs"]
 mod temp_dir;

@@ -14,7 +14,8 @@ async fn faults_are_set_listed_validated_and_cleared() {
     let app = TestApp::start();
     assert_eq!(
         app.get("/faults").await.ok()["faults"],
-        json!({"raw_handler": null, "encode_handler": null, "projection_handler": null})
+        json!({"raw_handler": null, "encode_handler": null, "projection_handler": null,
+            "publication_handler": null})
     );
     let set = app
         .put(

@@ -1,0 +1,570 @@
+//! `publication_handler`: publishing a video as a saga with compensation
+//! (scenario 6).
+//!
+//! Each live video has one `publications` record (a table of kind `view`)
+//! for its current version:
+//!
+//! - `pending` while some of its current renditions are not encoded yet,
+//!   with `done` and `total`;
+//! - `published` once all are (at once for a video without renditions);
+//! - `compensated`, with `reason`, when an encode job the publication
+//!   depends on was dead-lettered: the saga then deletes the encodes of
+//!   its renditions (the compensating action).
+//!
+//! The saga learns everything through the change log: `publication_queue`
+//! is fed the changes of `videos`, of the videos' rendition lists and of
+//! `encodes`, and a dead-lettered job leaves its encode `failed` (see
+//! [`EncodeHandler`](super::encode_handler::EncodeHandler)). Each step
+//! reads the tables and writes the record they imply, so the order in
+//! which changes arrive does not matter, except for what the saga itself
+//! does: compensating and starting attempts.
+//!
+//! **Attempts, and why nothing late counts.** A publication's `since` is
+//! the change-log position its attempt started at (0 for the first, whose
+//! jobs raw_handler made). An encode counts only if it matches the
+//! rendition the video lists now (codec and height), and a failed one only
+//! if it was written at or after `since`. Compensation deletes the encodes at the
+//! position it read, and records that position as the compensated
+//! record's `since`; a new attempt (`POST /publications/{id}/retry`, a
+//! redrive of the dead-lettered job, or a newer change of the video after
+//! the compensation) reads a later position, writes its jobs at it, and so
+//! is never stale against the compensation's deletes; results and
+//! failures of the jobs before it are older than its `since` and, being
+//! also older than the deletes, stale in `encodes`.
+//!
+//! Steps run one at a time (one lock): each reads the position first, then
+//! the tables, and writes at that position, so a later step wins.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::children::Children;
+use crate::engine::handler::{Failure, Process};
+use crate::engine::log::{Cause, Change, ChangeKind, ChangeLog};
+use crate::engine::queue::Queue;
+use crate::engine::record::{Data, RecordId, Tie, Timestamp, Version};
+use crate::engine::table::{Full, Table};
+
+use super::encode_handler::EncodeJob;
+use super::raw_handler::{attempt_job_id, encode_id};
+use super::records::Rendition;
+
+/// Where a publication stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Pending,
+    Published,
+    Compensated,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Pending => "pending",
+            Status::Published => "published",
+            Status::Compensated => "compensated",
+        }
+    }
+}
+
+/// A `publications` record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Publication {
+    /// The video's id.
+    pub id: RecordId,
+    pub status: Status,
+    /// 1, then one more for each attempt started after a compensation.
+    pub attempt: u64,
+    /// The change-log position the attempt started at (pending,
+    /// published), or the compensation happened at (compensated).
+    pub since: u64,
+    /// Current renditions encoded for this attempt.
+    pub done: u64,
+    /// Current renditions.
+    pub total: u64,
+    /// Why it was compensated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// What set a step off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Trigger {
+    /// A change of the video or its rendition list, at this sequence.
+    Video(u64),
+    /// A change of one of its encodes (or a rebuild).
+    Encode,
+    /// An operator's `POST /publications/{id}/retry`.
+    Retry,
+    /// A redrive of a dead-lettered job of the video.
+    Redrive,
+}
+
+/// What a step did.
+#[derive(Debug)]
+pub enum Stepped {
+    /// The record is as the tables say (or deleted: `None`).
+    Recorded(Option<Publication>),
+    /// A new attempt started; these jobs are enlisted on `encode_queue`.
+    Started(Publication, Vec<(u64, EncodeJob)>),
+}
+
+/// Why a retry was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum RetryError {
+    #[error("no live video `{0}`")]
+    NoVideo(RecordId),
+    #[error(
+        "publication `{id}` is {}: only a compensated publication (or one with a dead-lettered \
+         encode) is retried", status.as_str()
+    )]
+    NothingToRetry { id: RecordId, status: Status },
+    #[error(transparent)]
+    Step(#[from] StepError),
+}
+
+/// Why a step could not be taken.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error(transparent)]
+    Full(#[from] Full),
+    #[error("{0}")]
+    Source(String),
+}
+
+/// An encode record's fields the saga reads.
+#[derive(Deserialize)]
+struct Encode {
+    codec: String,
+    height: u64,
+    status: String,
+    #[serde(default)]
+    error: Option<String>,
+    video_id: String,
+}
+
+fn parse<'a, T: Deserialize<'a>>(data: &'a Data, what: &str) -> Result<T, StepError> {
+    serde_json::from_str(data.as_str())
+        .map_err(|e| StepError::Source(format!("{what} that cannot be read: {e}")))
+}
+
+/// The publication saga: its table, what it reads, and where new attempts'
+/// jobs go.
+pub struct Saga {
+    pub publications: Arc<Table>,
+    videos: Arc<Table>,
+    encodes: Arc<Table>,
+    /// The videos' rendition lists, as they count now.
+    renditions: Arc<Children>,
+    encode_queue: Arc<Queue<EncodeJob>>,
+    log: Arc<ChangeLog>,
+    /// Held for a whole step: steps never overlap.
+    step: Mutex<()>,
+}
+
+/// How the encodes of a video's current renditions stand for an attempt.
+struct Progress {
+    renditions: Vec<Rendition>,
+    version: Option<Version>,
+    done: u64,
+    /// The first failure of the attempt, as a reason.
+    failure: Option<String>,
+}
+
+impl Saga {
+    pub const NAME: &'static str = "publications";
+
+    pub fn new(
+        publications: Arc<Table>,
+        videos: Arc<Table>,
+        encodes: Arc<Table>,
+        renditions: Arc<Children>,
+        encode_queue: Arc<Queue<EncodeJob>>,
+        log: Arc<ChangeLog>,
+    ) -> Self {
+        Self {
+            publications,
+            videos,
+            encodes,
+            renditions,
+            encode_queue,
+            log,
+            step: Mutex::new(()),
+        }
+    }
+
+    /// The position every step starting now reads at least.
+    fn position(&self) -> u64 {
+        self.log.next_seq().saturating_sub(1)
+    }
+
+    fn stored(&self, video: &RecordId) -> Result<Option<Publication>, StepError> {
+        (self.publications.get(video.as_str()))
+            .map(|r| parse(&r.data, "a publication"))
+            .transpose()
+    }
+
+    /// How the encodes of `video`'s current renditions stand: those
+    /// encoded (whenever: an encode of the same data is as good), and the
+    /// first failure written at or after `since` (one before it is an
+    /// earlier attempt's).
+    fn progress(&self, video: &RecordId, since: u64) -> Result<Progress, StepError> {
+        let listing = self.renditions.current(video).map_err(StepError::Source)?;
+        let mut progress = Progress {
+            renditions: Vec::new(),
+            version: listing.as_ref().map(|l| l.version.clone()),
+            done: 0,
+            failure: None,
+        };
+        for (_, data) in listing.iter().flat_map(|l| l.children.iter()) {
+            let rendition: Rendition = parse(data, "a rendition")?;
+            let id = encode_id(video, &rendition.id);
+            let encode = (self.encodes.get(id.as_str()))
+                .map(|record| parse::<Encode>(&record.data, "an encode"))
+                .transpose()?;
+            // An encode of other data is an older job's: not this rendition's.
+            match encode {
+                Some(e) if e.codec == rendition.codec && e.height == rendition.height => {
+                    match e.status.as_str() {
+                        "encoded" => progress.done += 1,
+                        "failed"
+                            if progress.failure.is_none()
+                                && self.encodes.seq_of(id.as_str()) >= since =>
+                        {
+                            let error = e.error.unwrap_or_default();
+                            progress.failure =
+                                Some(format!("encode `{id}` was dead-lettered: {error}"));
+                        }
+                        _ => {}
+                    }
+                }
+                _ => {}
+            }
+            progress.renditions.push(rendition);
+        }
+        Ok(progress)
+    }
+
+    /// Takes one step of `video`'s saga for `trigger`.
+    pub fn step(
+        &self,
+        video: &RecordId,
+        trigger: Trigger,
+        cause: &Cause,
+    ) -> Result<Stepped, RetryError> {
+        let _step = self.step.lock().unwrap_or_else(|e| e.into_inner());
+        let at = self.position();
+        let Some(live) = self.videos.get(video.as_str()) else {
+            if matches!(trigger, Trigger::Retry) {
+                return Err(RetryError::NoVideo(video.clone()));
+            }
+            self.write(video, None, at, cause)?;
+            return Ok(Stepped::Recorded(None));
+        };
+        let stored = self.stored(video)?;
+        let (attempt, since) = stored.as_ref().map_or((1, 0), |p| (p.attempt, p.since));
+        let compensated = stored
+            .as_ref()
+            .is_some_and(|p| p.status == Status::Compensated);
+        let progress = self.progress(video, since)?;
+        let retryable = compensated || progress.failure.is_some();
+        let new_attempt = match trigger {
+            Trigger::Retry | Trigger::Redrive => retryable,
+            // A change of the video recorded after the compensation.
+            Trigger::Video(seq) => compensated && seq > since,
+            Trigger::Encode => false,
+        };
+        let total = progress.renditions.len() as u64;
+        let record = |status, attempt, since, done, reason| Publication {
+            id: video.clone(),
+            status,
+            attempt,
+            since,
+            done,
+            total,
+            reason,
+        };
+        if new_attempt {
+            let status = if total == 0 {
+                Status::Published
+            } else {
+                Status::Pending
+            };
+            let publication = record(status, attempt + 1, at, 0, None);
+            self.write(video, Some(&publication), at, cause)?;
+            let version = progress.version.unwrap_or_else(|| live.version.clone());
+            let jobs = (progress.renditions.into_iter())
+                .map(|rendition| EncodeJob {
+                    id: attempt_job_id(video, &rendition.id, &version, attempt + 1),
+                    video_id: video.clone(),
+                    rendition,
+                    seq: at,
+                    version: version.clone(),
+                    cause: cause.clone(),
+                    attempt: attempt + 1,
+                })
+                .collect();
+            let jobs = self.encode_queue.enlist(jobs);
+            return Ok(Stepped::Started(publication, jobs));
+        }
+        match (trigger, &stored) {
+            (Trigger::Retry, Some(p)) => {
+                return Err(RetryError::NothingToRetry {
+                    id: video.clone(),
+                    status: p.status,
+                });
+            }
+            (Trigger::Redrive, _) | (Trigger::Retry, None) => {
+                let status = stored.as_ref().map_or(Status::Pending, |p| p.status);
+                return Err(RetryError::NothingToRetry {
+                    id: video.clone(),
+                    status,
+                });
+            }
+            _ => {}
+        }
+        if compensated {
+            return Ok(Stepped::Recorded(stored));
+        }
+        let publication = if let Some(reason) = progress.failure {
+            // Compensate: delete what this attempt encoded, and whatever
+            // it is still encoding will be stale when it ends.
+            let deleted = Version {
+                at: Timestamp::now(),
+                tie: Tie::Tombstone,
+            };
+            for rendition in &progress.renditions {
+                let id = encode_id(video, &rendition.id);
+                self.encodes
+                    .derive(&id, at, deleted.clone(), None, cause)
+                    .map_err(StepError::from)?;
+            }
+            record(Status::Compensated, attempt, at, 0, Some(reason))
+        } else if progress.done == total {
+            record(Status::Published, attempt, since, total, None)
+        } else {
+            record(Status::Pending, attempt, since, progress.done, None)
+        };
+        self.write(video, Some(&publication), at, cause)?;
+        Ok(Stepped::Recorded(Some(publication)))
+    }
+
+    /// Writes `video`'s publication at position `at`, unless it is so.
+    fn write(
+        &self,
+        video: &RecordId,
+        publication: Option<&Publication>,
+        at: u64,
+        cause: &Cause,
+    ) -> Result<(), StepError> {
+        let data = publication
+            .map(Data::canonical)
+            .transpose()
+            .map_err(|e| StepError::Source(e.to_string()))?;
+        let stored = self.publications.get(video.as_str()).map(|r| r.data);
+        if stored == data {
+            return Ok(());
+        }
+        let version = match &data {
+            Some(data) => Version::write(Timestamp::now(), data.clone()),
+            None => Version {
+                at: Timestamp::now(),
+                tie: Tie::Tombstone,
+            },
+        };
+        self.publications.derive(video, at, version, data, cause)?;
+        Ok(())
+    }
+
+    /// An operator's retry: a new attempt for a compensated publication;
+    /// the jobs it enlisted, to put on `encode_queue`.
+    pub fn retry(
+        &self,
+        video: &RecordId,
+        cause: &Cause,
+    ) -> Result<(Publication, Vec<(u64, EncodeJob)>), RetryError> {
+        match self.step(video, Trigger::Retry, cause)? {
+            Stepped::Started(publication, jobs) => Ok((publication, jobs)),
+            // A retry either starts an attempt or is refused.
+            Stepped::Recorded(_) => Err(RetryError::NoVideo(video.clone())),
+        }
+    }
+
+    /// Redriven dead letters of `encode_queue`: for each video whose
+    /// publication they can restart, a new attempt replaces them (they are
+    /// finished); a job older than its video's attempt is a superseded
+    /// attempt's and is finished too. The rest go back as they were.
+    pub fn redriven(&self, letters: Vec<(u64, EncodeJob)>) -> Vec<(u64, EncodeJob)> {
+        let mut back = Vec::new();
+        for (ticket, job) in letters {
+            let taken = match self.step(&job.video_id, Trigger::Redrive, &job.cause) {
+                Ok(Stepped::Started(publication, jobs)) => {
+                    tracing::info!(video = %job.video_id, attempt = publication.attempt,
+                        "a redrive started a new publication attempt");
+                    back.extend(jobs);
+                    true
+                }
+                Ok(Stepped::Recorded(_)) | Err(RetryError::NoVideo(_)) => false,
+                Err(RetryError::NothingToRetry { .. }) => {
+                    let since = (self.stored(&job.video_id).ok().flatten()).map_or(0, |p| p.since);
+                    job.seq < since
+                }
+                Err(RetryError::Step(error)) => {
+                    tracing::warn!(%error, job = %job.id, "a redriven job could not be stepped");
+                    false
+                }
+            };
+            if taken {
+                self.encode_queue.finished(ticket);
+            } else {
+                back.push((ticket, job));
+            }
+        }
+        back
+    }
+
+    /// Recomputes every publication from the tables (`POST
+    /// /tables/publications/rebuild`); how many there are after.
+    pub fn rebuild(&self, cause: &Cause) -> Result<u64, StepError> {
+        let mut videos: BTreeSet<RecordId> =
+            self.videos.snapshot().into_iter().map(|r| r.id).collect();
+        videos.extend(self.publications.snapshot().into_iter().map(|r| r.id));
+        for video in &videos {
+            match self.step(video, Trigger::Encode, cause) {
+                Ok(_) => {}
+                Err(RetryError::Step(error)) => return Err(error),
+                Err(error) => return Err(StepError::Source(error.to_string())),
+            }
+        }
+        Ok(self.publications.len())
+    }
+}
+
+/// The handler of `publication_queue`.
+pub struct PublicationHandler {
+    pub saga: Arc<Saga>,
+}
+
+impl Process<Arc<Change>> for PublicationHandler {
+    async fn process(&self, change: &Arc<Change>) -> Result<(), Failure> {
+        let saga = &self.saga;
+        let (video, trigger) = if change.table == *saga.encodes.name() {
+            // A deleted encode was deleted by a change of its video (or by
+            // this saga), whose own change brings the video here.
+            let (ChangeKind::Inserted | ChangeKind::Updated, Some(data)) =
+                (&change.kind, &change.data)
+            else {
+                return Ok(());
+            };
+            let encode: Encode =
+                parse(data, "an encode").map_err(|e| Failure::Permanent(e.to_string()))?;
+            (RecordId::derived(encode.video_id), Trigger::Encode)
+        } else {
+            (change.key.clone(), Trigger::Video(change.seq))
+        };
+        let cause = Cause::caused_by(change);
+        match saga.step(&video, trigger, &cause) {
+            Ok(Stepped::Recorded(_)) => Ok(()),
+            Ok(Stepped::Started(publication, jobs)) => {
+                tracing::info!(video = %video, attempt = publication.attempt,
+                    "a newer video version started a new publication attempt");
+                for (ticket, job) in jobs {
+                    saga.encode_queue
+                        .send_enlisted(ticket, job)
+                        .await
+                        .map_err(|e| Failure::Transient(e.to_string()))?;
+                }
+                Ok(())
+            }
+            Err(error) => Err(Failure::Permanent(error.to_string())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::engine::handler::Fault;
+    use crate::media::encode_handler::EncodeHandler;
+    use crate::media::pipeline::{Pipeline, PipelineConfig};
+    use crate::media::records::{Kind, parse_record};
+
+    fn publication(pipeline: &Pipeline, id: &str) -> Publication {
+        let record = pipeline.saga.publications.get(id).expect("a publication");
+        serde_json::from_str(record.data.as_str()).expect("a publication")
+    }
+
+    #[tokio::test]
+    async fn late_results_and_dead_letters_of_an_old_attempt_change_nothing() {
+        let pipeline = Pipeline::start(PipelineConfig {
+            encode_delay: Duration::ZERO,
+            ..Default::default()
+        });
+        let settle = || pipeline.engine.settle(Duration::from_secs(10));
+        let encoder = pipeline
+            .engine
+            .handler("encode_handler")
+            .expect("a handler");
+        encoder.set_fault(Some(Fault {
+            failure_rate: 1.0,
+            permanent: true,
+            delay_ms: 0,
+        }));
+        let video = serde_json::json!({"id": "v1", "title": "V", "renditions": [
+            {"id": "r1", "codec": "h264", "height": 720},
+            {"id": "r2", "codec": "h264", "height": 1080},
+        ]});
+        let write = parse_record(video, Timestamp::now(), Kind::Videos).expect("a video");
+        let cause = Cause::request("test");
+        pipeline
+            .ingest(Kind::Videos, vec![write], &cause)
+            .expect("ingested");
+        assert!(settle().await);
+        let compensated = publication(&pipeline, "v1");
+        assert_eq!(compensated.status, Status::Compensated);
+        let old_jobs: Vec<EncodeJob> = (pipeline.encode_queue.dead_letters().into_iter())
+            .map(|letter| letter.event)
+            .collect();
+        assert!(!old_jobs.is_empty());
+
+        encoder.set_fault(None);
+        let video = RecordId::parse("v1").expect("an id");
+        pipeline.retry_publication(&video, &cause).expect("retried");
+        assert!(settle().await);
+        let published = publication(&pipeline, "v1");
+        assert_eq!(
+            (published.status, published.attempt),
+            (Status::Published, 2)
+        );
+
+        // The first attempt's jobs end now, late: failing, and succeeding.
+        let encodes = pipeline.engine.table("encodes").expect("encodes").clone();
+        let late = EncodeHandler {
+            encodes: encodes.clone(),
+            delay: Duration::ZERO,
+        };
+        let before = encodes.snapshot();
+        for job in &old_jobs {
+            late.gave_up(job, "a late failure");
+            late.process(job)
+                .await
+                .expect("a stale write is no failure");
+        }
+        assert!(settle().await);
+        assert_eq!(encodes.snapshot(), before, "their writes were stale");
+        assert_eq!(publication(&pipeline, "v1"), published);
+        // And a step for a change of the video from before the new attempt
+        // (a redelivered one) starts nothing.
+        let stepped = pipeline
+            .saga
+            .step(&video, Trigger::Video(compensated.since), &cause)
+            .expect("a step");
+        assert!(matches!(stepped, Stepped::Recorded(Some(p)) if p == published));
+        pipeline.engine.shutdown(Duration::ZERO).await;
+    }
+}
