@@ -146,7 +146,19 @@ async fn drive_the_page(c: &Client, url: &str) -> Result<(), String> {
     wait_until(
         c,
         "the live event feed to show the encodes",
-        "return [...document.querySelectorAll('#feed li')].filter(li => li.dataset.table === 'encodes').length === 3",
+        // Failed, compensated and encoded again: at least the three last.
+        "return [...document.querySelectorAll('#feed li')].filter(li => li.dataset.table === 'encodes').length >= 3",
+    )
+    .await?;
+
+    // Scenario 6: compensated, then published by a retry.
+    click(c, "#scenario-6").await?;
+    wait_until(
+        c,
+        "scenario 6 to end published after a compensation and a retry",
+        "const result = document.querySelector('#scenario-6-result');
+         return result.dataset.done === '1' && result.textContent.includes('published in attempt 2')
+            && document.querySelector('[data-node=\"publications\"]').classList.contains('view')",
     )
     .await?;
 

@@ -731,7 +731,7 @@ fn describe(t: &mut Topology) {
     t.edge(
         "publication_handler",
         "encodes",
-        "compensation: delete",
+        "compensating delete",
         &[6],
     );
     t.edge("publication_handler", "encode_queue", "new attempt", &[6]);

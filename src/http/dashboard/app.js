@@ -129,7 +129,25 @@ const MARGIN = { left: 56, top: 14, right: 14, bottom: 52 };
 function layout(topology) {
   const kind = new Map(topology.nodes.map((n) => [n.id, n.kind]));
   const feedsQueue = new Set(topology.edges.filter((e) => kind.get(e.to) === 'queue').map((e) => e.from));
-  const isFeedback = (e) => kind.get(e.from) === 'handler' && feedsQueue.has(e.to);
+  const loopsBack = (e) => kind.get(e.from) === 'handler' && feedsQueue.has(e.to);
+  // Any other cycle (the saga's new attempt back onto encode_queue) is
+  // broken at the edge a depth-first walk from the sources closes it with.
+  const closing = new Set();
+  const onPath = new Set();
+  const seen = new Set();
+  const walk = (id) => {
+    seen.add(id);
+    onPath.add(id);
+    for (const e of topology.edges) {
+      if (e.from !== id || loopsBack(e)) continue;
+      if (onPath.has(e.to)) closing.add(e);
+      else if (!seen.has(e.to)) walk(e.to);
+    }
+    onPath.delete(id);
+  };
+  const targets = new Set(topology.edges.map((e) => e.to));
+  for (const n of topology.nodes) if (!targets.has(n.id) && !seen.has(n.id)) walk(n.id);
+  const isFeedback = (e) => loopsBack(e) || closing.has(e);
   const forward = topology.edges.filter((e) => !isFeedback(e));
 
   // Longest-path ranks (Kahn's algorithm); anything left in a cycle stays at 0.
@@ -904,6 +922,40 @@ const scenarios = {
       return record.data.movies.length === 2 ? record : null;
     });
     report(`filmography/${actor}: ${entry.data.movies.map((m) => `${m.title} (${m.year})`).join(', ')}`);
+  },
+
+  // 6: a saga: encodes fail for good, the publication is compensated, a
+  // retry after the fault is cleared publishes it.
+  async 6(report) {
+    const s = uid();
+    const video = `video-${s}`;
+    const publication = async (status) => {
+      try {
+        const record = await api('GET', `/tables/publications/${encodeURIComponent(video)}`);
+        return record.data.status === status ? record.data : null;
+      } catch (error) {
+        if (error.status === 404) return null;
+        throw error;
+      }
+    };
+    await api('PUT', '/faults/encode_handler', { failure_rate: 1, permanent: true });
+    try {
+      await post('videos', {
+        id: video, title: 'Launch', renditions: [
+          { id: '480p', codec: 'h264', height: 480 },
+          { id: '1080p', codec: 'av1', height: 1080 },
+        ],
+      });
+      report(`${video}: publication pending; encode_handler fails every job for good…`);
+      const compensated = await waitFor(() => publication('compensated'));
+      report(`${video}: compensated (${compensated.reason}); clearing the fault and retrying…`);
+    } finally {
+      await api('DELETE', '/faults/encode_handler');
+    }
+    const retried = await api('POST', `/publications/${encodeURIComponent(video)}/retry`);
+    report(`${video}: attempt ${retried.attempt} re-encodes ${retried.jobs} renditions…`);
+    const published = await waitFor(() => publication('published'));
+    report(`${video}: published in attempt ${published.attempt}, ${published.done} of ${published.total} encoded`);
   },
 
   // A record raw_handler cannot standardise: a permanent failure.
