@@ -4,9 +4,9 @@
 #   ./demo.sh                                  # builds and starts a server on :8080 if none answers
 #   EVENTSYS_URL=http://127.0.0.1:9000 ./demo.sh   # or use a server that is already running
 #
-# It walks through five scenarios of the pipeline (mixed schemas on one
+# It walks through six scenarios of the pipeline (mixed schemas on one
 # queue, recursive breakdown, async secondary work, full-set reconciliation,
-# a CQRS projection),
+# a CQRS projection, a saga with compensation),
 # then faults, retries and dead letters, the change log (a live SSE tail, a
 # causation chain, CloudEvents ingest with duplicates, /metrics), and last a
 # second server on a data directory that is killed with SIGKILL and
@@ -605,7 +605,80 @@ check_eq "only views are rebuilt (409 for movies)" "$CODE" "409"
 
 # ==================================================================== 6 ======
 
-part "Part 6 · Faults, retries and dead letters"
+part "Part 6 · Saga: publishing a video, with compensation"
+say "publication_handler follows each video's encodes through the change log and keeps one" \
+    "publications record per live video: pending until every rendition is encoded, then published." \
+    "When an encode job is dead-lettered it compensates: it deletes the encodes it had made," \
+    "and marks the publication compensated, with the reason. A retry starts a new attempt."
+
+step "Part 3's trailer is published: every rendition encoded"
+req 200 GET "/tables/publications/$V1"
+show .data
+check_jq "published, 3 of 3 encoded, in its first attempt" \
+  '.data.status == "published" and .data.done == 3 and .data.total == 3 and .data.attempt == 1'
+
+step "A new version adds a 4K rendition, and encodes fail for good"
+FAULT_SET=1
+req 200 PUT /faults/encode_handler '{"failure_rate":1.0,"permanent":true}'
+req 200 GET /metrics
+CURSOR=$(awk '$1 == "eventsys_log_sequence" {print $2}' <<<"$RESP")
+[[ $CURSOR =~ ^[0-9]+$ ]] || die "Step \"$STEP\": GET /metrics has no eventsys_log_sequence sample."
+BODY=$(jq -nc --arg v "$V1" '{id:$v, title:"The Matrix (trailer)", duration_s:150.5, renditions:[
+  {id:"2160p", codec:"av1", height:2160, bitrate_kbps:16000},
+  {id:"1080p", codec:"h264", height:1080, bitrate_kbps:6000},
+  {id:"720p", codec:"h264", height:720, bitrate_kbps:3000},
+  {id:"480p", codec:"h264", height:480, bitrate_kbps:1200}]}')
+req 200 POST /raw/videos "$BODY"
+settle
+say "Only the new rendition is encoded (the others did not change), and its one job fails:"
+req 200 GET /queues/encode_queue/dead-letters
+RESP=$(jq -c --arg v "$V1" '[.dead_letters[] | select(.event.data.video_id == $v)]' <<<"$RESP")
+show '.[] | {subject: .event.subject, error, attempts}'
+check_eq "one dead letter: the 2160p job" "$(get '[.[].event.subject] | join(",")')" "$V1:2160p"
+req 200 GET "/tables/publications/$V1"
+show .data
+check_jq "the publication is compensated, naming the encode and the fault" \
+  '.data.status == "compensated" and (.data.reason | test("2160p.*injected fault"))'
+run_records encodes
+check_eq "the compensation deleted the trailer's encodes" \
+  "$(jq -r --arg v "$V1" '[.[] | select(.data.video_id == $v)] | length' <<<"$RESP")" "0"
+
+step "The operator fixes the fault and retries"
+req 200 DELETE /faults/encode_handler
+FAULT_SET=''
+req 200 POST "/publications/$V1/retry"
+show
+check_jq "attempt 2 encodes all 4 renditions again" '.attempt == 2 and .jobs == 4'
+settle
+req 200 GET "/tables/publications/$V1"
+show .data
+check_jq "published in attempt 2, 4 of 4" \
+  '.data.status == "published" and .data.attempt == 2 and .data.done == 4'
+run_records encodes
+check_eq "its 4 encodes are back" \
+  "$(jq -r --arg v "$V1" '[.[] | select(.data.video_id == $v and .data.status == "encoded")] | length' <<<"$RESP")" "4"
+
+step "Nothing left to retry; the old attempt's dead letter changes nothing"
+req 409 POST "/publications/$V1/retry"
+check_eq "a published video has nothing to retry (409)" "$CODE" "409"
+req 200 POST /queues/encode_queue/dead-letters/redrive
+show
+settle
+req 200 GET "/tables/publications/$V1"
+check_jq "the redriven job was a superseded attempt's: still published in attempt 2" \
+  '.data.status == "published" and .data.attempt == 2'
+
+step "The saga's steps, as the change log recorded them"
+req 200 GET "/events?after=$CURSOR&table=publications&subject=$V1&limit=1000"
+show '.events[] | {sequence, status: .data.status, attempt: .data.attempt, done: .data.done, total: .data.total}'
+# Runs of one status as one (how many pending steps depends on timing, and a
+# saga quick to see the failure compensates before it ever says pending).
+STEPS=$(get '[.events[].data.status] | reduce .[] as $s ([]; if .[-1] == $s then . else . + [$s] end) | join(",")')
+check_eq "compensated, then pending again, then published" "${STEPS#pending,}" "compensated,pending,published"
+
+# ==================================================================== 7 ======
+
+part "Part 7 · Faults, retries and dead letters"
 say "Handlers retry transient failures with exponential backoff and jitter; permanent failures," \
     "and events that fail every attempt, go to the queue's dead letters, from where they can be redriven."
 
@@ -669,9 +742,9 @@ req 200 GET /queues/encode_queue/dead-letters
 show
 check_eq "encode_queue has no dead letters left" "$(get '.dead_letters | length')" "0"
 
-# ==================================================================== 7 ======
+# ==================================================================== 8 ======
 
-part "Part 7 · The change log: live stream, causation, CloudEvents"
+part "Part 8 · The change log: live stream, causation, CloudEvents"
 say "Every real change (inserted, updated, deleted) of every table is appended to one change log" \
     "as a CloudEvent with a global sequence. GET /events pages it; GET /events/stream serves it live (SSE)."
 
@@ -823,9 +896,9 @@ check "raw_movies' inserted counter rose by at least the 2 movies above" \
 check "ingest-to-visible timed at least this part's 5 standard writes (series, 2 episodes, 2 movies)" \
   test "$((${VISIBLE_AFTER:-0} - ${VISIBLE_BEFORE:-0}))" -ge 5
 
-# ==================================================================== 8 ======
+# ==================================================================== 9 ======
 
-part "Part 8 · Durable on disk: kill -9, restart, nothing lost"
+part "Part 9 · Durable on disk: kill -9, restart, nothing lost"
 say "With --data-dir the pipeline lives in a write-ahead log and snapshots in that directory, and a" \
     "2xx goes out only once the write is on disk. This part starts a second server of its own on a" \
     "fresh directory, writes to it, kills it with SIGKILL (no shutdown, no final snapshot) and starts" \
