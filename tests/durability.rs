@@ -528,6 +528,7 @@ fn acknowledged_writes_survive_kill_9_at_random_instants() {
         "encodes",
         "filmography",
         "series_overview",
+        "publications",
     ] {
         let (durable, fresh) = (table(server.addr, name), table(memory.addr, name));
         assert_eq!(
@@ -546,15 +547,7 @@ fn acknowledged_writes_survive_kill_9_at_random_instants() {
         }
     }
     // The counters add up after all the crashes.
-    let queues = get(server.addr, "/queues");
-    for q in queues["queues"].as_array().unwrap() {
-        let n = |k: &str| q[k].as_u64().unwrap();
-        assert_eq!(
-            n("enqueued"),
-            n("processed") + n("dead_lettered") + n("depth") + n("in_flight") + n("retrying"),
-            "{q}"
-        );
-    }
+    counters_add_up(server.addr);
 }
 
 /// Starts the binary on `dir` expecting it to refuse; its exit code and
@@ -728,4 +721,100 @@ fn disk_use_follows_snapshots_not_uptime() {
     server.wait_for_exit(DEADLINE);
     let snapshots = files(&dir.0.join("snap"), ".snap");
     assert!(snapshots.len() <= 2, "{snapshots:?}");
+}
+
+/// Asserts that every queue's counters add up.
+fn counters_add_up(addr: SocketAddr) {
+    for q in get(addr, "/queues")["queues"].as_array().unwrap() {
+        let n = |k: &str| q[k].as_u64().unwrap();
+        assert_eq!(
+            n("enqueued"),
+            n("processed") + n("dead_lettered") + n("depth") + n("in_flight") + n("retrying"),
+            "{q}"
+        );
+    }
+}
+
+fn settled(addr: SocketAddr) {
+    assert_eq!(http(addr, "GET", "/settle?timeout_ms=20000", None).0, 200);
+}
+
+#[test]
+fn a_saga_survives_kill_9_compensated_and_is_published_by_a_redrive_after() {
+    let dir = TempDir::new();
+    let flags = durable_flags(&dir.0);
+    let mut server = start(&flags);
+    let fault = json!({"failure_rate": 1.0, "permanent": true});
+    assert_eq!(
+        http(server.addr, "PUT", "/faults/encode_handler", Some(&fault)).0,
+        200
+    );
+    let video = json!({"id": "v1", "title": "V", "renditions": [
+        {"id": "r1", "codec": "h264", "height": 720},
+        {"id": "r2", "codec": "h264", "height": 1080}]});
+    assert_eq!(
+        http(server.addr, "POST", "/raw/videos", Some(&video)).0,
+        200
+    );
+    settled(server.addr);
+    let compensated = get(server.addr, "/tables/publications/v1")["data"].clone();
+    assert_eq!(compensated["status"], "compensated");
+    let letters = get(server.addr, "/queues/encode_queue/dead-letters")["dead_letters"].clone();
+    assert!(!letters.as_array().unwrap().is_empty());
+
+    // Killed: the compensation and its dead letters are on disk, and the
+    // fault (kept in memory only) is gone.
+    server.signal("KILL");
+    server.wait_for_exit(DEADLINE);
+    let mut server = start(&flags);
+    settled(server.addr);
+    assert_eq!(
+        get(server.addr, "/tables/publications/v1")["data"],
+        compensated
+    );
+    assert_eq!(
+        get(server.addr, "/queues/encode_queue/dead-letters")["dead_letters"],
+        letters
+    );
+    assert!(
+        table(server.addr, "encodes").is_empty(),
+        "the compensation's deletes held"
+    );
+
+    // A redrive starts attempt 2, which ends published.
+    let (status, body) = http(
+        server.addr,
+        "POST",
+        "/queues/encode_queue/dead-letters/redrive",
+        None,
+    );
+    assert_eq!(status, 200, "{body}");
+    settled(server.addr);
+    let published = get(server.addr, "/tables/publications/v1")["data"].clone();
+    assert_eq!(
+        (published["status"].as_str(), published["attempt"].as_u64()),
+        (Some("published"), Some(2))
+    );
+    let encodes = table(server.addr, "encodes");
+    assert_eq!(encodes.len(), 2);
+    counters_add_up(server.addr);
+
+    // Killed again: the redriven letters stay finished, and nothing runs
+    // again that would change the publication.
+    server.signal("KILL");
+    server.wait_for_exit(DEADLINE);
+    let server = start(&flags);
+    settled(server.addr);
+    assert_eq!(
+        get(server.addr, "/tables/publications/v1")["data"],
+        published
+    );
+    assert_eq!(table(server.addr, "encodes"), encodes);
+    assert!(
+        get(server.addr, "/queues/encode_queue/dead-letters")["dead_letters"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    counters_add_up(server.addr);
 }
