@@ -9,7 +9,7 @@
 //!   nothing about movies.
 //! - [`media`]: the media catalog built on the engine: record kinds,
 //!   standardisation, `raw_handler`, `encode_handler`, and the one topology
-//!   that holds all four scenarios. It knows nothing about HTTP.
+//!   that holds all six scenarios. It knows nothing about HTTP.
 //! - [`http`]: the HTTP contract, translating requests into pipeline calls
 //!   and errors into `application/problem+json`.
 //! - [`config`]: flags and environment.

@@ -1,5 +1,5 @@
 //! The media catalog: actors, movies, series, episodes and videos, wired
-//! into the four scenarios on the engine. Knows nothing about HTTP.
+//! into the six scenarios on the engine. Knows nothing about HTTP.
 
 pub mod data_dir;
 pub mod encode_handler;

@@ -1,4 +1,4 @@
-//! The media pipeline: one topology holding all four scenarios.
+//! The media pipeline: one topology holding all six scenarios.
 //!
 //! ```text
 //! raw_actors ─┐
@@ -6,6 +6,13 @@
 //! raw_series ─┼─> raw_queue ─> raw_handler ─┬─> raw_episodes (back into raw_queue)
 //! raw_episodes┤                             └─> encode_queue ─> encode_handler ─> encodes
 //! raw_videos ─┘
+//!
+//! actors, movies, series, episodes ─> projection_queue ─> projection_handler
+//!                                       ─> filmography, series_overview (views)
+//! videos, their renditions, encodes ─> publication_queue ─> publication_handler
+//!                                       ─> publications (a view); compensating
+//!                                          deletes of encodes; new attempts'
+//!                                          jobs on encode_queue
 //! ```
 //!
 //! Ingest (`POST`/`PUT`/`DELETE /raw/{kind}`) writes raw tables only; the
@@ -638,7 +645,7 @@ impl Pipeline {
     }
 }
 
-/// The four scenarios as edges of the one topology.
+/// The six scenarios as edges of the one topology.
 fn describe(t: &mut Topology) {
     t.scenario(
         1,

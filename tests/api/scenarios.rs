@@ -1,4 +1,4 @@
-//! The four scenarios, each told as a story through the HTTP API.
+//! Scenarios 1 to 4, each told as a story through the HTTP API.
 
 use serde_json::json;
 
