@@ -809,6 +809,17 @@ fn a_saga_survives_kill_9_compensated_and_is_published_by_a_redrive_after() {
         get(server.addr, "/tables/publications/v1")["data"],
         published
     );
+    let encode_queue = get(server.addr, "/queues")["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["name"] == "encode_queue")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        encode_queue["enqueued"], 0,
+        "no job was owed again: {encode_queue}"
+    );
     assert_eq!(table(server.addr, "encodes"), encodes);
     assert!(
         get(server.addr, "/queues/encode_queue/dead-letters")["dead_letters"]

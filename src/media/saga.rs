@@ -255,9 +255,18 @@ impl Saga {
         trigger: Trigger,
         cause: &Cause,
     ) -> Result<Stepped, RetryError> {
+        // On a data directory, a step's frames go to the disk in one write,
+        // so a crash cannot keep a compensation's deletes without its
+        // record, or a new attempt's record without its jobs. (Never taken
+        // twice on one thread: no caller of a step holds it.)
+        let _together = self.log.journal().map(|journal| journal.group());
         let _step = self.step.lock().unwrap_or_else(|e| e.into_inner());
         let at = self.position();
-        let Some(live) = self.videos.get(video.as_str()) else {
+        // Live in both tables: the rendition list counts only while the raw
+        // video is live, and the standard one may not follow it yet.
+        let live = (self.videos.get(video.as_str()))
+            .filter(|_| self.renditions.parent.get(video.as_str()).is_some());
+        let Some(live) = live else {
             if matches!(trigger, Trigger::Retry) {
                 return Err(RetryError::NoVideo(video.clone()));
             }
@@ -294,7 +303,6 @@ impl Saga {
                 Status::Pending
             };
             let publication = record(status, attempt + 1, at, 0, None);
-            self.write(video, Some(&publication), at, cause)?;
             let version = progress.version.unwrap_or_else(|| live.version.clone());
             let jobs = (progress.renditions.into_iter())
                 .map(|rendition| EncodeJob {
@@ -307,7 +315,10 @@ impl Saga {
                     attempt: attempt + 1,
                 })
                 .collect();
+            // The jobs first, like raw_handler's: a torn write that keeps the
+            // record keeps its jobs too.
             let jobs = self.encode_queue.enlist(jobs);
+            self.write(video, Some(&publication), at, cause)?;
             return Ok(Stepped::Started(publication, jobs));
         }
         match (trigger, &stored) {
@@ -336,13 +347,22 @@ impl Saga {
                 at: Timestamp::now(),
                 tie: Tie::Tombstone,
             };
-            for rendition in &progress.renditions {
-                let id = encode_id(video, &rendition.id);
+            let ids: Vec<RecordId> = (progress.renditions.iter())
+                .map(|rendition| encode_id(video, &rendition.id))
+                .collect();
+            // Room for every delete (a tombstone is an entry) before any,
+            // and the record before the deletes: a torn write keeps a
+            // compensated record with encodes still to delete (a retry
+            // encodes them again), never deletes without the record.
+            self.encodes.room_for(&ids).map_err(StepError::from)?;
+            let publication = record(Status::Compensated, attempt, at, 0, Some(reason));
+            self.write(video, Some(&publication), at, cause)?;
+            for id in &ids {
                 self.encodes
-                    .derive(&id, at, deleted.clone(), None, cause)
+                    .derive(id, at, deleted.clone(), None, cause)
                     .map_err(StepError::from)?;
             }
-            record(Status::Compensated, attempt, at, 0, Some(reason))
+            return Ok(Stepped::Recorded(Some(publication)));
         } else if progress.done == total {
             record(Status::Published, attempt, since, total, None)
         } else {
@@ -534,6 +554,13 @@ mod tests {
 
         encoder.set_fault(None);
         let video = RecordId::parse("v1").expect("an id");
+        // A change of the video the compensation had seen (one redelivered)
+        // starts no attempt; only a later one would.
+        let stepped = pipeline
+            .saga
+            .step(&video, Trigger::Video(compensated.since), &cause)
+            .expect("a step");
+        assert!(matches!(stepped, Stepped::Recorded(Some(p)) if p == compensated));
         pipeline.retry_publication(&video, &cause).expect("retried");
         assert!(settle().await);
         let published = publication(&pipeline, "v1");
@@ -558,13 +585,6 @@ mod tests {
         assert!(settle().await);
         assert_eq!(encodes.snapshot(), before, "their writes were stale");
         assert_eq!(publication(&pipeline, "v1"), published);
-        // And a step for a change of the video from before the new attempt
-        // (a redelivered one) starts nothing.
-        let stepped = pipeline
-            .saga
-            .step(&video, Trigger::Video(compensated.since), &cause)
-            .expect("a step");
-        assert!(matches!(stepped, Stepped::Recorded(Some(p)) if p == published));
         pipeline.engine.shutdown(Duration::ZERO).await;
     }
 }

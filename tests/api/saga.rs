@@ -227,12 +227,18 @@ async fn scenario_6_a_dead_lettered_encode_is_compensated_and_a_retry_publishes(
 
     // The old attempt's dead letter, redriven now, is a superseded
     // attempt's: it changes nothing, and is not dead-lettered again.
+    let enqueued = app.queue("encode_queue").await["enqueued"].clone();
     let redriven = app
         .post("/queues/encode_queue/dead-letters/redrive", json!(null))
         .await;
     assert_eq!(redriven.ok()["redriven"], 1);
     app.settle().await;
     assert_eq!(publication(&app, "v1").await.unwrap(), published);
+    assert_eq!(
+        app.queue("encode_queue").await["enqueued"],
+        enqueued,
+        "the superseded job was finished, not run"
+    );
     assert_eq!(app.queue("encode_queue").await["dead_lettered"], 1);
     counters_add_up(&app).await;
 }
