@@ -67,10 +67,15 @@ fn rendition() -> impl Strategy<Value = Value> {
         0..3u8,
         prop::sample::select(vec!["h264", "vp9"]),
         prop::sample::select(vec![360u64, 720]),
+        prop::option::of(prop::sample::select(vec![800u64, 3000])),
     )
-        .prop_map(
-            |(r, codec, height)| json!({"id": format!("r{r}"), "codec": codec, "height": height}),
-        )
+        .prop_map(|(r, codec, height, bitrate)| {
+            let mut rendition = json!({"id": format!("r{r}"), "codec": codec, "height": height});
+            if let Some(bitrate) = bitrate {
+                rendition["bitrate_kbps"] = json!(bitrate);
+            }
+            rendition
+        })
 }
 
 /// Child lists with unique ids, as ingest requires.
@@ -397,7 +402,9 @@ fn model(ops: &[Op]) -> Tables {
                 (
                     version.clone(),
                     json!({"id": id, "video_id": video, "rendition_id": r["id"],
-                           "codec": r["codec"], "height": r["height"], "status": "encoded"}),
+                           "codec": r["codec"], "height": r["height"],
+                           "bitrate_kbps": r.get("bitrate_kbps").cloned().unwrap_or(Value::Null),
+                           "status": "encoded"}),
                 ),
             );
         }

@@ -147,6 +147,7 @@ impl EncodeHandler {
             "rendition_id": job.rendition.id,
             "codec": job.rendition.codec,
             "height": job.rendition.height,
+            "bitrate_kbps": job.rendition.bitrate_kbps,
             "status": status,
         });
         if let Some(error) = error {

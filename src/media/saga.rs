@@ -22,7 +22,7 @@
 //! **Attempts, and why nothing late counts.** A publication's `since` is
 //! the change-log position its attempt started at (0 for the first, whose
 //! jobs raw_handler made). An encode counts only if it matches the
-//! rendition the video lists now (codec and height), and a failed one only
+//! rendition the video lists now (codec, height and bitrate), and a failed one only
 //! if it was written at or after `since`. Compensation deletes the encodes at the
 //! position it read, and records that position as the compensated
 //! record's `since`; a new attempt (`POST /publications/{id}/retry`, a
@@ -140,6 +140,8 @@ pub enum StepError {
 struct Encode {
     codec: String,
     height: u64,
+    #[serde(default)]
+    bitrate_kbps: Option<u64>,
     status: String,
     #[serde(default)]
     error: Option<String>,
@@ -225,9 +227,14 @@ impl Saga {
             let encode = (self.encodes.get(id.as_str()))
                 .map(|record| parse::<Encode>(&record.data, "an encode"))
                 .transpose()?;
-            // An encode of other data is an older job's: not this rendition's.
+            // An encode of other data is an older job's, for a version that
+            // listed the rendition otherwise: not this one's.
             match encode {
-                Some(e) if e.codec == rendition.codec && e.height == rendition.height => {
+                Some(e)
+                    if e.codec == rendition.codec
+                        && e.height == rendition.height
+                        && e.bitrate_kbps == rendition.bitrate_kbps =>
+                {
                     match e.status.as_str() {
                         "encoded" => progress.done += 1,
                         "failed"
@@ -585,6 +592,47 @@ mod tests {
         assert!(settle().await);
         assert_eq!(encodes.snapshot(), before, "their writes were stale");
         assert_eq!(publication(&pipeline, "v1"), published);
+        pipeline.engine.shutdown(Duration::ZERO).await;
+    }
+
+    #[tokio::test]
+    async fn an_encode_of_the_rendition_as_an_older_version_listed_it_does_not_count() {
+        let pipeline = Pipeline::start(PipelineConfig {
+            encode_delay: Duration::ZERO,
+            ..Default::default()
+        });
+        let cause = Cause::request("test");
+        let post = |bitrate: u64, at: &str| {
+            let video = serde_json::json!({"id": "v1", "title": "V", "renditions": [
+                {"id": "r1", "codec": "h264", "height": 720, "bitrate_kbps": bitrate}]});
+            let at = Timestamp::parse(at).expect("a time");
+            let write = parse_record(video, at, Kind::Videos).expect("a video");
+            pipeline
+                .ingest(Kind::Videos, vec![write], &cause)
+                .expect("ingested");
+        };
+        post(1000, "2024-01-01T00:00:00Z");
+        assert!(pipeline.engine.settle(Duration::from_secs(10)).await);
+        assert_eq!(publication(&pipeline, "v1").status, Status::Published);
+        // A newer version changes only the bitrate (its job held for a
+        // minute): until the job has run, the encode there is the older
+        // version's, and is not done.
+        let encoder = pipeline
+            .engine
+            .handler("encode_handler")
+            .expect("a handler");
+        encoder.set_fault(Some(Fault {
+            failure_rate: 0.0,
+            permanent: false,
+            delay_ms: 60_000,
+        }));
+        post(2000, "2024-01-02T00:00:00Z");
+        let video = RecordId::parse("v1").expect("an id");
+        let stepped = pipeline.saga.step(&video, Trigger::Encode, &cause);
+        let Ok(Stepped::Recorded(Some(p))) = stepped else {
+            panic!("a step: {stepped:?}");
+        };
+        assert_eq!((p.status, p.done, p.total), (Status::Pending, 0, 1));
         pipeline.engine.shutdown(Duration::ZERO).await;
     }
 }

@@ -356,7 +356,8 @@ async fn scenario_3_a_video_is_written_at_once_and_its_encodes_follow_on_their_o
     assert_eq!(app.ids("encodes").await, ["v1:1080p", "v1:480p", "v1:4k"]);
     assert_eq!(
         app.record("encodes", "v1:4k").await.unwrap(),
-        json!({"id": "v1:4k", "video_id": "v1", "rendition_id": "4k", "codec": "av1", "height": 2160, "status": "encoded"})
+        json!({"id": "v1:4k", "video_id": "v1", "rendition_id": "4k", "codec": "av1", "height": 2160,
+            "bitrate_kbps": null, "status": "encoded"})
     );
     let encode_queue = app.queue("encode_queue").await;
     assert_eq!(
