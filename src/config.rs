@@ -161,6 +161,25 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub snapshot_bytes: u64,
 
+    /// Callers and their roles: lines `name role token [source-prefix ...]`,
+    /// roles `reader`, `producer`, `operator` (re-read on SIGHUP). Without
+    /// it, the server binds loopback only and everyone is an operator.
+    #[arg(long, env = "EVENTSYS_AUTH_TOKENS_FILE")]
+    pub auth_tokens_file: Option<PathBuf>,
+
+    /// Without --auth-tokens-file: serve a non-loopback --addr anyway, with
+    /// everyone who can reach it an operator.
+    #[arg(long, env = "EVENTSYS_INSECURE_OPEN")]
+    pub insecure_open: bool,
+
+    /// Serve HTTPS with this certificate chain (PEM; needs --tls-key).
+    #[arg(long, env = "EVENTSYS_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "EVENTSYS_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
     /// Log format.
     #[arg(long, env = "EVENTSYS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
     pub log_format: LogFormat,

@@ -39,8 +39,11 @@ use std::sync::Arc;
 
 use axum::Router;
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 
 pub use config::Config;
+use http::auth::{Access, TokensError};
+use http::tls::TlsError;
 use media::data_dir::{DataDir, OpenFailure};
 use media::pipeline::Pipeline;
 
@@ -48,13 +51,43 @@ use media::pipeline::Pipeline;
 #[derive(Clone)]
 pub struct App {
     state: http::AppState,
+    tls: Option<TlsAcceptor>,
+}
+
+/// Why the server cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    DataDir(#[from] OpenFailure),
+    #[error(transparent)]
+    Tokens(#[from] TokensError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// A non-loopback address without tokens.
+    #[error("{0}")]
+    Exposed(String),
 }
 
 impl App {
     /// Builds and starts the pipeline on the current tokio runtime; with
     /// `--data-dir`, rebuilds it from the directory first (see
-    /// [`DataDir::open`] for why that can fail).
-    pub fn open(config: Config) -> Result<Self, OpenFailure> {
+    /// [`DataDir::open`] for why that can fail). Refuses a non-loopback
+    /// address without tokens, a tokens file that is wrong, and a
+    /// certificate or key that cannot be served.
+    pub fn open(config: Config) -> Result<Self, StartError> {
+        let access = Arc::new(Access::open(config.auth_tokens_file.as_deref())?);
+        http::auth::check_exposure(config.addr, access.enabled(), config.insecure_open)
+            .map_err(StartError::Exposed)?;
+        if config.insecure_open && !access.enabled() && !config.addr.ip().is_loopback() {
+            tracing::warn!(
+                addr = %config.addr,
+                "--insecure-open: serving without tokens; anyone who can reach this address is an operator"
+            );
+        }
+        let tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => Some(http::tls::acceptor(cert, key)?),
+            _ => None,
+        };
         let pipeline = Arc::new(Pipeline::start(config.pipeline()));
         let data_dir = match config.storage() {
             Some(options) => {
@@ -66,21 +99,33 @@ impl App {
             }
             None => None,
         };
+        if access.enabled() {
+            tokio::spawn(reload_on_hangup(
+                access.clone(),
+                pipeline.engine.shutdown_token(),
+            ));
+        }
         Ok(Self {
-            state: http::AppState::new(pipeline, config, data_dir),
+            state: http::AppState::new(pipeline, config, data_dir, access),
+            tls,
         })
     }
 
-    /// [`App::open`] for a configuration in memory, which cannot fail.
+    /// [`App::open`] for a configuration that cannot fail.
     ///
     /// # Panics
     ///
-    /// If the configuration has a data directory that cannot be opened.
+    /// If the configuration cannot start (see [`App::open`]).
     pub fn start(config: Config) -> Self {
         match Self::open(config) {
             Ok(app) => app,
-            Err(error) => panic!("cannot open the data directory: {error}"),
+            Err(error) => panic!("cannot start: {error}"),
         }
+    }
+
+    /// Whether it serves HTTPS.
+    pub fn tls(&self) -> bool {
+        self.tls.is_some()
     }
 
     pub fn router(&self) -> Router {
@@ -123,6 +168,38 @@ pub async fn serve(
         tracing::info!("shutting down: no new requests");
     });
     let limits = app.state.config().connection_limits();
-    http::serve_connections(listener, app.router(), limits, stopping).await;
+    http::serve_connections(listener, app.router(), limits, app.tls.clone(), stopping).await;
     Ok(app.shutdown().await)
+}
+
+/// Re-reads the tokens file on each `SIGHUP` until `stop`; a file that is
+/// now wrong is logged and the tokens in use are kept.
+async fn reload_on_hangup(access: Arc<Access>, stop: tokio_util::sync::CancellationToken) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hangups = match signal(SignalKind::hangup()) {
+            Ok(hangups) => hangups,
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGHUP: the tokens file will not be re-read");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                got = hangups.recv() => if got.is_none() { return },
+            }
+            match access.reload() {
+                Ok(callers) => tracing::info!(callers, "tokens reloaded"),
+                Err(error) => {
+                    tracing::error!(%error, "tokens not reloaded; the ones in use are kept");
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (access, stop);
+    }
 }

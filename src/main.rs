@@ -27,7 +27,8 @@ async fn main() -> std::io::Result<()> {
     };
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, "eventsys listening on http://{addr}");
+    let scheme = if app.tls() { "https" } else { "http" };
+    tracing::info!(%addr, "eventsys listening on {scheme}://{addr}");
     let left = eventsys::serve(listener, app, shutdown_signal()).await?;
     if left > 0 {
         tracing::warn!(left, "stopped with events unfinished");

@@ -257,7 +257,7 @@ fn http_ce(addr: SocketAddr, event: &Value) -> (u16, String) {
     let body = event.to_string();
     write!(
         stream,
-        "POST /raw/movies HTTP/1.1\r\nHost: eventsys\r\nConnection: close\r\n\
+        "POST /raw/movies HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
          Content-Type: application/cloudevents+json\r\nContent-Length: {}\r\n\r\n",
         body.len()
     )

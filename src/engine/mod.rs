@@ -312,6 +312,16 @@ impl Engine {
         table
     }
 
+    /// A table of the server's own that no queue reads and no scenario
+    /// shows (the audit trail): in `/tables` and the change log, not in
+    /// the topology.
+    pub fn add_system_table(&mut self, name: &str) -> Arc<Table> {
+        let table = Arc::new(Table::new(name, TableKind::System, self.log.clone()));
+        table.set_limit(self.config.max_records);
+        self.tables.push(table.clone());
+        table
+    }
+
     /// A raw table of parents' child lists (see [`children`]).
     pub fn add_listing_table(&mut self, name: &str) -> Arc<Table> {
         let table = Arc::new(Table::listing(name, self.log.clone()));

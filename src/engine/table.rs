@@ -104,6 +104,8 @@ pub enum TableKind {
     Raw,
     Standard,
     View,
+    /// The server's own records (the audit trail), outside every scenario.
+    System,
 }
 
 impl TableKind {
@@ -112,6 +114,7 @@ impl TableKind {
             TableKind::Raw => "raw",
             TableKind::Standard => "standard",
             TableKind::View => "view",
+            TableKind::System => "system",
         }
     }
 }
@@ -405,7 +408,7 @@ impl Table {
             name: name.into(),
             kind,
             order: match kind {
-                TableKind::Raw => Order::Versioned,
+                TableKind::Raw | TableKind::System => Order::Versioned,
                 TableKind::Standard | TableKind::View => Order::Sequenced,
             },
             versions_are_changes: false,

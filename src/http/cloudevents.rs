@@ -93,7 +93,13 @@ fn json_content_type(value: &str) -> bool {
 }
 
 /// One structured-mode event (also each element of a batch).
-pub fn structured(value: Value, index: Option<usize>) -> Result<Envelope, ApiError> {
+///
+/// `allowed` checks the event's `source` before anything else is read.
+pub fn structured(
+    value: Value,
+    index: Option<usize>,
+    allowed: &dyn Fn(&str) -> Result<(), ApiError>,
+) -> Result<Envelope, ApiError> {
     let Value::Object(mut event) = value else {
         return Err(bad(index, "a CloudEvent must be a JSON object"));
     };
@@ -108,7 +114,9 @@ pub fn structured(value: Value, index: Option<usize>) -> Result<Envelope, ApiErr
         None => return Err(bad(index, "`specversion` is required")),
     }
     let id = required_string(&event, "id", index)?.to_string();
-    let source = required_string(&event, "source", index)?.to_string();
+    let source = required_string(&event, "source", index)?;
+    allowed(source)?;
+    let source = source.to_string();
     required_string(&event, "type", index)?;
     if let Some(ct) = event.get("datacontenttype") {
         match ct.as_str() {
@@ -160,7 +168,10 @@ pub fn structured(value: Value, index: Option<usize>) -> Result<Envelope, ApiErr
 }
 
 /// A batch: a JSON array of structured events.
-pub fn batch(value: Value) -> Result<Vec<Envelope>, ApiError> {
+pub fn batch(
+    value: Value,
+    allowed: &dyn Fn(&str) -> Result<(), ApiError>,
+) -> Result<Vec<Envelope>, ApiError> {
     let Value::Array(events) = value else {
         return Err(ApiError::BadRequest(
             "a CloudEvents batch must be a JSON array of events".into(),
@@ -169,12 +180,16 @@ pub fn batch(value: Value) -> Result<Vec<Envelope>, ApiError> {
     events
         .into_iter()
         .enumerate()
-        .map(|(i, e)| structured(e, Some(i)))
+        .map(|(i, e)| structured(e, Some(i), allowed))
         .collect()
 }
 
 /// Binary mode: attributes in `ce-*` headers, the record as the body.
-pub fn binary(headers: &HeaderMap, body: Value) -> Result<Envelope, ApiError> {
+pub fn binary(
+    headers: &HeaderMap,
+    body: Value,
+    allowed: &dyn Fn(&str) -> Result<(), ApiError>,
+) -> Result<Envelope, ApiError> {
     let header = |name: &str| -> Result<Option<&str>, ApiError> {
         headers
             .get(name)
@@ -202,6 +217,7 @@ pub fn binary(headers: &HeaderMap, body: Value) -> Result<Envelope, ApiError> {
     }
     let id = required("ce-id")?;
     let source = required("ce-source")?;
+    allowed(source)?;
     required("ce-type")?;
     let time = time(header("ce-time")?, None)?;
     Ok(Envelope {

@@ -41,6 +41,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, Semaphore};
 use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
@@ -74,6 +75,7 @@ pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: Limits,
+    tls: Option<TlsAcceptor>,
     stopping: CancellationToken,
 ) {
     let open = Arc::new(Semaphore::new(limits.max_connections));
@@ -95,9 +97,9 @@ pub async fn serve(
             },
         };
         if let Ok(permit) = open.clone().try_acquire_owned() {
-            let (router, stopping) = (router.clone(), stopping.clone());
+            let (router, stopping, tls) = (router.clone(), stopping.clone(), tls.clone());
             connections.spawn(async move {
-                connection(stream, router, limits, stopping).await;
+                connection(stream, router, limits, tls, stopping).await;
                 drop(permit);
             });
         } else if let Ok(permit) = refusing.clone().try_acquire_owned() {
@@ -113,22 +115,50 @@ pub async fn serve(
     connections.wait().await;
 }
 
-/// Serves one connection's requests until it closes, times out or shutdown
-/// asks it to.
+/// Serves one connection's requests (inside TLS, with an acceptor) until
+/// it closes, times out or shutdown asks it to.
 async fn connection(
     stream: TcpStream,
     router: Router,
     limits: Limits,
+    tls: Option<TlsAcceptor>,
     stopping: CancellationToken,
 ) {
     // Responses are written whole; waiting to coalesce them only adds latency.
     let _ = stream.set_nodelay(true);
     let _ = socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER);
     let activity = Arc::new(Activity::new());
-    let io = TokioIo::new(Watched {
+    let watched = Watched {
         inner: stream,
         activity: activity.clone(),
-    });
+    };
+    let Some(tls) = tls else {
+        return drive(watched, activity, router, limits, stopping).await;
+    };
+    // The handshake is bounded like a request header: a client that opens
+    // a connection and says nothing holds it no longer.
+    let handshake = tokio::select! {
+        () = stopping.cancelled() => return,
+        done = tokio::time::timeout(limits.header_read_timeout, tls.accept(watched)) => done,
+    };
+    match handshake {
+        Ok(Ok(stream)) => drive(stream, activity, router, limits, stopping).await,
+        Ok(Err(error)) => tracing::debug!(%error, "TLS handshake failed: connection closed"),
+        Err(_) => tracing::debug!("TLS handshake not done in time: connection closed"),
+    }
+}
+
+/// Serves HTTP/1.1 on `io`, whose bytes `activity` watches.
+async fn drive<I>(
+    io: I,
+    activity: Arc<Activity>,
+    router: Router,
+    limits: Limits,
+    stopping: CancellationToken,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let io = TokioIo::new(io);
     let requests = activity.clone();
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
         let busy = requests.request_started();

@@ -22,7 +22,29 @@ use super::openapi::{CloudEvent, CloudEventBatch, IngestOutcome, KindName, RawRe
 use super::problem::Problem;
 use super::problem::shared::{NotJson, Overloaded, TableFull, TooLarge, UnknownKind};
 
+use super::auth::Caller;
 use super::{ApiError, AppState, NoQuery, Query, RequestId};
+
+/// A producer whose token names source prefixes sends only CloudEvents
+/// from them: anything else from it is refused whole (`source` is the
+/// offending one, `None` for a request that is not a CloudEvent).
+fn check_source(caller: &Caller, source: Option<&str>) -> Result<(), ApiError> {
+    if caller.may_send_from(source) {
+        return Ok(());
+    }
+    let allowed = caller.sources.join("`, `");
+    Err(ApiError::Forbidden(match source {
+        Some(source) => format!(
+            "`{}` may send events only from sources starting with `{allowed}`, not from `{source}`",
+            caller.name
+        ),
+        None => format!(
+            "`{}` may send only CloudEvents from sources starting with `{allowed}`; this request \
+             is not one, so it has no source",
+            caller.name
+        ),
+    }))
+}
 
 #[derive(Serialize, ToSchema)]
 pub struct IngestResult {
@@ -183,6 +205,7 @@ pub async fn post(
     State(state): State<AppState>,
     Path(kind_name): Path<String>,
     RequestId(request): RequestId,
+    caller: Caller,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<IngestResponse>, ApiError> {
@@ -196,6 +219,7 @@ pub async fn post(
     let now = Timestamp::now();
     let (writes, keys, single) = match cloudevents::mode(&essence, &headers) {
         Mode::Plain => {
+            check_source(&caller, None)?;
             let (values, single) = match parse_json(&body)? {
                 Value::Array(values) => (values, false),
                 value @ Value::Object(_) => (vec![value], true),
@@ -208,10 +232,11 @@ pub async fn post(
             (parse_records(values, now, kind)?, None, single)
         }
         mode => {
+            let allowed = &|source: &str| check_source(&caller, Some(source));
             let envelopes = match mode {
-                Mode::Batch => cloudevents::batch(parse_json(&body)?)?,
-                Mode::Binary => vec![cloudevents::binary(&headers, parse_json(&body)?)?],
-                _ => vec![cloudevents::structured(parse_json(&body)?, None)?],
+                Mode::Batch => cloudevents::batch(parse_json(&body)?, allowed)?,
+                Mode::Binary => vec![cloudevents::binary(&headers, parse_json(&body)?, allowed)?],
+                _ => vec![cloudevents::structured(parse_json(&body)?, None, allowed)?],
             };
             let mut writes = Vec::with_capacity(envelopes.len());
             let mut keys = Vec::with_capacity(envelopes.len());
@@ -306,10 +331,12 @@ pub async fn put(
     State(state): State<AppState>,
     Path(kind_name): Path<String>,
     RequestId(request): RequestId,
+    caller: Caller,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<Reconciliation>, ApiError> {
     let kind = kind(&kind_name)?;
+    check_source(&caller, None)?;
     // Refused before the body is parsed: under backpressure a refusal
     // should cost next to nothing.
     state.writable()?;
@@ -386,9 +413,11 @@ pub async fn delete(
     State(state): State<AppState>,
     Path((kind_name, id)): Path<(String, String)>,
     RequestId(request): RequestId,
+    caller: Caller,
     Query(query): Query<DeleteQuery>,
 ) -> Result<Json<DeleteResponse>, ApiError> {
     let kind = kind(&kind_name)?;
+    check_source(&caller, None)?;
     // Refused before the body is parsed: under backpressure a refusal
     // should cost next to nothing.
     state.writable()?;

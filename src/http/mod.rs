@@ -4,10 +4,12 @@
 //! router and the OpenAPI document ([`openapi()`], served at
 //! `/openapi.json`).
 
+pub mod auth;
 mod cloudevents;
 mod connections;
 mod dashboard;
 mod events;
+pub mod guard;
 mod ingest;
 mod metrics;
 pub mod openapi;
@@ -17,6 +19,7 @@ mod queues;
 mod stream;
 mod system;
 mod tables;
+pub mod tls;
 
 use std::sync::Arc;
 
@@ -61,10 +64,17 @@ struct Inner {
     fanout: Arc<stream::Fanout>,
     /// Where the pipeline is kept, with `--data-dir`.
     data_dir: Option<Arc<DataDir>>,
+    /// Who may do what (`--auth-tokens-file`).
+    access: Arc<auth::Access>,
 }
 
 impl AppState {
-    pub fn new(pipeline: Arc<Pipeline>, config: Config, data_dir: Option<Arc<DataDir>>) -> Self {
+    pub fn new(
+        pipeline: Arc<Pipeline>,
+        config: Config,
+        data_dir: Option<Arc<DataDir>>,
+        access: Arc<auth::Access>,
+    ) -> Self {
         let (registry, http_metrics) = metrics::registry(&pipeline);
         let stopping = CancellationToken::new();
         let fanout = stream::Fanout::start(pipeline.engine.log.clone(), stopping.clone());
@@ -77,7 +87,12 @@ impl AppState {
             requests: Arc::new(Semaphore::new(config.max_requests as usize)),
             config,
             data_dir,
+            access,
         }))
+    }
+
+    pub fn access(&self) -> &auth::Access {
+        &self.0.access
     }
 
     pub fn data_dir(&self) -> Option<&Arc<DataDir>> {
@@ -194,6 +209,10 @@ pub fn router(state: AppState) -> Router {
         .layer(middleware::map_response_with_state(
             body_limit,
             problem::problem_responses,
+        ))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            guard::authorize,
         ))
         .layer(middleware::from_fn_with_state(
             state.clone(),

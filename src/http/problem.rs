@@ -64,6 +64,16 @@ pub enum ApiError {
     /// The request asks for something this queue does not do.
     #[error("{0}")]
     Conflict(String),
+    /// No token, or one the server does not know: 401.
+    #[error("{detail}")]
+    Unauthorized {
+        detail: String,
+        /// Whether a token was sent (and was not known).
+        invalid: bool,
+    },
+    /// The caller's role, or its token's sources, do not allow this: 403.
+    #[error("{0}")]
+    Forbidden(String),
     /// Something the server itself got wrong (a bug): 500.
     #[error("{0}")]
     Internal(String),
@@ -84,6 +94,8 @@ impl ApiError {
             | ApiError::Busy { .. }
             | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::TimedOut { .. } => StatusCode::REQUEST_TIMEOUT,
             ApiError::Gone(_) => StatusCode::GONE,
             ApiError::Full(_) => StatusCode::INSUFFICIENT_STORAGE,
@@ -139,6 +151,17 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if let ApiError::Unauthorized { invalid, .. } = &self {
+            let challenge = if *invalid {
+                r#"Bearer realm="eventsys", error="invalid_token""#
+            } else {
+                r#"Bearer realm="eventsys""#
+            };
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(challenge),
+            );
         }
         if matches!(self, ApiError::TimedOut { .. }) {
             // What is left of the body would be read as the next request.

@@ -29,7 +29,7 @@ use crate::engine::handler::{BreakerPolicy, HandlerConfig, RetryPolicy};
 use crate::engine::log::{Cause, Change, SubscriberId};
 use crate::engine::metrics::latency_histogram;
 use crate::engine::queue::{Queue, QueueCounts};
-use crate::engine::record::{RecordId, Timestamp};
+use crate::engine::record::{Data, RecordId, Timestamp, Version};
 use crate::engine::table::{
     Expect, Full, Outcome, PreconditionFailed, Reconciliation, Reservation, Table, TableKind, Write,
 };
@@ -167,6 +167,8 @@ pub struct Pipeline {
     projection_feed: SubscriberId,
     pub projection_queue: Arc<Queue<Arc<Change>>>,
     pub encode_queue: Arc<Queue<EncodeJob>>,
+    /// What operators did, and every reconciliation (see `http::guard`).
+    pub audit_trail: Arc<Table>,
     /// Seconds from a raw write to the standard write it caused.
     pub ingest_to_visible: Histogram,
     /// Events already applied, by CloudEvent `source` + `id`.
@@ -346,8 +348,10 @@ impl Pipeline {
                 breaker: config.breaker,
             },
         );
+        let audit_trail = engine.add_system_table("audit");
         describe(&mut engine.topology);
         Self {
+            audit_trail,
             views,
             saga,
             publication_feed,
@@ -391,6 +395,28 @@ impl Pipeline {
         let count = jobs.len();
         self.engine.put_back(&self.encode_queue, jobs);
         Ok((publication, count))
+    }
+
+    /// Records an operator action (or a reconciliation) as `data`, at
+    /// `at`, in the `audit` table.
+    pub fn audit(
+        &self,
+        id: RecordId,
+        at: Timestamp,
+        data: Data,
+        cause: &Cause,
+    ) -> Result<(), Full> {
+        let table = &self.audit_trail;
+        let _room = table.reserve([&id])?;
+        table.apply(
+            Write {
+                id,
+                version: Version::write(at, data.clone()),
+                data,
+            },
+            cause,
+        );
+        Ok(())
     }
 
     /// The parents' child listings (what raw_handler has applied of each).

@@ -399,7 +399,8 @@ async fn inspection_endpoints_describe_the_pipeline() {
             )
         })
         .collect();
-    assert_eq!(names.len(), 16);
+    assert_eq!(names.len(), 17);
+    assert!(names.contains(&("audit".into(), "system".into())));
     assert!(names.contains(&("raw_series".into(), "raw".into())));
     assert!(names.contains(&("filmography".into(), "view".into())));
     assert!(names.contains(&("publications".into(), "view".into())));
