@@ -293,6 +293,41 @@ pub fn need(method: &Method, path: &str) -> Need {
     }
 }
 
+/// The README's table of every route the router serves and the role it
+/// needs, made from the router's own declarations (the OpenAPI document
+/// and the dashboard's paths) with [`need`].
+pub fn route_table() -> String {
+    let document = super::openapi();
+    let mut routes: Vec<(String, Method)> = Vec::new();
+    for (path, item) in &document.paths.paths {
+        let methods = [
+            (Method::GET, item.get.is_some()),
+            (Method::POST, item.post.is_some()),
+            (Method::PUT, item.put.is_some()),
+            (Method::DELETE, item.delete.is_some()),
+            (Method::PATCH, item.patch.is_some()),
+        ];
+        for (method, served) in methods {
+            if served {
+                routes.push((path.clone(), method));
+            }
+        }
+    }
+    for path in super::dashboard::PATHS {
+        routes.push((path.to_string(), Method::GET));
+    }
+    routes.sort_by(|a, b| (&a.0, a.1.as_str()).cmp(&(&b.0, b.1.as_str())));
+    let mut table = String::from("| Method | Path | Needs |\n|---|---|---|\n");
+    for (path, method) in routes {
+        let needs = match need(&method, &path) {
+            Need::Open => "anyone".to_string(),
+            Need::Role(role) => format!("`{role}`"),
+        };
+        table.push_str(&format!("| {method} | `{path}` | {needs} |\n"));
+    }
+    table
+}
+
 /// Whether a request of `method` changes state (and so, without tokens,
 /// must come from a loopback page).
 pub fn changes_state(method: &Method) -> bool {

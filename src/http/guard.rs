@@ -7,11 +7,9 @@
 //! `system`): who (`anonymous` without tokens), what, on what, when, the
 //! request id and the result. Like any table write it is a change, so it
 //! appears in `/events`, the live stream and the dashboard. An action is
-//! recorded when it is done (2xx) or refused to a caller whose role does
-//! not allow it (403); a request refused as malformed or at odds with the
-//! state (other 4xx, 503) stored nothing, and leaves no record either, and
-//! one refused for want of a token is not recorded since anyone could fill
-//! the table with them.
+//! recorded once it is done (2xx): a request refused, for want of a token
+//! or a role or as malformed, stored nothing and leaves no record either
+//! (a refusal on authority is logged, naming who tried what).
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -60,17 +58,12 @@ pub async fn authorize(
             if let Need::Role(role) = need
                 && caller.role < role
             {
-                let refused = ApiError::Forbidden(format!(
+                tracing::warn!(who = &*caller.name, role = %caller.role, %method, %path, "refused: the role is too low");
+                return ApiError::Forbidden(format!(
                     "`{}` is a {}; {method} {path} needs a {role}",
                     caller.name, caller.role
                 ))
                 .into_response();
-                return match action {
-                    Some(action) => {
-                        audit(&state, &caller, action, &request_id(&request), refused).await
-                    }
-                    None => refused,
-                };
             }
             caller
         }
@@ -140,11 +133,9 @@ async fn audit(
     request_id: &std::sync::Arc<str>,
     response: Response,
 ) -> Response {
-    // What was refused as malformed, unknown or at odds with the state
-    // stored nothing, and leaves no record either; a refusal on authority
-    // is kept, as a trace of who tried what.
+    // What was refused stored nothing, and leaves no record either.
     let status = response.status();
-    if !(status.is_success() || status == StatusCode::FORBIDDEN) {
+    if !status.is_success() {
         return response;
     }
     let (parts, body) = response.into_parts();

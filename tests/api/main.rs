@@ -1,5 +1,6 @@
 //! The HTTP contract of API.md, end to end through the router.
 
+mod auth;
 mod contract;
 mod events;
 mod helpers;
