@@ -24,7 +24,12 @@
 //! count and outcome counters, the dedup window, the queues, the handlers
 //! and their faults are exactly as before.
 //!
-//! At least 10,000 cases per run; `PROPTEST_CASES` raises it.
+//! The same again on a server with a tokens file, each request carrying a
+//! known token of some role, an unknown or malformed one, or none; a 401
+//! must also challenge with `WWW-Authenticate: Bearer`.
+//!
+//! At least 10,000 cases per run (3,000 with tokens); `PROPTEST_CASES`
+//! raises both.
 
 use std::fmt;
 use std::time::Duration;
@@ -1424,6 +1429,7 @@ async fn seed(router: &Router) -> Result<(), String> {
     for (path, content_type, body) in SEED {
         let request = Request::post(*path)
             .header(header::CONTENT_TYPE, *content_type)
+            .header(header::AUTHORIZATION, format!("Bearer {}", TOKENS[2].1))
             .body(Body::from(*body))
             .map_err(|e| e.to_string())?;
         let response = router
@@ -1667,6 +1673,13 @@ async fn check(app: &App, router: &Router, req: &Req) -> Result<(), String> {
         serde_json::from_slice::<Value>(&body)
             .map_err(|e| format!("{status} with a JSON body that is not JSON ({e}): {shown}"))?;
     }
+    if status == StatusCode::UNAUTHORIZED
+        && !headers
+            .get(header::WWW_AUTHENTICATE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"Bearer"))
+    {
+        return Err("401 without `WWW-Authenticate: Bearer`".into());
+    }
     if status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE {
         return Err(format!("server error {status}: {shown}"));
     }
@@ -1717,8 +1730,66 @@ async fn check(app: &App, router: &Router, req: &Req) -> Result<(), String> {
 
 #[test]
 fn hostile_requests_get_4xx_problems_and_change_nothing() {
-    let config = ProptestConfig {
-        cases: ProptestConfig::default().cases.max(10_000),
+    run(self::config(), request().boxed(), 10_000);
+}
+
+/// Callers of the tokens file of [`hostile_requests_with_tokens_too`]:
+/// name, token and role.
+const TOKENS: [(&str, &str, &str); 3] = [
+    ("rita", "reader-token-0123456789", "reader"),
+    ("pat", "producer-token-0123456789", "producer"),
+    ("ola", "operator-token-0123456789", "operator"),
+];
+
+/// An `Authorization` header as clients get it right and wrong.
+fn authorization() -> impl Strategy<Value = Option<Vec<u8>>> {
+    let known = select(
+        TOKENS
+            .iter()
+            .map(|(_, token, _)| *token)
+            .collect::<Vec<_>>(),
+    )
+    .prop_map(|token| format!("Bearer {token}").into_bytes());
+    prop_oneof![
+        1 => Just(None),
+        6 => known.prop_map(Some),
+        1 => header_bytes(64).prop_map(Some),
+        1 => Just(Some(b"Bearer ".to_vec())),
+        1 => Just(Some(b"Basic cmVhZGVyOnBhc3M=".to_vec())),
+    ]
+}
+
+#[test]
+fn hostile_requests_with_tokens_too() {
+    let dir = std::env::temp_dir().join(format!("eventsys-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).expect("a temporary directory");
+    let file = dir.join("tokens");
+    let lines: Vec<String> = TOKENS
+        .iter()
+        .map(|(name, token, role)| format!("{name} {role} {token}"))
+        .collect();
+    std::fs::write(&file, lines.join("\n")).expect("write the tokens file");
+    let config = Config {
+        auth_tokens_file: Some(file),
+        ..self::config()
+    };
+    let requests = (request(), authorization())
+        .prop_map(|(mut req, authorization)| {
+            if let Some(value) = authorization {
+                req.headers.push(("authorization", value));
+            }
+            req
+        })
+        .prop_filter("a request http can carry", |r| r.build().is_ok())
+        .boxed();
+    run(config, requests, 3_000);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Runs at least `cases` generated requests (more with `PROPTEST_CASES`).
+fn run(config: Config, requests: BoxedStrategy<Req>, cases: u32) {
+    let proptest = ProptestConfig {
+        cases: ProptestConfig::default().cases.max(cases),
         failure_persistence: None,
         max_shrink_iters: 2_000,
         ..ProptestConfig::default()
@@ -1727,9 +1798,9 @@ fn hostile_requests_get_4xx_problems_and_change_nothing() {
         .enable_all()
         .build()
         .expect("a tokio runtime");
-    let harness = std::cell::RefCell::new(Harness::new(self::config()));
-    let mut runner = TestRunner::new(config);
-    let result = runner.run(&request(), |req| {
+    let harness = std::cell::RefCell::new(Harness::new(config));
+    let mut runner = TestRunner::new(proptest);
+    let result = runner.run(&requests, |req| {
         runtime
             .block_on(harness.borrow_mut().run(&req))
             .map_err(TestCaseError::fail)

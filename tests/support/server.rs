@@ -23,6 +23,8 @@ pub struct Server {
     /// Every line of stdout and stderr so far (stdout lines are JSON).
     log: Arc<Mutex<Vec<String>>>,
     readers: Vec<JoinHandle<()>>,
+    /// Lines of stdout not yet read by [`Server::wait_for_message`].
+    lines: Option<Receiver<String>>,
 }
 
 impl Server {
@@ -49,13 +51,38 @@ impl Server {
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             log,
             readers,
+            lines: None,
         };
-        server.addr = server.wait_for_address(listening);
+        server.addr = server.wait_for_address(&listening);
+        server.lines = Some(listening);
         server
     }
 
+    /// The next log entry whose message starts with `prefix` (after the
+    /// listening line), waiting for it up to [`DEADLINE`].
+    pub fn wait_for_message(&mut self, prefix: &str) -> Value {
+        let lines = self.lines.as_ref().expect("the server's lines");
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match lines.recv_timeout(left) {
+                Ok(line) => {
+                    if let Ok(entry) = serde_json::from_str::<Value>(&line)
+                        && message(&entry).starts_with(prefix)
+                    {
+                        return entry;
+                    }
+                }
+                Err(_) => panic!(
+                    "no \"{prefix}\" line within {DEADLINE:?}; log:\n{}",
+                    self.log_text()
+                ),
+            }
+        }
+    }
+
     /// The `addr` of the "eventsys listening" line.
-    pub fn wait_for_address(&mut self, lines: Receiver<String>) -> SocketAddr {
+    pub fn wait_for_address(&mut self, lines: &Receiver<String>) -> SocketAddr {
         let deadline = Instant::now() + DEADLINE;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -140,6 +167,41 @@ impl Drop for Server {
             let _ = self.child.wait();
         }
     }
+}
+
+/// Runs the binary with exactly `flags` until it exits (within
+/// [`DEADLINE`], or it is killed and the test fails): its exit status and
+/// everything it printed.
+pub fn run_to_exit(flags: &[&str]) -> (ExitStatus, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_eventsys"))
+        .args(flags)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the eventsys binary");
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let readers = [
+        collect(child.stdout.take().expect("stdout"), log.clone(), None),
+        collect(child.stderr.take().expect("stderr"), log.clone(), None),
+    ];
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if started.elapsed() > DEADLINE {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("eventsys {flags:?} did not exit within {DEADLINE:?}");
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    for reader in readers {
+        reader.join().expect("log reader");
+    }
+    let text = log.lock().unwrap_or_else(|e| e.into_inner()).join("\n");
+    (status, text)
 }
 
 /// Reads `from` line by line into `log`, forwarding lines to `lines`.
