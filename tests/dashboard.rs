@@ -45,6 +45,91 @@ async fn dashboard_drives_every_part_of_the_pipeline() {
     }
 }
 
+const READER_TOKEN: &str = "reader-token-for-the-dashboard";
+const PRODUCER_TOKEN: &str = "producer-token-for-the-dashboard";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_asks_for_a_token_and_offers_only_what_the_role_allows() {
+    let dir =
+        std::env::temp_dir().join(format!("eventsys-dashboard-tokens-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("tokens");
+    std::fs::write(
+        &file,
+        format!("rita reader {READER_TOKEN}\npat producer {PRODUCER_TOKEN}\n"),
+    )
+    .unwrap();
+    let server = TestServer::with(|c| c.auth_tokens_file = Some(file.clone())).await;
+    if !browser_installed() {
+        server.stop().await;
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
+    let browser = Browser::launch().await;
+    let outcome = sign_in_as_a_reader(&browser.client, &server.url).await;
+    if outcome.is_err() {
+        let _ = save_screenshot(&browser.client, "dashboard-token-failure.png").await;
+    }
+    browser.close().await;
+    server.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    if let Err(message) = outcome {
+        panic!("{message}");
+    }
+}
+
+/// A reader opens the page, is asked for a token, gives it, and sees the
+/// pipeline and its live events but no control it may not use.
+async fn sign_in_as_a_reader(c: &Client, url: &str) -> Result<(), String> {
+    c.goto(url).await.map_err(|e| format!("open {url}: {e}"))?;
+    wait_until(
+        c,
+        "the page to ask for a token",
+        "return !document.getElementById('auth').hidden",
+    )
+    .await?;
+    find(c, "#auth-token")
+        .await?
+        .send_keys(READER_TOKEN)
+        .await
+        .map_err(|e| format!("type the token: {e}"))?;
+    click(c, "#auth button[type=submit]").await?;
+    wait_until(
+        c,
+        "the page to start with the token",
+        "return document.body.dataset.ready === '1' && document.body.dataset.role === 'reader'
+            && document.getElementById('whoami-name').textContent.includes('rita')",
+    )
+    .await?;
+    wait_until(
+        c,
+        "the controls a reader cannot use to be hidden, and the pipeline shown",
+        "const hidden = (sel) => getComputedStyle(document.querySelector(sel)).display === 'none';
+         return hidden('#operate') && hidden('#drive') && hidden('#scenario-bad')
+            && !hidden('#feed-panel') && document.querySelectorAll('[data-node]').length > 20",
+    )
+    .await?;
+    // The live stream carries the token too: a write by a producer shows.
+    let http = reqwest::Client::new();
+    let response = http
+        .post(format!("{url}/raw/movies"))
+        .bearer_auth(PRODUCER_TOKEN)
+        .json(&json!({"id": "m-token", "title": "Seen by a reader"}))
+        .send()
+        .await
+        .map_err(|e| format!("post a movie: {e}"))?;
+    if !response.status().is_success() {
+        return Err(format!("posting a movie answered {}", response.status()));
+    }
+    wait_until(
+        c,
+        "the reader's feed to show the producer's write",
+        "return [...document.querySelectorAll('#feed li')].some(li => li.dataset.table === 'raw_movies')",
+    )
+    .await?;
+    no_page_errors(c).await
+}
+
 /// The story of the test: each step is what a person does, then what they see.
 async fn drive_the_page(c: &Client, url: &str) -> Result<(), String> {
     c.goto(url).await.map_err(|e| format!("open {url}: {e}"))?;
@@ -349,10 +434,15 @@ struct TestServer {
 
 impl TestServer {
     async fn start() -> Self {
-        let config = eventsys::Config {
+        Self::with(|_| {}).await
+    }
+
+    async fn with(adjust: impl FnOnce(&mut eventsys::Config)) -> Self {
+        let mut config = eventsys::Config {
             encode_delay_ms: 50,
             ..Default::default()
         };
+        adjust(&mut config);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let app = eventsys::App::start(config);

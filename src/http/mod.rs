@@ -155,6 +155,7 @@ impl AppState {
 fn api() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .routes(routes!(system::healthz))
+        .routes(routes!(system::whoami))
         .routes(routes!(system::settle))
         .routes(routes!(system::topology))
         .routes(routes!(metrics::scrape))

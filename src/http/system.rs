@@ -159,3 +159,40 @@ pub async fn settle(
 pub async fn topology(_: NoQuery, State(state): State<AppState>) -> Json<Topology> {
     Json(state.pipeline().engine.topology.clone())
 }
+
+#[derive(Serialize, ToSchema)]
+pub struct Identity {
+    /// The caller's name in the tokens file (`anonymous` without one).
+    #[schema(example = "ola")]
+    name: String,
+    /// `reader`, `producer` or `operator`.
+    #[schema(example = "operator")]
+    role: &'static str,
+    /// Whether the server asks for tokens (`--auth-tokens-file`).
+    tokens: bool,
+}
+
+/// Who the request's token names and what its role allows, so a client
+/// (the dashboard) can offer only what the caller may do.
+#[utoipa::path(
+    get,
+    path = "/whoami",
+    operation_id = "whoami",
+    tag = "system",
+    responses(
+        (status = 200, description = "The caller", body = Identity),
+        (status = 401, description = "No token, or one the server does not know", body = Problem,
+            content_type = "application/problem+json"),
+    ),
+)]
+pub async fn whoami(
+    _: NoQuery,
+    State(state): State<AppState>,
+    caller: super::auth::Caller,
+) -> Json<Identity> {
+    Json(Identity {
+        name: caller.name.to_string(),
+        role: caller.role.as_str(),
+        tokens: state.access().enabled(),
+    })
+}

@@ -26,7 +26,7 @@ const state = {
   tick: 0,
   inspect: { table: null, cursors: [null], count: 0, signature: '' },
   feed: { paused: false, held: [], pending: [] },
-  stream: { source: null, retry: null },
+  stream: { abort: null, retry: null, lastId: null },
 };
 
 // ---------------------------------------------------------------- helpers
@@ -47,9 +47,62 @@ function el(tag, attrs = {}, ...children) {
   return node;
 }
 
+// ---------------------------------------------------------------- access
+
+/**
+ * The token this tab was given, if the server asks for one. It is kept in
+ * sessionStorage: for this tab only, gone when it closes.
+ */
+const TOKEN_KEY = 'eventsys-token';
+const auth = { token: sessionStorage.getItem(TOKEN_KEY), role: 'operator', name: 'anonymous' };
+
+/** Headers that carry the token, if there is one. */
+function withToken(headers) {
+  if (auth.token) headers.authorization = `Bearer ${auth.token}`;
+  return headers;
+}
+
+/** Asks for a token (when the server wants one, or the one given was refused), then starts again. */
+function askForToken(message) {
+  const form = $('#auth');
+  $('#auth-message').textContent = message;
+  form.hidden = false;
+  form.onsubmit = (e) => {
+    e.preventDefault();
+    const token = $('#auth-token').value.trim();
+    if (!token) return;
+    sessionStorage.setItem(TOKEN_KEY, token);
+    location.reload();
+  };
+  $('#auth-token').focus();
+}
+
+/**
+ * Learns the caller's role, and hides the controls it cannot use (elements
+ * marked `data-needs="producer"` or `"operator"`, by the style sheet).
+ * False when the server wants a token it was not given.
+ */
+async function identify() {
+  try {
+    const me = await api('GET', '/whoami');
+    Object.assign(auth, { role: me.role, name: me.name });
+    document.body.dataset.role = me.role;
+    if (me.tokens) {
+      $('#whoami').hidden = false;
+      $('#whoami-name').textContent = `${me.name} · ${me.role}`;
+      $('#whoami-forget').onclick = () => { sessionStorage.removeItem(TOKEN_KEY); location.reload(); };
+    }
+    return true;
+  } catch (error) {
+    if (error.status !== 401) throw error;
+    askForToken(auth.token ? 'The server does not know that token; enter another.' : 'This server asks for a token.');
+    return false;
+  }
+}
+
 /** Calls the API; a failure throws an Error carrying the problem+json `detail`. */
 async function api(method, path, body) {
-  const init = { method, headers: { accept: 'application/json' } };
+  const init = { method, headers: withToken({ accept: 'application/json' }) };
   if (body !== undefined) {
     init.headers['content-type'] = 'application/json';
     init.body = JSON.stringify(body);
@@ -446,44 +499,76 @@ async function poll() {
 // ---------------------------------------------------------------- event stream and feed
 
 /**
- * Subscribes to the change log. Without a cursor the server starts at the
- * latest event, which is what a dashboard wants: what happens now. The
- * browser's EventSource resumes by itself after a network blip (sending
- * Last-Event-ID); when the server answers with an error instead it gives
- * up, so we retry. `lagged` means we fell too far behind: skip to now.
+ * Subscribes to the change log, with `fetch` rather than EventSource
+ * (which cannot send the token). Without a cursor the server starts at
+ * the latest event, which is what a dashboard wants: what happens now.
+ * When the stream breaks it resumes from the last event seen (sending
+ * Last-Event-ID, as EventSource would); `lagged` means we fell too far
+ * behind, and a 410 that our cursor is gone: both start again from now.
  */
 function connectStream() {
   clearTimeout(state.stream.retry);
-  if (state.stream.source) state.stream.source.close();
-  const source = new EventSource('/events/stream');
-  state.stream.source = source;
-  source.onopen = () => setBadge('#stream-status', 'ok', 'events: live');
-  const onEvent = (message) => {
-    let event;
-    try {
-      event = JSON.parse(message.data);
-    } catch {
-      return; // a comment or keep-alive, not a change
-    }
-    receive(event);
+  if (state.stream.abort) state.stream.abort.abort();
+  const abort = new AbortController();
+  state.stream.abort = abort;
+  const headers = withToken({ accept: 'text/event-stream' });
+  if (state.stream.lastId) headers['last-event-id'] = state.stream.lastId;
+  const again = (badge, text, ms) => {
+    if (abort.signal.aborted) return;
+    setBadge('#stream-status', badge, text);
+    state.stream.retry = setTimeout(connectStream, ms);
   };
-  source.onmessage = onEvent;
-  // In case the server names its events by CloudEvent type rather than sending plain messages.
-  for (const type of ['inserted', 'updated', 'deleted']) source.addEventListener(`eventsys.record.${type}`, onEvent);
-  source.addEventListener('lagged', () => {
-    setBadge('#stream-status', 'warn', 'events: fell behind, catching up');
-    connectStream();
-  });
-  source.onerror = () => {
-    if (source.readyState === EventSource.CLOSED) {
-      // The server refused the stream (not there, or our cursor is no longer
-      // retained: 410): try again later from the present.
-      setBadge('#stream-status', 'down', 'events: unavailable (figures still polled)');
-      state.stream.retry = setTimeout(connectStream, 5000);
-    } else {
-      setBadge('#stream-status', 'warn', 'events: reconnecting');
+  fetch('/events/stream', { headers, signal: abort.signal }).then(async (response) => {
+    if (!response.ok) {
+      // Our cursor is no longer retained (410), or the stream is refused:
+      // try again later from the present.
+      state.stream.lastId = null;
+      again('down', 'events: unavailable (figures still polled)', 5000);
+      return;
     }
-  };
+    setBadge('#stream-status', 'ok', 'events: live');
+    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = '';
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += value;
+      let end;
+      while ((end = buffer.search(/\r?\n\r?\n/)) >= 0) {
+        const block = buffer.slice(0, end);
+        buffer = buffer.slice(end).replace(/^\r?\n\r?\n/, '');
+        if (dispatch(block) === 'lagged') {
+          state.stream.lastId = null;
+          setBadge('#stream-status', 'warn', 'events: fell behind, catching up');
+          connectStream();
+          return;
+        }
+      }
+    }
+    again('warn', 'events: reconnecting', 1000);
+  }).catch(() => again('warn', 'events: reconnecting', 2000));
+}
+
+/** One server-sent event block: hands a change to `receive`; returns the event's name. */
+function dispatch(block) {
+  let name = 'message';
+  const data = [];
+  for (const line of block.split(/\r?\n/)) {
+    if (line.startsWith(':')) continue;
+    const colon = line.indexOf(':');
+    const field = colon < 0 ? line : line.slice(0, colon);
+    const value = colon < 0 ? '' : line.slice(colon + 1).replace(/^ /, '');
+    if (field === 'event') name = value;
+    else if (field === 'data') data.push(value);
+    else if (field === 'id') state.stream.lastId = value;
+  }
+  if (name === 'lagged' || data.length === 0) return name;
+  try {
+    receive(JSON.parse(data.join('\n')));
+  } catch {
+    // not a change
+  }
+  return name;
 }
 
 /** One change from the stream: flash its table now, and queue it for the feed. */
@@ -992,6 +1077,11 @@ function setupScenarios() {
 // ---------------------------------------------------------------- start
 
 async function start() {
+  try {
+    if (!(await identify())) return;
+  } catch (error) {
+    showError('GET /whoami', error);
+  }
   setupScenarios();
   let topology;
   try {
