@@ -3,6 +3,7 @@
 #
 #   ./demo.sh                                  # builds and starts a server on :8080 if none answers
 #   EVENTSYS_URL=http://127.0.0.1:9000 ./demo.sh   # or use a server that is already running
+#   EVENTSYS_TOKEN=... ./demo.sh               # an operator's token, for a server with --auth-tokens-file
 #
 # It walks through six scenarios of the pipeline (mixed schemas on one
 # queue, recursive breakdown, async secondary work, full-set reconciliation,
@@ -25,6 +26,12 @@ URL=${EVENTSYS_URL:-http://127.0.0.1:8080}
 URL=${URL%/}
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 RUN="d$(date +%s)-$$"   # every id written by this run starts with "$RUN-"
+# Audit records are ids in time order (UUID v7): this run's come after this one.
+RUN_MS=$(date +%s%3N) RUN_HEX=$(printf '%012x' "$RUN_MS")
+AUDIT_AFTER="${RUN_HEX:0:8}-${RUN_HEX:8:4}-0000-0000-000000000000"
+# A server started with --auth-tokens-file wants a token on every call.
+AUTH=()
+[[ -n ${EVENTSYS_TOKEN-} ]] && AUTH=(-H "Authorization: Bearer $EVENTSYS_TOKEN")
 SETTLE_MS=30000
 
 # ---------------------------------------------------------------- output ----
@@ -66,7 +73,7 @@ cleanup() {
   fi
   if [[ -n $FAULT_SET ]]; then
     # Never leave an injected fault behind on someone's server.
-    curl -sS -o /dev/null --max-time 5 -X DELETE "$URL/faults/encode_handler" || true
+    curl -sS -o /dev/null --max-time 5 "${AUTH[@]}" -X DELETE "$URL/faults/encode_handler" || true
   fi
   if [[ -n $DURABLE_PID ]]; then
     kill -9 "$DURABLE_PID" 2>/dev/null || true
@@ -126,10 +133,12 @@ req() {
   local expected=$1 method=$2 path=$3 body=${4-}
   shift 3
   [[ $# -gt 0 ]] && shift
-  local -a args=(-sS --max-time 90 -o "$BODY_FILE" -D "$HDR_FILE" -w '%{http_code}' -X "$method")
+  local -a args=(-sS --max-time 90 -o "$BODY_FILE" -D "$HDR_FILE" -w '%{http_code}' -X "$method" "${AUTH[@]}")
   local shown="curl"
   [[ $method != GET ]] && shown+=" -X $method"
   shown+=" $(shq "$URL$path")"
+  # The token is shown as the variable it came from, never printed.
+  [[ ${#AUTH[@]} -gt 0 ]] && shown+=' -H "Authorization: Bearer $EVENTSYS_TOKEN"'
   local header typed=''
   for header in "$@"; do
     args+=(-H "$header")
@@ -183,8 +192,9 @@ run_records() {
 tail_stream() {
   local file=$1 path=$2
   shift 2
-  local -a args=(-sN --max-time 120)
+  local -a args=(-sN --max-time 120 "${AUTH[@]}")
   local shown="curl -sN"
+  [[ ${#AUTH[@]} -gt 0 ]] && shown+=' -H "Authorization: Bearer $EVENTSYS_TOKEN"'
   local header
   for header in "$@"; do
     args+=(-H "$header")
@@ -301,6 +311,18 @@ else
   start_server
 fi
 echo "Ids written by this run start with ${BOLD}$RUN-${RESET}, so re-runs against the same server stay exact."
+# The tour sets faults and redrives: it needs an operator.
+WHO=$(curl -sS --max-time 5 "${AUTH[@]}" -w '\n%{http_code}' "$URL/whoami" 2>/dev/null || true)
+case ${WHO##*$'\n'} in
+  200)
+    ROLE=$(jq -r .role <<<"${WHO%$'\n'*}")
+    [[ $ROLE == operator ]] || die "The token names a $ROLE; the tour sets faults and redrives, so it needs an operator's token (EVENTSYS_TOKEN)."
+    AUDITOR=$(jq -r .name <<<"${WHO%$'\n'*}")
+    ;;
+  401) die "The server at $URL asks for a token: run EVENTSYS_TOKEN=<an operator's token> ./demo.sh" \
+         "(a line \`name operator token\` of the file given to its --auth-tokens-file)." ;;
+  *) AUDITOR=anonymous ;;
+esac
 
 # ==================================================================== 1 ======
 
@@ -741,6 +763,17 @@ check_eq "the clip's 4 encodes are encoded" \
 req 200 GET /queues/encode_queue/dead-letters
 show
 check_eq "encode_queue has no dead letters left" "$(get '.dead_letters | length')" "0"
+
+step "Every operator action is in the audit table"
+say "Setting a fault, clearing it, redriving: each is a record of the \`audit\` table (and so a change" \
+    "in the log), with who did it, when, the request id and the result."
+req 200 GET "/tables/audit?after=$AUDIT_AFTER&limit=1000"
+RESP=$(jq -c '[.records[].data | select(.target == "encode_handler" or .target == "encode_queue")
+  | {who, action, target, status: .result.status}]' <<<"$RESP")
+show '.[-3:][]'
+check_jq "fault.set, fault.clear and dead_letters.redrive are recorded" \
+  '([.[].action] | index("fault.set") != null and index("fault.clear") != null and index("dead_letters.redrive") != null)'
+check_eq "by $AUDITOR" "$(jq -r 'map(.who) | unique | join(",")' <<<"$RESP")" "$AUDITOR"
 
 # ==================================================================== 8 ======
 
