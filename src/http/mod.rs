@@ -192,7 +192,71 @@ pub fn dashboard_paths() -> &'static [&'static str] {
 /// The OpenAPI 3.1 description of every API route, as `/openapi.json`
 /// serves it.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    api().into_openapi()
+    let mut document = api().into_openapi();
+    secure(&mut document);
+    document
+}
+
+/// Adds the bearer scheme of `--auth-tokens-file` to the document, and to
+/// every operation that needs a role its 401 and 403 (see [`auth::need`]).
+fn secure(document: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityRequirement, SecurityScheme};
+    use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+
+    let components = document.components.get_or_insert_with(Default::default);
+    components.add_security_scheme(
+        "bearer",
+        SecurityScheme::Http(
+            Http::builder()
+                .scheme(HttpAuthScheme::Bearer)
+                .description(Some(
+                    "A token of the server's --auth-tokens-file; without that file no token is \
+                     needed (and a state-changing request must come from a loopback page)",
+                ))
+                .build(),
+        ),
+    );
+    let problem = |description: &str| {
+        ResponseBuilder::new()
+            .description(description)
+            .content(
+                problem::PROBLEM_JSON,
+                ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("Problem")))
+                    .build(),
+            )
+            .build()
+    };
+    for (path, item) in document.paths.paths.iter_mut() {
+        let operations = [
+            (axum::http::Method::GET, item.get.as_mut()),
+            (axum::http::Method::POST, item.post.as_mut()),
+            (axum::http::Method::PUT, item.put.as_mut()),
+            (axum::http::Method::DELETE, item.delete.as_mut()),
+            (axum::http::Method::PATCH, item.patch.as_mut()),
+        ];
+        for (method, operation) in operations {
+            let Some(operation) = operation else { continue };
+            let auth::Need::Role(role) = auth::need(&method, path) else {
+                continue;
+            };
+            operation.security = Some(vec![SecurityRequirement::new("bearer", [role.as_str()])]);
+            let responses = &mut operation.responses.responses;
+            responses.entry("401".into()).or_insert_with(|| {
+                problem(
+                    "No token, or one the server does not know (with `WWW-Authenticate: Bearer`)",
+                )
+                .into()
+            });
+            responses.entry("403".into()).or_insert_with(|| {
+                problem(&format!(
+                    "The caller's role is below `{role}`, its token's sources do not allow this, or \
+                     (without tokens) the request is not from a loopback page"
+                ))
+                .into()
+            });
+        }
+    }
 }
 
 /// The routes of API.md: the dashboard, and the API described by

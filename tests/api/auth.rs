@@ -72,6 +72,15 @@ fn needs(method: &Method, path: &str) -> Option<u8> {
 /// from the router's own declarations (the OpenAPI document and the
 /// dashboard's paths), so that a route added later is checked too.
 fn every_route() -> Vec<(Method, String)> {
+    every_route_with_template()
+        .into_iter()
+        .map(|(method, _, path)| (method, path))
+        .collect()
+}
+
+/// [`every_route`] with each route's template (`None` for the dashboard's,
+/// which the OpenAPI document leaves out).
+fn every_route_with_template() -> Vec<(Method, Option<String>, String)> {
     let sample = |template: &str| {
         template
             .replace("{kind}", "movies")
@@ -87,12 +96,12 @@ fn every_route() -> Vec<(Method, String)> {
         for method in ["get", "post", "put", "delete", "patch"] {
             if item.get(method).is_some() {
                 let method = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
-                routes.push((method, sample(path)));
+                routes.push((method, Some(path.clone()), sample(path)));
             }
         }
     }
     for path in eventsys::http::dashboard_paths() {
-        routes.push((Method::GET, path.to_string()));
+        routes.push((Method::GET, None, path.to_string()));
     }
     assert!(routes.len() > 20, "{routes:?}");
     routes
@@ -145,6 +154,35 @@ async fn every_route_answers_each_role_as_api_md_says() {
                     status != StatusCode::UNAUTHORIZED && status != StatusCode::FORBIDDEN,
                     "{what}: the role allows it"
                 ),
+            }
+        }
+    }
+}
+
+#[test]
+fn the_document_lists_401_and_403_where_a_role_is_needed() {
+    let document = serde_json::to_value(eventsys::http::openapi()).unwrap();
+    assert_eq!(
+        document["components"]["securitySchemes"]["bearer"]["scheme"],
+        "bearer"
+    );
+    for (method, template, path) in every_route_with_template() {
+        let Some(template) = template else { continue };
+        let operation = &document["paths"][&template][method.as_str().to_lowercase()];
+        let responses = &operation["responses"];
+        match needs(&method, &path) {
+            None => assert!(
+                responses.get("401").is_none(),
+                "{method} {template} is open"
+            ),
+            Some(_) => {
+                for status in ["401", "403"] {
+                    assert!(
+                        responses.get(status).is_some(),
+                        "{method} {template}: no {status}"
+                    );
+                }
+                assert!(operation["security"].is_array(), "{method} {template}");
             }
         }
     }
