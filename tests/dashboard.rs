@@ -247,6 +247,16 @@ async fn drive_the_page(c: &Client, url: &str) -> Result<(), String> {
     )
     .await?;
 
+    // The saga's fault and retry were operator actions: the feed shows
+    // their audit records, and the inspector reads the audit table.
+    wait_until(
+        c,
+        "the feed to show the audit records of scenario 6's fault and retry",
+        "return [...document.querySelectorAll('#feed li')].filter(li => li.dataset.table === 'audit').length >= 3
+            && [...document.querySelectorAll('#inspect-table option')].some(o => o.value === 'audit')",
+    )
+    .await?;
+
     c.execute("window.scrollTo(0, 0); return true", vec![])
         .await
         .map_err(|e| format!("scroll to the top: {e}"))?;

@@ -726,7 +726,10 @@ fn disk_use_follows_snapshots_not_uptime() {
         .unwrap()
         .map(|e| e.unwrap().metadata().unwrap().len())
         .sum();
-    assert!(kept < 1024 * 1024, "{kept} bytes of log kept; while running: {storage}");
+    assert!(
+        kept < 1024 * 1024,
+        "{kept} bytes of log kept; while running: {storage}"
+    );
 }
 
 /// Asserts that every queue's counters add up.

@@ -612,8 +612,13 @@ function applyFeedFilter() {
   for (const row of $('#feed').children) row.hidden = Boolean(filter) && row.dataset.table !== filter;
 }
 
+/** The topology's tables, and the audit trail of operator actions, which is in no scenario. */
+function tableNames(topology) {
+  return [...topology.nodes.filter((n) => n.kind === 'table').map((n) => n.id), 'audit'];
+}
+
 function setupFeed(topology) {
-  const tables = topology.nodes.filter((n) => n.kind === 'table').map((n) => n.id);
+  const tables = tableNames(topology);
   $('#feed-filter').append(...tables.map((t) => el('option', { value: t, text: t })));
   $('#feed-filter').addEventListener('change', applyFeedFilter);
   $('#feed-pause').addEventListener('click', () => {
@@ -639,7 +644,7 @@ function setupFeed(topology) {
 
 function setupInspector(topology) {
   const select = $('#inspect-table');
-  const tables = topology.nodes.filter((n) => n.kind === 'table').map((n) => n.id);
+  const tables = tableNames(topology);
   select.append(...tables.map((t) => el('option', { value: t, text: t })));
   select.addEventListener('change', () => inspectTable(select.value));
   $('#records-first').addEventListener('click', () => { state.inspect.cursors = [null]; loadPage(); });
