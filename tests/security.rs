@@ -103,13 +103,22 @@ fn the_tokens_file_is_re_read_on_sighup() {
     let first = "first-token-0123456789";
     let second = "second-token-0123456789";
     let (_dir, file) = tokens_file(&format!("ann operator {first}\n"));
+    set_mode(&file, 0o600);
     let path = file.display().to_string();
     let mut server = Server::start(&["--auth-tokens-file", &path]);
+    assert!(
+        !server.log_text().contains("chmod 600"),
+        "{}",
+        server.log_text()
+    );
     assert_eq!(status_with(server.addr, "GET", "/tables", first), 200);
     assert_eq!(status_with(server.addr, "GET", "/tables", second), 401);
 
     std::fs::write(&file, format!("ann reader {second}\n")).unwrap();
+    // Readable by others now: the reload says so.
+    set_mode(&file, 0o644);
     server.signal("HUP");
+    server.wait_for_message("the tokens file may be read by others");
     let reloaded = server.wait_for_message("tokens reloaded");
     assert_eq!(reloaded["fields"]["callers"], 1, "{reloaded}");
     assert_eq!(status_with(server.addr, "GET", "/tables", first), 401);
@@ -130,6 +139,11 @@ fn the_tokens_file_is_re_read_on_sighup() {
         200,
         "/healthz stays open"
     );
+}
+
+fn set_mode(file: &std::path::Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(file, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
 #[test]

@@ -124,6 +124,24 @@ pub enum TokensError {
     Empty { path: PathBuf },
 }
 
+/// Logs a warning when others than its owner may read the tokens file.
+fn warn_if_shared(path: &Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = std::fs::metadata(path)
+            && meta.permissions().mode() & 0o077 != 0
+        {
+            tracing::warn!(
+                path = %path.display(),
+                "the tokens file may be read by others than its owner: chmod 600 it"
+            );
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+}
+
 /// The callers of a tokens file, found by their token's digest.
 pub struct Tokens {
     callers: Vec<([u8; 32], Caller)>,
@@ -140,6 +158,7 @@ impl Tokens {
             path: path.to_path_buf(),
             error,
         })?;
+        warn_if_shared(path);
         Self::parse(path, &text)
     }
 
