@@ -72,18 +72,40 @@ fn insecure_open_serves_everyone_with_a_warning() {
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
-    let lines: Vec<String> = std::io::BufRead::lines(std::io::BufReader::new(stdout))
-        .map_while(Result::ok)
-        .take_while(|line| !line.contains("eventsys listening"))
-        .collect();
-    let _ = child.kill();
-    let _ = child.wait();
+    let mut lines = Vec::new();
+    let mut port = None;
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok) {
+        if line.contains("eventsys listening") {
+            let entry: serde_json::Value = serde_json::from_str(&line).unwrap();
+            let addr: SocketAddr = entry["fields"]["addr"].as_str().unwrap().parse().unwrap();
+            port = Some(addr.port());
+            break;
+        }
+        lines.push(line);
+    }
     assert!(
         lines
             .iter()
             .any(|l| l.contains("WARN") && l.contains("--insecure-open")),
         "{lines:#?}"
     );
+    // Any Host may change it: it is open on purpose.
+    let addr = SocketAddr::from(([127, 0, 0, 1], port.expect("a listening line")));
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    let body = r#"{"id":"m1","title":"Heat"}"#;
+    write!(
+        stream,
+        "POST /raw/movies HTTP/1.1\r\nHost: eventsys.example:8080\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(status_of(&response), 200, "{response}");
 }
 
 #[test]

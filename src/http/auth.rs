@@ -353,15 +353,17 @@ pub fn changes_state(method: &Method) -> bool {
     !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
 }
 
-/// Why a request without tokens was refused as not local.
-pub fn not_local(headers: &HeaderMap) -> Option<String> {
+/// Why a request without tokens was refused as not local. With `open`
+/// (`--insecure-open`, everyone is meant to reach the server) any `Host`
+/// is taken, but a page of another origin is still refused.
+pub fn not_local(headers: &HeaderMap, open: bool) -> Option<String> {
     // Browsers always send `Host`; a request without one (HTTP/1.0, or a
     // client in the same process) is no page's doing.
     let host = match headers.get(header::HOST) {
         None => return None,
         Some(host) => host.to_str().unwrap_or_default(),
     };
-    if !is_loopback_host(host) {
+    if !open && !is_loopback_host(host) {
         return Some(format!(
             "this server has no tokens file, so it takes changes only from a loopback host; \
              the request's Host is `{host}` (start it with --auth-tokens-file to serve others)"
@@ -512,7 +514,11 @@ mod tests {
             "LOCALHOST:1",
             "app.localhost",
         ] {
-            assert_eq!(not_local(&headers(&[(header::HOST, host)])), None, "{host}");
+            assert_eq!(
+                not_local(&headers(&[(header::HOST, host)]), false),
+                None,
+                "{host}"
+            );
         }
         for host in [
             "example.com",
@@ -522,19 +528,34 @@ mod tests {
             "",
         ] {
             assert!(
-                not_local(&headers(&[(header::HOST, host)])).is_some(),
+                not_local(&headers(&[(header::HOST, host)]), false).is_some(),
                 "{host}"
             );
         }
-        assert_eq!(not_local(&HeaderMap::new()), None, "no Host: not a browser");
+        assert_eq!(
+            not_local(&HeaderMap::new(), false),
+            None,
+            "no Host: not a browser"
+        );
+        // --insecure-open: any host, but still no other site's page.
+        let remote = [
+            (header::HOST, "10.0.0.5:8080"),
+            (header::ORIGIN, "http://10.0.0.5:8080"),
+        ];
+        assert_eq!(not_local(&headers(&remote), true), None);
+        let evil = [
+            (header::HOST, "10.0.0.5:8080"),
+            (header::ORIGIN, "http://evil.example"),
+        ];
+        assert!(not_local(&headers(&evil), true).is_some());
         let own = [
             (header::HOST, "127.0.0.1:8080"),
             (header::ORIGIN, "http://127.0.0.1:8080"),
         ];
-        assert_eq!(not_local(&headers(&own)), None);
+        assert_eq!(not_local(&headers(&own), false), None);
         for origin in ["http://evil.example", "null", "http://127.0.0.1:9999"] {
             let other = [(header::HOST, "127.0.0.1:8080"), (header::ORIGIN, origin)];
-            assert!(not_local(&headers(&other)).is_some(), "{origin}");
+            assert!(not_local(&headers(&other), false).is_some(), "{origin}");
         }
     }
 

@@ -69,7 +69,8 @@ pub async fn authorize(
         }
         None => {
             if auth::changes_state(&method)
-                && let Some(reason) = auth::not_local(request.headers())
+                && let Some(reason) =
+                    auth::not_local(request.headers(), state.config().insecure_open)
             {
                 return ApiError::Forbidden(reason).into_response();
             }
