@@ -33,6 +33,10 @@
 //!    its log) is reported, from the log alone and, after a clean stop,
 //!    from its snapshot.
 //!
+//! Test 1 also runs `tokens`: eventsys in memory with a tokens file, every
+//! request carrying an operator's bearer token (the other servers ignore
+//! it), its ratio taken to eventsys in memory without one.
+//!
 //! Tests 1 and 2 also run `durable`: eventsys on a data directory with
 //! `--sync always`, its ratio taken to eventsys in memory in the same run
 //! (test 2 in pairs, in memory and durable back to back, as a run this
@@ -56,7 +60,7 @@
 //! - `EVENTSYS_BENCH_RECOVERY_RECORDS` (default 1000000): records in test 4.
 //! - `EVENTSYS_BENCH_ONLY`: comma-separated tests (`single`, `batches`,
 //!   `visibility`, `recovery`) and/or servers (`floor`, `plain`,
-//!   `eventsys`, `durable`) to run; all when unset (a ratio needs the
+//!   `eventsys`, `durable`, `tokens`) to run; all when unset (a ratio needs the
 //!   servers it compares).
 
 mod common;
@@ -211,14 +215,35 @@ fn start_plain(rt: &Runtime) -> Server {
     serve_floor(rt, router, Some(pipeline))
 }
 
+/// The token every request of the client carries: ignored by servers
+/// without tokens, an operator's for `tokens` (see [`start_with_tokens`]).
+const BENCH_TOKEN: &str = "bench-operator-token-0123456789";
+
 /// eventsys in memory, or on `data_dir` (`--sync always`).
 fn start_eventsys(rt: &Runtime, data_dir: Option<&TempDir>) -> Server {
+    start_configured(rt, data_dir, None)
+}
+
+/// eventsys in memory with a tokens file: every request is authorized.
+fn start_with_tokens(rt: &Runtime, dir: &TempDir) -> Server {
+    std::fs::create_dir_all(&dir.0).expect("a directory for the tokens file");
+    let file = dir.0.join("tokens");
+    std::fs::write(&file, format!("bench operator {BENCH_TOKEN}\n")).expect("tokens file");
+    start_configured(rt, None, Some(file))
+}
+
+fn start_configured(
+    rt: &Runtime,
+    data_dir: Option<&TempDir>,
+    auth_tokens_file: Option<std::path::PathBuf>,
+) -> Server {
     let listener = rt.block_on(TcpListener::bind("127.0.0.1:0")).expect("bind");
     let addr = listener.local_addr().expect("addr");
     let config = Config {
         addr,
         raw_workers: Some(2),
         data_dir: data_dir.map(|d| d.0.clone()),
+        auth_tokens_file,
         ..Config::default()
     };
     let app = {
@@ -266,6 +291,7 @@ async fn post_json(sender: &mut Sender, path: &str, body: Bytes) -> (StatusCode,
     let request = Request::post(path)
         .header(header::HOST, "127.0.0.1")
         .header(header::CONTENT_TYPE, "application/json")
+        .header(header::AUTHORIZATION, bearer())
         .body(Full::new(body))
         .expect("request");
     let started = Instant::now();
@@ -273,6 +299,10 @@ async fn post_json(sender: &mut Sender, path: &str, body: Bytes) -> (StatusCode,
     let status = response.status();
     let _ = response.into_body().collect().await.expect("body");
     (status, started.elapsed())
+}
+
+fn bearer() -> String {
+    format!("Bearer {BENCH_TOKEN}")
 }
 
 fn movie(id: &str, n: u64) -> Value {
@@ -685,7 +715,7 @@ fn main() {
     let rate = env_usize("EVENTSYS_BENCH_RATE", 10_000).max(1) as f64;
     let vis_seconds = env_usize("EVENTSYS_BENCH_VIS_SECONDS", 5) as u64;
     let client_threads = env_usize("EVENTSYS_BENCH_CLIENT_THREADS", 1).max(1);
-    let servers_named = ["floor", "plain", "eventsys", "durable"]
+    let servers_named = ["floor", "plain", "eventsys", "durable", "tokens"]
         .iter()
         .any(|s| selected(s))
         && std::env::var_os("EVENTSYS_BENCH_ONLY").is_some();
@@ -693,6 +723,7 @@ fn main() {
     let plain_on = !servers_named || selected("plain");
     let eventsys_on = !servers_named || selected("eventsys");
     let durable_on = !servers_named || selected("durable");
+    let tokens_on = !servers_named || selected("tokens");
 
     if std::env::var_os("EVENTSYS_BENCH_LOG").is_some() {
         // As the `eventsys` binary logs by default (info), into a sink.
@@ -761,6 +792,24 @@ fn main() {
                     verdict(ratio >= 0.8),
                     rate / plain_rate,
                     ms(drain),
+                ),
+            );
+        }
+        if tokens_on {
+            let dir = TempDir::new();
+            let secured = start_with_tokens(&servers, &dir);
+            let mut r = single_records(&client, secured.addr, connections, duration, "t");
+            let app = secured.app.clone().expect("eventsys");
+            assert!(servers.block_on(app.pipeline().engine.settle(Duration::from_secs(120))));
+            secured.stop(&servers);
+            let ratio = r.ok as f64 / r.elapsed.as_secs_f64() / memory_rate;
+            row(
+                &test,
+                "tokens",
+                &mut r,
+                &format!(
+                    "--auth-tokens-file; {ratio:.2} of in memory without (target >= 0.95: {})",
+                    verdict(ratio >= 0.95)
                 ),
             );
         }
