@@ -31,6 +31,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 pub mod config;
 pub mod engine;
 pub mod http;
+pub mod jetstream;
 pub mod media;
 pub mod storage;
 
