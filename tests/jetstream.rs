@@ -6,11 +6,19 @@ mod nats;
 #[path = "support/temp_dir.rs"]
 mod temp_dir;
 
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use eventsys::engine::log::{Cause, ChangeLog};
+use eventsys::engine::record::{Data, RecordId, Timestamp, Version};
+use eventsys::engine::settle::Activity;
+use eventsys::engine::table::{Outcome, Table, TableKind, Write};
+use eventsys::jetstream::state::{Names, StateOptions, StateStore};
 use eventsys::jetstream::{self, ConnectError, MIN_SERVER};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 use nats::NatsServer;
 
@@ -100,4 +108,186 @@ async fn a_server_without_jetstream_is_refused() {
         .await
         .expect_err("refused");
     assert!(matches!(error, ConnectError::NoJetStream { .. }), "{error}");
+}
+
+/// One eventsys process's view of a shared table: its own connection, its
+/// replica of the state stream, and the change log that replica feeds.
+struct Replica {
+    log: Arc<ChangeLog>,
+    table: Arc<Table>,
+    store: Arc<StateStore>,
+    stop: CancellationToken,
+}
+
+impl Replica {
+    async fn open(url: &str, prefix: &str) -> Replica {
+        let connection = jetstream::connect(url, WITHIN).await.expect("connect");
+        let names = Names::new(prefix).expect("prefix");
+        let store = StateStore::open(&connection, names, &StateOptions::default())
+            .await
+            .expect("open the state stream");
+        let log = Arc::new(ChangeLog::new(1_000_000, Activity::default()));
+        let table = Arc::new(Table::new("movies", TableKind::Raw, log.clone()));
+        assert!(table.share(store.clone()).is_ok());
+        let tables = HashMap::from([(table.name().clone(), table.clone())]);
+        let stop = CancellationToken::new();
+        tokio::spawn(store.clone().follow(tables, log.clone(), stop.clone()));
+        Replica {
+            log,
+            table,
+            store,
+            stop,
+        }
+    }
+
+    /// Waits until this replica has everything the stream holds now.
+    async fn catch_up(&self) {
+        let last = self.store.last().await.expect("stream info");
+        tokio::time::timeout(Duration::from_secs(30), self.store.caught_up(last))
+            .await
+            .expect("the replica catches up");
+    }
+
+    /// The change log, as (sequence, id, key, kind, version).
+    fn changes(&self) -> Vec<(u64, String, String, String, String)> {
+        let page = self.log.read(0, usize::MAX, |_| true).expect("log");
+        page.events
+            .iter()
+            .map(|c| {
+                (
+                    c.seq,
+                    c.id.to_string(),
+                    c.key.to_string(),
+                    c.kind.as_str().to_owned(),
+                    format!("{:?}", c.version),
+                )
+            })
+            .collect()
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Write(Write),
+    Delete(RecordId, Timestamp),
+}
+
+fn at(second: u32) -> Timestamp {
+    Timestamp::parse(&format!("2024-01-01T00:00:{second:02}Z")).expect("a time")
+}
+
+/// Writes and deletes of a few ids at a few versions with a few values,
+/// so that many collide: repeats, stale versions, ties broken by data,
+/// deletes before and after writes.
+fn ops(seed: u64, n: usize) -> Vec<Op> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    (0..n)
+        .map(|_| {
+            let id = RecordId::parse(&format!("m{}", rng.u8(0..6))).expect("an id");
+            let when = at(rng.u32(0..12));
+            if rng.u8(0..8) == 0 {
+                return Op::Delete(id, when);
+            }
+            let data = Data::canonical(&serde_json::json!({"title": rng.u8(0..3)})).expect("data");
+            Op::Write(Write {
+                id,
+                version: Version::write(when, data.clone()),
+                data,
+            })
+        })
+        .collect()
+}
+
+async fn run(table: &Table, op: Op) -> Outcome {
+    let cause = Cause::request("test");
+    let writer = table.writer();
+    match op {
+        Op::Write(write) => writer.apply(write, &cause).await,
+        Op::Delete(id, at) => writer.delete(&id, at, &cause).await,
+    }
+    .expect("JetStream takes the write")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_writing_the_same_records_at_once_converge_on_what_memory_holds() {
+    let Some(server) = NatsServer::start() else {
+        return;
+    };
+    let replicas = [
+        Replica::open(&server.url, "conv").await,
+        Replica::open(&server.url, "conv").await,
+    ];
+    for round in 0..4u64 {
+        let ops = ops(round, 300);
+        // Eight clients at once, each sending its share through one of
+        // the two processes.
+        let clients = (0..8).map(|client| {
+            let table = replicas[client % 2].table.clone();
+            let mine: Vec<Op> = ops.iter().skip(client).step_by(8).cloned().collect();
+            tokio::spawn(async move {
+                for op in mine {
+                    run(&table, op).await;
+                }
+            })
+        });
+        for client in futures_util::future::join_all(clients).await {
+            client.expect("a client ran");
+        }
+        for replica in &replicas {
+            replica.catch_up().await;
+        }
+        // Memory, given every op of every round so far in another order.
+        let memory = Table::new(
+            "movies",
+            TableKind::Raw,
+            Arc::new(ChangeLog::new(1_000_000, Activity::default())),
+        );
+        let mut all: Vec<Op> = (0..=round).flat_map(|r| self::ops(r, 300)).collect();
+        fastrand::Rng::with_seed(round + 100).shuffle(&mut all);
+        for op in all {
+            run(&memory, op).await;
+        }
+        let want = memory.snapshot();
+        assert!(!want.is_empty());
+        for (i, replica) in replicas.iter().enumerate() {
+            assert_eq!(replica.table.snapshot(), want, "replica {i}, round {round}");
+            assert_eq!(
+                replica.table.len(),
+                want.len() as u64,
+                "replica {i} live count"
+            );
+        }
+        // One change log: the same changes at the same sequences.
+        assert_eq!(
+            replicas[0].changes(),
+            replicas[1].changes(),
+            "round {round}"
+        );
+        // And it says what the table holds: each id's last change.
+        let mut last = BTreeMap::new();
+        for change in replicas[0]
+            .log
+            .read(0, usize::MAX, |_| true)
+            .expect("log")
+            .events
+        {
+            last.insert(change.key.clone(), change);
+        }
+        let from_log: Vec<_> = last
+            .values()
+            .filter(|c| c.data.is_some())
+            .map(|c| (c.key.clone(), c.version.clone(), c.data.clone()))
+            .collect();
+        let held: Vec<_> = want
+            .iter()
+            .map(|r| (r.id.clone(), r.version.clone(), Some(r.data.clone())))
+            .collect();
+        assert_eq!(from_log, held, "round {round}");
+    }
 }

@@ -132,7 +132,7 @@ impl Serialize for Change {
 
 /// A version 7 UUID for a change recorded at `time`: time-ordered, with
 /// random bits from a thread-local generator, and no second clock read.
-fn event_id(time: Timestamp) -> Uuid {
+pub(crate) fn event_id(time: Timestamp) -> Uuid {
     let nanos = time.nanos().max(0) as u64;
     let at = uuid::Timestamp::from_unix(
         uuid::NoContext,
@@ -179,6 +179,28 @@ struct Inner {
     /// "durable" as soon as it is appended.
     durable_seq: u64,
     marks: VecDeque<(u64, u64)>,
+    /// A replica of a shared log (JetStream): sequences come from the
+    /// shared stream and have gaps, so what was trimmed cannot be told from
+    /// the oldest event kept; this is the greatest sequence trimmed (or
+    /// never seen). `None` for a log of this process's own, whose
+    /// sequences are gapless.
+    floor: Option<u64>,
+}
+
+impl Inner {
+    /// The oldest sequence that may be read: everything from it on that
+    /// the log ever held is still here.
+    fn first(&self) -> u64 {
+        match self.floor {
+            Some(floor) => floor + 1,
+            None => self.events.front().map_or(self.next_seq, |e| e.seq),
+        }
+    }
+
+    /// Where the first retained event with a sequence of `seq` or more is.
+    fn index_of(&self, seq: u64) -> usize {
+        self.events.partition_point(|e| e.seq < seq)
+    }
 }
 
 /// The cursor asked for is older than what is retained.
@@ -218,6 +240,7 @@ impl ChangeLog {
                 subscribers: Vec::new(),
                 durable_seq: u64::MAX,
                 marks: VecDeque::new(),
+                floor: None,
             }),
             streams: watch::Sender::new(()),
             retention: retention.max(1),
@@ -330,6 +353,31 @@ impl ChangeLog {
             let lsn = journal.append_raw(effect::PUT, &payload);
             inner.marks.push_back((lsn, seq));
         }
+        self.push(inner, change.clone());
+        change
+    }
+
+    /// Makes this log a replica of a shared one (JetStream): its changes
+    /// come through [`ChangeLog::replicate`], at the shared stream's
+    /// sequences, which have gaps.
+    pub fn become_replica(&self) {
+        let mut inner = self.lock();
+        inner.floor = Some(inner.next_seq - 1);
+    }
+
+    /// Appends a change read from the shared log, at its own sequence. One
+    /// at or below the latest (read again) is ignored.
+    pub fn replicate(&self, change: Change) {
+        let mut inner = self.lock();
+        if change.seq < inner.next_seq {
+            return;
+        }
+        inner.next_seq = change.seq + 1;
+        self.push(inner, Arc::new(change));
+    }
+
+    /// Adds `change` to the log and tells whoever waits for it.
+    fn push(&self, mut inner: MutexGuard<'_, Inner>, change: Arc<Change>) {
         inner.events.push_back(change.clone());
         let mut owed = 0;
         for sub in inner.subscribers.iter_mut() {
@@ -349,7 +397,6 @@ impl ChangeLog {
         if self.streams.receiver_count() > 0 {
             self.streams.send_replace(());
         }
-        change
     }
 
     /// Drops the oldest events beyond retention that every subscriber has.
@@ -369,7 +416,11 @@ impl ChangeLog {
         while inner.events.len() > self.retention {
             match inner.events.front() {
                 Some(front) if front.seq < delivered_to_all => {
+                    let seq = front.seq;
                     inner.events.pop_front();
+                    if let Some(floor) = &mut inner.floor {
+                        *floor = seq;
+                    }
                 }
                 _ => break,
             }
@@ -381,12 +432,11 @@ impl ChangeLog {
     pub fn pending(&self, sub: SubscriberId, max: usize) -> (Vec<Arc<Change>>, u64) {
         let inner = self.lock();
         let subscriber = &inner.subscribers[sub.0];
-        let first = inner.events.front().map_or(inner.next_seq, |e| e.seq);
         // The cursor is never behind what is retained (see `trim`).
-        let start = subscriber.cursor.saturating_sub(first) as usize;
+        let start = inner.index_of(subscriber.cursor);
         let mut found = Vec::new();
         let mut cursor = subscriber.cursor;
-        for change in inner.events.range(start.min(inner.events.len())..) {
+        for change in inner.events.range(start..) {
             if found.len() == max || change.seq > inner.durable_seq {
                 break;
             }
@@ -454,19 +504,19 @@ impl ChangeLog {
         from_oldest: bool,
     ) -> Result<Page, Gone> {
         let inner = self.lock();
-        let first = inner.events.front().map_or(inner.next_seq, |e| e.seq);
+        let first = inner.first();
         if !from_oldest && after + 1 < first {
             return Err(Gone {
                 after,
                 oldest: first,
             });
         }
-        let start = (after + 1).saturating_sub(first) as usize;
+        let start = inner.index_of(after + 1);
         let mut page = Page {
             events: Vec::new(),
             next: after.max(first.saturating_sub(1)),
         };
-        for change in inner.events.range(start.min(inner.events.len())..) {
+        for change in inner.events.range(start..) {
             if page.events.len() == limit || change.seq > inner.durable_seq {
                 break;
             }
@@ -480,8 +530,7 @@ impl ChangeLog {
 
     /// The oldest retained sequence (the next to be appended if none are).
     pub fn oldest(&self) -> u64 {
-        let inner = self.lock();
-        inner.events.front().map_or(inner.next_seq, |e| e.seq)
+        self.lock().first()
     }
 
     /// The sequence of the latest durable append (0 before the first).
@@ -498,7 +547,7 @@ impl ChangeLog {
     /// it has been given (for replay: the rest it gets anyway).
     pub fn delivered_after(&self, sub: SubscriberId, after: u64) -> Result<Vec<Arc<Change>>, Gone> {
         let inner = self.lock();
-        let first = inner.events.front().map_or(inner.next_seq, |e| e.seq);
+        let first = inner.first();
         if after + 1 < first {
             return Err(Gone {
                 after,
@@ -506,10 +555,10 @@ impl ChangeLog {
             });
         }
         let subscriber = &inner.subscribers[sub.0];
-        let start = (after + 1).saturating_sub(first) as usize;
+        let start = inner.index_of(after + 1);
         Ok(inner
             .events
-            .range(start.min(inner.events.len())..)
+            .range(start..)
             .take_while(|c| c.seq < subscriber.cursor)
             .filter(|c| subscriber.tables.contains(&c.table))
             .cloned()

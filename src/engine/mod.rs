@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod queue;
 pub mod record;
 pub mod settle;
+pub mod store;
 pub mod table;
 pub mod topology;
 

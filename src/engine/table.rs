@@ -46,14 +46,16 @@ use std::collections::{BTreeMap, HashSet};
 use std::hash::BuildHasher;
 use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use serde::Serialize;
 
-use super::log::{Cause, Change, ChangeKind, ChangeLog, TableName};
+use super::log::{self, Cause, Change, ChangeKind, ChangeLog, TableName};
 use super::record::{Data, RecordId, Timestamp, Version};
+use super::store::{Store, StoreError};
 use crate::storage::effect::{
     self, At, ChangeImage, Correlations, CurrentFrame, EntryImage, PutFrame, StoredImage,
+    VersionImage,
 };
 
 const SHARDS: usize = 16;
@@ -247,7 +249,7 @@ struct Current {
 
 /// What one id has received. What is visible follows from it
 /// ([`Entry::visible`]), never from the order it arrived in.
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct Entry {
     /// Versioned: the greatest write of the id's own, kept while it is
     /// deleted or hidden. Sequenced: the record, `None` once deleted.
@@ -262,6 +264,8 @@ struct Entry {
     seq: u64,
     /// Versioned: whether the current reconciliation's set has this id.
     in_set: bool,
+    /// On a shared store: the store's revision of this state (0: none).
+    rev: u64,
 }
 
 impl Entry {
@@ -328,6 +332,7 @@ impl Entry {
                 .collect::<Result<_, String>>()?,
             seq: image.s,
             in_set: image.i,
+            rev: 0,
         })
     }
 
@@ -371,6 +376,10 @@ pub struct Table {
     limit: AtomicU64,
     counters: Counters,
     log: Arc<ChangeLog>,
+    /// Set when the table is a replica of a shared store: writes then go
+    /// to the store ([`Writer`]), and come back through
+    /// [`Table::replicate`].
+    store: OnceLock<Arc<dyn Store>>,
 }
 
 /// What a change of one entry did to what is visible.
@@ -402,6 +411,172 @@ impl<'e> Effect<'e> {
     }
 }
 
+/// What one step did to one entry: whether the entry now holds anything
+/// new (so its state must be written down), and what was visible before
+/// and after it.
+struct Step {
+    changed: bool,
+    before: Seen,
+    after: Seen,
+    /// The version a delete is recorded with.
+    deleted: Version,
+}
+
+/// Why a write through a [`Writer`] was not made. Nothing of it is
+/// stored.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WriteError {
+    #[error(transparent)]
+    Full(#[from] Full),
+    #[error(transparent)]
+    PreconditionFailed(#[from] PreconditionFailed),
+    /// The shared store could not be reached (never in memory).
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// How many times a write works itself out again after other processes
+/// changed its record first, before it gives up as unavailable.
+const CONFLICTS: usize = 1_000;
+
+/// A table's writes, wherever its state is kept: in memory each is one
+/// step under the shard lock; on a shared store it is a compare-and-set
+/// of the new state there (see [`crate::engine::store`]).
+pub struct Writer<'t> {
+    table: &'t Table,
+}
+
+impl Writer<'_> {
+    /// [`Table::apply`]: one write (versioned tables), room for which
+    /// ingest has reserved.
+    pub async fn apply(&self, write: Write, cause: &Cause) -> Result<Outcome, WriteError> {
+        let table = self.table;
+        let Some(store) = table.store.get() else {
+            return Ok(table.apply(write, cause));
+        };
+        let id = write.id.clone();
+        let outcome = table
+            .shared(store, &id, cause, false, |entry, current| {
+                let (outcome, step) = table.apply_step(entry, current, write.clone());
+                (outcome, Some(step))
+            })
+            .await?;
+        table.count(outcome);
+        Ok(outcome)
+    }
+
+    /// [`Table::apply_if`]: one write, if the stored record meets `expect`.
+    pub async fn apply_if(
+        &self,
+        write: Write,
+        expect: Expect,
+        cause: &Cause,
+    ) -> Result<Outcome, WriteError> {
+        let table = self.table;
+        let Some(store) = table.store.get() else {
+            return Ok(table.apply_if(write, expect, cause)?);
+        };
+        let id = write.id.clone();
+        let outcome = table
+            .shared(store, &id, cause, false, |entry, current| {
+                let stored = entry.visible(table.order, current).map(|s| s.version.at);
+                if !expect.met_by(stored) {
+                    return (Err(PreconditionFailed { current: stored }), None);
+                }
+                let (outcome, step) = table.apply_step(entry, current, write.clone());
+                (Ok(outcome), Some(step))
+            })
+            .await??;
+        table.count(outcome);
+        Ok(outcome)
+    }
+
+    /// [`Table::delete`]: deletes `id` as of `at` (versioned tables).
+    pub async fn delete(
+        &self,
+        id: &RecordId,
+        at: Timestamp,
+        cause: &Cause,
+    ) -> Result<Outcome, WriteError> {
+        let table = self.table;
+        let Some(store) = table.store.get() else {
+            return Ok(table.delete(id, at, cause));
+        };
+        let outcome = table
+            .shared(store, id, cause, false, |entry, current| {
+                let (outcome, step) = table.delete_step(entry, current, at);
+                (outcome, Some(step))
+            })
+            .await?;
+        if outcome != Outcome::Absent {
+            table.count(outcome);
+        }
+        Ok(outcome)
+    }
+
+    /// [`Table::derive`]: what the source change `seq` says of `id`
+    /// (sequenced tables).
+    pub async fn derive(
+        &self,
+        id: &RecordId,
+        seq: u64,
+        version: Version,
+        data: Option<Data>,
+        cause: &Cause,
+    ) -> Result<Outcome, WriteError> {
+        let table = self.table;
+        let Some(store) = table.store.get() else {
+            return Ok(table.derive(id, seq, version, data, cause)?);
+        };
+        let outcome = table
+            .shared(store, id, cause, true, |entry, _| {
+                table.derive_step(entry, seq, version.clone(), data.clone())
+            })
+            .await?;
+        if outcome != Outcome::Absent {
+            table.count(outcome);
+        }
+        Ok(outcome)
+    }
+
+    /// [`Table::list`]: sets or removes `parent`'s listing of the child
+    /// `id` (child tables).
+    pub async fn list(
+        &self,
+        id: &RecordId,
+        parent: &RecordId,
+        listing: Option<(Version, Data)>,
+        removed: Version,
+        cause: &Cause,
+    ) -> Result<(), WriteError> {
+        let table = self.table;
+        let Some(store) = table.store.get() else {
+            return Ok(table.list(id, parent, listing, removed, cause)?);
+        };
+        table
+            .shared(store, id, cause, true, |entry, current| {
+                if listing.is_none() && entry.is_empty() {
+                    return ((), None);
+                }
+                let step =
+                    table.list_step(entry, current, parent, listing.clone(), removed.clone());
+                ((), Some(step))
+            })
+            .await
+    }
+}
+
+impl Expect {
+    /// Whether a record stored at `stored` (`None`: none live) meets this.
+    fn met_by(self, stored: Option<Timestamp>) -> bool {
+        match (self, stored) {
+            (Expect::Exists, Some(_)) => true,
+            (Expect::Version(want), Some(have)) => want == have,
+            (_, None) => false,
+        }
+    }
+}
+
 impl Table {
     pub fn new(name: &str, kind: TableKind, log: Arc<ChangeLog>) -> Self {
         Self {
@@ -425,6 +600,7 @@ impl Table {
             limit: AtomicU64::new(u64::MAX),
             counters: Counters::default(),
             log,
+            store: OnceLock::new(),
         }
     }
 
@@ -599,12 +775,7 @@ impl Table {
             .get(&write.id)
             .and_then(|e| e.visible(self.order, current.as_deref()))
             .map(|s| s.version.at);
-        let met = match (expect, stored) {
-            (Expect::Exists, Some(_)) => true,
-            (Expect::Version(want), Some(have)) => want == have,
-            (_, None) => false,
-        };
-        if !met {
+        if !expect.met_by(stored) {
             return Err(PreconditionFailed { current: stored });
         }
         Ok(self.apply_locked(&mut shard, write, cause))
@@ -620,10 +791,23 @@ impl Table {
     }
 
     fn apply_locked(&self, shard: &mut Shard, write: Write, cause: &Cause) -> Outcome {
-        let Write { id, version, data } = write;
+        let id = write.id.clone();
         let current = shard.current.clone();
-        let current = current.as_deref();
         let entry = self.reserved_slot(&mut shard.entries, &id);
+        let (outcome, step) = self.apply_step(entry, current.as_deref(), write);
+        self.emit(&id, Effect::of(step.changed, Some(entry)), step, cause);
+        self.count(outcome);
+        outcome
+    }
+
+    /// A write's outcome, and what it does to `entry`.
+    fn apply_step(
+        &self,
+        entry: &mut Entry,
+        current: Option<&Current>,
+        write: Write,
+    ) -> (Outcome, Step) {
+        let Write { version, data, .. } = write;
         let before = entry.visible(self.order, current).cloned();
         let outcome = if entry.dead_at(version.at, current) {
             Outcome::Stale
@@ -643,31 +827,19 @@ impl Table {
             });
         }
         let after = entry.visible(self.order, current).cloned();
-        let effect = Effect::of(newer, Some(entry));
-        self.emit(
-            &id,
-            effect,
+        let step = Step {
+            changed: newer,
             before,
             after,
-            Version::delete(version.at),
-            cause,
-        );
-        self.count(outcome);
-        outcome
+            deleted: Version::delete(version.at),
+        };
+        (outcome, step)
     }
 
     /// Appends the change that turned `before` into `after`, if any, and
     /// keeps the live count. `deleted` is the version a delete is recorded
     /// with.
-    fn emit(
-        &self,
-        id: &RecordId,
-        effect: Effect<'_>,
-        before: Seen,
-        after: Seen,
-        deleted: Version,
-        cause: &Cause,
-    ) {
+    fn emit(&self, id: &RecordId, effect: Effect<'_>, step: Step, cause: &Cause) {
         // On a data directory every change of an entry is a frame, whether
         // or not it changes what is visible (a newer version with equal
         // data, a tombstone, a reconciliation mark): restart must rebuild
@@ -677,23 +849,13 @@ impl Table {
             Effect::Changed(entry) if journaled => Some(self.put_frame(id, entry)),
             _ => None,
         };
-        let (kind, version, data) = match (before, after) {
-            (None, None) => return self.journal_only(put),
-            (None, Some(a)) => {
-                self.counters.live.fetch_add(1, Ordering::Relaxed);
-                (ChangeKind::Inserted, a.version, Some(a.data))
-            }
-            (Some(_), None) => {
-                self.counters.live.fetch_sub(1, Ordering::Relaxed);
-                (ChangeKind::Deleted, deleted, None)
-            }
-            (Some(b), Some(a)) => {
-                let moved = self.versions_are_changes && b.version != a.version;
-                if b.data == a.data && !moved {
-                    return self.journal_only(put);
-                }
-                (ChangeKind::Updated, a.version, Some(a.data))
-            }
+        let Some((kind, version, data)) = self.change_of(step) else {
+            return self.journal_only(put);
+        };
+        match kind {
+            ChangeKind::Inserted => self.counters.live.fetch_add(1, Ordering::Relaxed),
+            ChangeKind::Deleted => self.counters.live.fetch_sub(1, Ordering::Relaxed),
+            ChangeKind::Updated => 0,
         };
         // The frame travels with the change, even when only what is visible
         // moved, so that the change is in the log and marks its place
@@ -701,6 +863,24 @@ impl Table {
         let put = put.or_else(|| journaled.then(|| self.put_frame(id, effect.entry())));
         self.log
             .append(&self.name, id.clone(), kind, version, data, cause, put);
+    }
+
+    /// The change a step makes to what is visible, if any: its kind, the
+    /// version it is recorded with and the record's data after it.
+    fn change_of(&self, step: Step) -> Option<(ChangeKind, Version, Option<Data>)> {
+        match (step.before, step.after) {
+            (None, None) => None,
+            (None, Some(a)) => Some((ChangeKind::Inserted, a.version, Some(a.data))),
+            (Some(_), None) => Some((ChangeKind::Deleted, step.deleted, None)),
+            (Some(b), Some(a)) => {
+                let moved = self.versions_are_changes && b.version != a.version;
+                (b.data != a.data || moved).then_some((
+                    ChangeKind::Updated,
+                    a.version,
+                    Some(a.data),
+                ))
+            }
+        }
     }
 
     /// Writes an entry's frame for a step that emitted no change.
@@ -723,24 +903,38 @@ impl Table {
     pub fn delete(&self, id: &RecordId, at: Timestamp, cause: &Cause) -> Outcome {
         let mut shard = self.shard(id.as_str());
         let current = shard.current.clone();
-        let current = current.as_deref();
         let entry = self.reserved_slot(&mut shard.entries, id);
+        let (outcome, step) = self.delete_step(entry, current.as_deref(), at);
+        self.emit(id, Effect::of(step.changed, Some(entry)), step, cause);
+        if outcome != Outcome::Absent {
+            self.count(outcome);
+        }
+        outcome
+    }
+
+    fn delete_step(
+        &self,
+        entry: &mut Entry,
+        current: Option<&Current>,
+        at: Timestamp,
+    ) -> (Outcome, Step) {
         let before = entry.visible(self.order, current).cloned();
         let was = entry.deleted;
         entry.deleted = was.max(Some(at));
         let after = entry.visible(self.order, current).cloned();
-        let effect = Effect::of(entry.deleted != was, Some(entry));
         let outcome = match (&before, &after) {
             (_, Some(_)) => Outcome::Stale,
             (Some(_), None) => Outcome::Deleted,
             (None, None) if was.is_some_and(|w| w > at) => Outcome::Stale,
             (None, None) => Outcome::Absent,
         };
-        self.emit(id, effect, before, after, Version::delete(at), cause);
-        if outcome != Outcome::Absent {
-            self.count(outcome);
-        }
-        outcome
+        let step = Step {
+            changed: entry.deleted != was,
+            before,
+            after,
+            deleted: Version::delete(at),
+        };
+        (outcome, step)
     }
 
     /// Sets what the source change `seq` says of `id` (sequenced tables):
@@ -757,9 +951,27 @@ impl Table {
     ) -> Result<Outcome, Full> {
         let mut shard = self.shard(id.as_str());
         let entry = self.slot(&mut shard.entries, id)?;
+        let (outcome, step) = self.derive_step(entry, seq, version, data);
+        if let Some(step) = step {
+            self.emit(id, Effect::Changed(Some(entry)), step, cause);
+        }
+        if outcome != Outcome::Absent {
+            self.count(outcome);
+        }
+        Ok(outcome)
+    }
+
+    /// A derived write's outcome, and what it does to `entry` (nothing if
+    /// it is stale).
+    fn derive_step(
+        &self,
+        entry: &mut Entry,
+        seq: u64,
+        version: Version,
+        data: Option<Data>,
+    ) -> (Outcome, Option<Step>) {
         if seq <= entry.seq {
-            self.count(Outcome::Stale);
-            return Ok(Outcome::Stale);
+            return (Outcome::Stale, None);
         }
         entry.seq = seq;
         let before = entry.own.take();
@@ -768,7 +980,6 @@ impl Table {
             data,
         });
         let after = entry.own.clone();
-        let effect = Effect::of(true, Some(entry));
         let outcome = match (&before, &after) {
             (None, None) => Outcome::Absent,
             (None, Some(_)) => Outcome::Inserted,
@@ -776,11 +987,13 @@ impl Table {
             (Some(b), Some(a)) if b.data == a.data => Outcome::Unchanged,
             (Some(_), Some(_)) => Outcome::Updated,
         };
-        self.emit(id, effect, before, after, version, cause);
-        if outcome != Outcome::Absent {
-            self.count(outcome);
-        }
-        Ok(outcome)
+        let step = Step {
+            changed: true,
+            before,
+            after,
+            deleted: version,
+        };
+        (outcome, Some(step))
     }
 
     /// Sets `parent`'s listing of the child `id` to `listing` (its version
@@ -801,8 +1014,27 @@ impl Table {
             return Ok(());
         }
         let current = shard.current.clone();
-        let current = current.as_deref();
         let entry = self.slot(&mut shard.entries, id)?;
+        let step = self.list_step(entry, current.as_deref(), parent, listing, removed);
+        let effect = if entry.is_empty() {
+            shard.entries.remove(id);
+            self.counters.entries.fetch_sub(1, Ordering::AcqRel);
+            Effect::of(true, None)
+        } else {
+            Effect::of(true, Some(entry))
+        };
+        self.emit(id, effect, step, cause);
+        Ok(())
+    }
+
+    fn list_step(
+        &self,
+        entry: &mut Entry,
+        current: Option<&Current>,
+        parent: &RecordId,
+        listing: Option<(Version, Data)>,
+        removed: Version,
+    ) -> Step {
         let before = entry.visible(self.order, current).cloned();
         entry.listed.retain(|l| l.parent != *parent);
         if let Some((version, data)) = listing {
@@ -812,15 +1044,12 @@ impl Table {
             });
         }
         let after = entry.visible(self.order, current).cloned();
-        let effect = if entry.is_empty() {
-            shard.entries.remove(id);
-            self.counters.entries.fetch_sub(1, Ordering::AcqRel);
-            Effect::of(true, None)
-        } else {
-            Effect::of(true, Some(entry))
-        };
-        self.emit(id, effect, before, after, removed, cause);
-        Ok(())
+        Step {
+            changed: true,
+            before,
+            after,
+            deleted: removed,
+        }
     }
 
     /// Full-set reconciliation (versioned tables): `writes` are the
@@ -910,8 +1139,13 @@ impl Table {
             if before.is_some() && after.is_none() {
                 hid.push(id.clone());
             }
-            let effect = Effect::of(entry.in_set != was, Some(entry));
-            self.emit(id, effect, before, after, hide.clone(), cause);
+            let step = Step {
+                changed: entry.in_set != was,
+                before,
+                after,
+                deleted: hide.clone(),
+            };
+            self.emit(id, Effect::of(step.changed, Some(entry)), step, cause);
         }
     }
 
@@ -1016,14 +1250,13 @@ impl Table {
                 let before = entry.visible(self.order, Some(&current)).cloned();
                 entry.in_set = want;
                 let after = entry.visible(self.order, Some(&current)).cloned();
-                self.emit(
-                    id,
-                    Effect::Changed(Some(entry)),
+                let step = Step {
+                    changed: true,
                     before,
                     after,
-                    hide.clone(),
-                    cause,
-                );
+                    deleted: hide.clone(),
+                };
+                self.emit(id, Effect::Changed(Some(entry)), step, cause);
             }
         }
     }
@@ -1057,6 +1290,162 @@ impl Table {
                 out(effect::PUT, &frame);
             }
         }
+    }
+
+    // On a shared store.
+
+    /// Makes this table a replica of `store`: its writes go there from now
+    /// on, through [`Table::writer`].
+    pub fn share(&self, store: Arc<dyn Store>) -> Result<(), Arc<dyn Store>> {
+        self.store.set(store)
+    }
+
+    /// This table's writes, in memory or on its shared store.
+    pub fn writer(&self) -> Writer<'_> {
+        Writer { table: self }
+    }
+
+    /// Works out a write from the replica's copy of `id` with `step`, and
+    /// publishes the entry it leaves (with its change) if the record's
+    /// state in the store is still that copy; otherwise reads the latest
+    /// state and works it out again. `limited`: a new id must find room
+    /// (a handler's write; ingest reserved room before it wrote).
+    async fn shared<R>(
+        &self,
+        store: &Arc<dyn Store>,
+        id: &RecordId,
+        cause: &Cause,
+        limited: bool,
+        mut step: impl FnMut(&mut Entry, Option<&Current>) -> (R, Option<Step>),
+    ) -> Result<R, WriteError> {
+        let unavailable = |e: StoreError| WriteError::Unavailable(e.to_string());
+        for _ in 0..CONFLICTS {
+            let (mut entry, current, known) = {
+                let shard = self.shard(id.as_str());
+                let entry = shard.entries.get(id);
+                (
+                    entry.cloned().unwrap_or_default(),
+                    shard.current.clone(),
+                    entry.is_some(),
+                )
+            };
+            if limited && !known && self.limit() != u64::MAX && self.used() >= self.limit() {
+                return Err(self.full().into());
+            }
+            let expected = entry.rev;
+            let (result, step) = step(&mut entry, current.as_deref());
+            let Some(step) = step else {
+                return Ok(result);
+            };
+            let changed = step.changed;
+            let change = self.change_of(step);
+            if !changed && change.is_none() {
+                return Ok(result);
+            }
+            let image = (!entry.is_empty()).then(|| entry.image());
+            let mut frame = effect::encode(&PutFrame {
+                t: &*self.name,
+                id: id.as_str(),
+                e: image,
+            });
+            if let Some((kind, version, _)) = change {
+                let time = Timestamp::now();
+                let image = ChangeImage {
+                    s: 0,
+                    id: log::event_id(time),
+                    k: kind,
+                    v: (kind == ChangeKind::Deleted).then(|| VersionImage::of(&version, None)),
+                    at: time.into(),
+                    c: &*cause.correlation,
+                    by: cause.causation,
+                };
+                frame = effect::encode_onto(&image, frame);
+            }
+            match store.put(&self.name, id.as_str(), expected, frame).await {
+                Ok(_) => return Ok(result),
+                Err(StoreError::Conflict) => {
+                    let latest = store
+                        .latest(&self.name, id.as_str())
+                        .await
+                        .map_err(unavailable)?;
+                    if let Some(latest) = latest {
+                        let (put, _) =
+                            effect::decode_put(&latest.frame).map_err(WriteError::Unavailable)?;
+                        self.install(id, latest.rev, put.e)
+                            .map_err(WriteError::Unavailable)?;
+                    }
+                }
+                Err(error) => return Err(unavailable(error)),
+            }
+        }
+        Err(WriteError::Unavailable(format!(
+            "the record `{id}` of `{}` kept changing under this write",
+            self.name
+        )))
+    }
+
+    /// Takes a state the shared store sent, at its revision `rev` (the
+    /// entry it holds, `None` once gone, and the change it carries), and
+    /// returns that change, numbered by `rev`. A state older than the
+    /// replica's copy (read again, or read ahead by a write) leaves the
+    /// entry as it is; its change is still returned, for the log.
+    pub fn replicate(
+        &self,
+        id: RecordId,
+        rev: u64,
+        image: Option<EntryImage>,
+        change: Option<ChangeImage>,
+        correlations: &mut Correlations,
+    ) -> Result<Option<Change>, String> {
+        let record = match &image {
+            Some(image) => Entry::from_image(image.clone())?
+                .best()
+                .map(|s| (s.version.clone(), s.data.clone())),
+            None => None,
+        };
+        self.install(&id, rev, image)?;
+        change
+            .map(|mut change| {
+                change.s = rev;
+                change.get(&self.name, id, record, correlations)
+            })
+            .transpose()
+    }
+
+    /// Sets the replica's copy of `id` to the store's state at `rev`,
+    /// unless it already holds that one or a later one.
+    fn install(&self, id: &RecordId, rev: u64, image: Option<EntryImage>) -> Result<(), String> {
+        let entry = image.map(Entry::from_image).transpose()?;
+        let mut shard = self.shard(id.as_str());
+        let current = shard.current.clone();
+        let current = current.as_deref();
+        let was_live = match shard.entries.get(id) {
+            Some(old) if old.rev >= rev => return Ok(()),
+            Some(old) => Some(old.visible(self.order, current).is_some()),
+            None => None,
+        };
+        let now_live = entry
+            .as_ref()
+            .is_some_and(|e| e.visible(self.order, current).is_some());
+        match entry {
+            Some(mut entry) => {
+                entry.rev = rev;
+                if shard.entries.insert(id.clone(), entry).is_none() {
+                    self.counters.entries.fetch_add(1, Ordering::AcqRel);
+                }
+            }
+            None => {
+                if shard.entries.remove(id).is_some() {
+                    self.counters.entries.fetch_sub(1, Ordering::AcqRel);
+                }
+            }
+        }
+        match (was_live.unwrap_or(false), now_live) {
+            (false, true) => self.counters.live.fetch_add(1, Ordering::Relaxed),
+            (true, false) => self.counters.live.fetch_sub(1, Ordering::Relaxed),
+            _ => 0,
+        };
+        Ok(())
     }
 
     /// The live record `id`, if any.

@@ -4,6 +4,8 @@
 //! connection that fails fast and clearly, and the check that the server is
 //! new enough for what eventsys asks of it.
 
+pub mod state;
+
 use std::fmt;
 use std::time::Duration;
 

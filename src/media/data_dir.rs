@@ -360,11 +360,7 @@ impl<'p> Decoder<'p> {
     ) -> Result<Decoded, String> {
         Ok(match kind {
             effect::PUT => {
-                // The entry, then (if the write emitted one) its change.
-                let (put, rest) = effect::decode_prefix(kind, payload)?;
-                let change = (!rest.is_empty())
-                    .then(|| effect::decode(kind, rest))
-                    .transpose()?;
+                let (put, change) = effect::decode_put(payload)?;
                 Decoded::Put(put, change)
             }
             effect::CURRENT => Decoded::Current(effect::decode(kind, payload)?),

@@ -376,6 +376,14 @@ pub fn decode<'a, T: Deserialize<'a>>(kind: u8, payload: &'a [u8]) -> Result<T, 
 }
 
 /// Decodes a value at the start of `payload`; it and the bytes after it.
+/// A [`PUT`] payload: the entry, then, if the write emitted one, its
+/// change.
+pub fn decode_put(payload: &[u8]) -> Result<(PutFrame, Option<ChangeImage>), String> {
+    let (put, rest) = decode_prefix(PUT, payload)?;
+    let change = (!rest.is_empty()).then(|| decode(PUT, rest)).transpose()?;
+    Ok((put, change))
+}
+
 pub fn decode_prefix<'a, T: Deserialize<'a>>(
     kind: u8,
     payload: &'a [u8],

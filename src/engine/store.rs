@@ -1,0 +1,59 @@
+//! Where tables keep their state when it is shared by several processes.
+//!
+//! In memory (and on a data directory) a table is the state, and a write
+//! is one step under a shard lock. On a shared store (JetStream), each
+//! process's tables are a *replica* of the store, and a write is a
+//! compare-and-set: the table works out what the write does from its
+//! replica's copy of the record, exactly as in memory, then asks the store
+//! to take the new state only if the record's state there is still the one
+//! it started from. If another process got there first, the table reads
+//! the record's latest state and works it out again. The state a write
+//! publishes carries the change it makes, so the two are one message: no
+//! write without its change, no change without its write.
+//!
+//! The store sends every state it takes back to every replica, in its own
+//! order ([`Table::replicate`](super::table::Table::replicate)); that is
+//! the only way a replica changes, so every replica holds the same states
+//! and the same change log.
+
+use futures_util::future::BoxFuture;
+
+/// Why a store did not take a state.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The record's state in the store is no longer the one expected.
+    #[error("the record's state moved on")]
+    Conflict,
+    /// The store cannot be reached, or failed; nothing was written.
+    #[error("the shared store is unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// A record's state as the store holds it: its revision there and the
+/// frame written (see [`crate::storage::effect::PUT`]).
+pub struct Stored {
+    pub rev: u64,
+    pub frame: Vec<u8>,
+}
+
+pub trait Store: Send + Sync + 'static {
+    /// Takes `frame` as the new state of `table`'s record `id` if that
+    /// record's latest revision is `expected` (0: the store has none), and
+    /// returns the new revision once this process's replica has it (so a
+    /// read after a write sees it).
+    fn put<'a>(
+        &'a self,
+        table: &'a str,
+        id: &'a str,
+        expected: u64,
+        frame: Vec<u8>,
+    ) -> BoxFuture<'a, Result<u64, StoreError>>;
+
+    /// The latest state of `table`'s record `id`, read from the store
+    /// itself (the replica may be behind).
+    fn latest<'a>(
+        &'a self,
+        table: &'a str,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Stored>, StoreError>>;
+}

@@ -1,0 +1,349 @@
+//! Tables and the change log on one JetStream stream.
+//!
+//! Every record's state is a message on the subject
+//! `<prefix>.state.<table>.<id in base64url>`; the last message on that
+//! subject is the record's state, and its stream sequence the state's
+//! revision. A write publishes the new state with
+//! `Nats-Expected-Last-Subject-Sequence` set to the revision it was worked
+//! out from, so of two processes writing one record at once exactly one
+//! wins and the other works its write out again ([`crate::engine::store`]).
+//! The message's payload is the entry and the change it made (the same
+//! `PUT` frame a data directory writes), so the stream *is* the change log:
+//! a change's `sequence` is its message's stream sequence.
+//!
+//! Each process follows the stream from its start with an ordered consumer
+//! and applies every message to its tables and change log, in stream
+//! order; its tables are then a replica of the stream, and serve reads,
+//! paging and counts.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{DeliverPolicy, pull};
+use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::stream::{self, LastRawMessageErrorKind, StorageType};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::Connection;
+use crate::engine::log::{ChangeLog, TableName};
+use crate::engine::record::RecordId;
+use crate::engine::store::{Store, StoreError, Stored};
+use crate::engine::table::Table;
+use crate::storage::effect::{self, Correlations};
+
+/// How stream, subject and consumer names are made from a prefix, so that
+/// several pipelines can share one NATS account.
+#[derive(Clone, Debug)]
+pub struct Names {
+    prefix: String,
+}
+
+/// The prefix names everything eventsys makes in JetStream.
+#[derive(Debug, thiserror::Error)]
+#[error("the JetStream prefix `{0}` may only hold letters, digits, `-` and `_` (1 to 32 of them)")]
+pub struct BadPrefix(String);
+
+impl Names {
+    pub fn new(prefix: &str) -> Result<Self, BadPrefix> {
+        let fits = (1..=32).contains(&prefix.len())
+            && prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !fits {
+            return Err(BadPrefix(prefix.to_owned()));
+        }
+        Ok(Self {
+            prefix: prefix.to_owned(),
+        })
+    }
+
+    /// The stream of every record's state.
+    pub fn state_stream(&self) -> String {
+        format!("{}_state", self.prefix)
+    }
+
+    /// Every state subject.
+    pub fn state_subjects(&self) -> String {
+        format!("{}.state.>", self.prefix)
+    }
+
+    /// The subject of `table`'s record `id`.
+    pub fn state_subject(&self, table: &str, id: &str) -> String {
+        format!(
+            "{}.state.{table}.{}",
+            self.prefix,
+            URL_SAFE_NO_PAD.encode(id)
+        )
+    }
+
+    /// The table and id a state subject is for.
+    fn parse_state_subject(&self, subject: &str) -> Option<(String, String)> {
+        let rest = subject
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix(".state.")?;
+        let (table, id) = rest.split_once('.')?;
+        let id = String::from_utf8(URL_SAFE_NO_PAD.decode(id).ok()?).ok()?;
+        Some((table.to_owned(), id))
+    }
+}
+
+/// How the state stream is made.
+#[derive(Clone, Debug)]
+pub struct StateOptions {
+    /// Copies JetStream keeps of each message (1, or 3 in a cluster).
+    pub replicas: usize,
+    /// States kept per record: the latest always, older ones for the
+    /// change log's history.
+    pub history: i64,
+}
+
+impl Default for StateOptions {
+    fn default() -> Self {
+        Self {
+            replicas: 1,
+            history: 64,
+        }
+    }
+}
+
+/// Why the state stream cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot open the JetStream stream `{stream}`: {reason}")]
+pub struct OpenError {
+    stream: String,
+    reason: String,
+}
+
+/// The state stream, as this process's tables use it.
+pub struct StateStore {
+    jetstream: async_nats::jetstream::Context,
+    stream: stream::Stream,
+    names: Names,
+    /// The stream sequence of the last message this process's replica has
+    /// applied.
+    applied: watch::Sender<u64>,
+}
+
+impl StateStore {
+    /// Opens the state stream, making it if it does not exist.
+    pub async fn open(
+        connection: &Connection,
+        names: Names,
+        options: &StateOptions,
+    ) -> Result<Arc<Self>, OpenError> {
+        let config = stream::Config {
+            name: names.state_stream(),
+            subjects: vec![names.state_subjects()],
+            storage: StorageType::File,
+            num_replicas: options.replicas,
+            // Older states of a record go first; its latest never does.
+            max_messages_per_subject: options.history.max(1),
+            allow_direct: true,
+            ..Default::default()
+        };
+        let failed = |reason: String| OpenError {
+            stream: config.name.clone(),
+            reason,
+        };
+        let stream = connection
+            .jetstream
+            .get_or_create_stream(config.clone())
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        Ok(Arc::new(Self {
+            jetstream: connection.jetstream.clone(),
+            stream,
+            names,
+            applied: watch::Sender::new(0),
+        }))
+    }
+
+    /// The last stream sequence this process has applied.
+    pub fn applied(&self) -> u64 {
+        *self.applied.borrow()
+    }
+
+    /// The stream's last sequence now (0 while it is empty).
+    pub async fn last(&self) -> Result<u64, StoreError> {
+        let mut stream = self.stream.clone();
+        let info = stream
+            .info()
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        Ok(info.state.last_sequence)
+    }
+
+    /// Waits until this process has applied the stream up to `seq`.
+    pub async fn caught_up(&self, seq: u64) {
+        let mut applied = self.applied.subscribe();
+        // The sender lives as long as `self`, so this cannot fail.
+        let _ = applied.wait_for(|applied| *applied >= seq).await;
+    }
+
+    /// Follows the stream into `tables` and `log` until `stop`: every
+    /// state, in stream order, from the oldest kept.
+    pub async fn follow(
+        self: Arc<Self>,
+        tables: HashMap<TableName, Arc<Table>>,
+        log: Arc<ChangeLog>,
+        stop: CancellationToken,
+    ) {
+        log.become_replica();
+        let config = pull::OrderedConfig {
+            filter_subject: self.names.state_subjects(),
+            deliver_policy: DeliverPolicy::All,
+            ..Default::default()
+        };
+        let mut messages = loop {
+            let consumer = self.stream.create_consumer(config.clone()).await;
+            match consumer {
+                Ok(consumer) => match consumer.messages().await {
+                    Ok(messages) => break messages,
+                    Err(error) => tracing::warn!(%error, "cannot read the state stream"),
+                },
+                Err(error) => tracing::warn!(%error, "cannot follow the state stream"),
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+        };
+        let mut correlations = Correlations::default();
+        loop {
+            let message = tokio::select! {
+                () = stop.cancelled() => return,
+                message = messages.next() => message,
+            };
+            let message = match message {
+                Some(Ok(message)) => message,
+                Some(Err(error)) => {
+                    tracing::warn!(%error, "reading the state stream");
+                    continue;
+                }
+                None => return,
+            };
+            let seq = match message.info() {
+                Ok(info) => info.stream_sequence,
+                Err(error) => {
+                    tracing::warn!(%error, "a state message without its sequence");
+                    continue;
+                }
+            };
+            if let Err(error) = self.apply(&tables, &log, &message, seq, &mut correlations) {
+                tracing::warn!(subject = %message.subject, seq, %error, "state message ignored");
+            }
+            self.applied.send_replace(seq);
+        }
+    }
+
+    fn apply(
+        &self,
+        tables: &HashMap<TableName, Arc<Table>>,
+        log: &ChangeLog,
+        message: &async_nats::Message,
+        seq: u64,
+        correlations: &mut Correlations,
+    ) -> Result<(), String> {
+        let (table, id) = self
+            .names
+            .parse_state_subject(&message.subject)
+            .ok_or("not a state subject")?;
+        let table = tables
+            .get(table.as_str())
+            .ok_or_else(|| format!("no table `{table}` here"))?;
+        let (put, change) = effect::decode_put(&message.payload)?;
+        if put.t != **table.name() || put.id != id {
+            return Err(format!("it holds `{}` of `{}`", put.id, put.t));
+        }
+        let id = RecordId::derived(id);
+        if let Some(change) = table.replicate(id, seq, put.e, change, correlations)? {
+            log.replicate(change);
+        }
+        Ok(())
+    }
+}
+
+impl Store for StateStore {
+    fn put<'a>(
+        &'a self,
+        table: &'a str,
+        id: &'a str,
+        expected: u64,
+        frame: Vec<u8>,
+    ) -> BoxFuture<'a, Result<u64, StoreError>> {
+        Box::pin(async move {
+            let unavailable = |e: &dyn std::fmt::Display| StoreError::Unavailable(e.to_string());
+            let publish = PublishMessage::build()
+                .payload(frame.into())
+                .expected_last_subject_sequence(expected);
+            let subject = self.names.state_subject(table, id);
+            let ack = self
+                .jetstream
+                .send_publish(subject, publish)
+                .await
+                .map_err(|e| unavailable(&e))?
+                .await;
+            let seq = match ack {
+                Ok(ack) => ack.sequence,
+                Err(error) if error.kind() == PublishErrorKind::WrongLastSequence => {
+                    return Err(StoreError::Conflict);
+                }
+                Err(error) => return Err(unavailable(&error)),
+            };
+            self.caught_up(seq).await;
+            Ok(seq)
+        })
+    }
+
+    fn latest<'a>(
+        &'a self,
+        table: &'a str,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Stored>, StoreError>> {
+        Box::pin(async move {
+            let subject = self.names.state_subject(table, id);
+            match self.stream.get_last_raw_message_by_subject(&subject).await {
+                Ok(message) => Ok(Some(Stored {
+                    rev: message.sequence,
+                    frame: message.payload.to_vec(),
+                })),
+                Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+                Err(error) => Err(StoreError::Unavailable(error.to_string())),
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_name_the_table_and_encode_the_id() {
+        let names = Names::new("es-1").expect("a good prefix");
+        let subject = names.state_subject("movies", "a.b c/✓");
+        assert!(subject.starts_with("es-1.state.movies."), "{subject}");
+        let token = subject.rsplit('.').next().expect("a last token");
+        assert!(
+            token
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'),
+            "{token}"
+        );
+        assert_eq!(
+            names.parse_state_subject(&subject),
+            Some(("movies".to_owned(), "a.b c/✓".to_owned()))
+        );
+        assert_eq!(names.parse_state_subject("other.state.movies.YQ"), None);
+        for bad in ["", "a.b", "a b", "a>", &"x".repeat(33)] {
+            assert!(Names::new(bad).is_err(), "{bad:?}");
+        }
+    }
+}
