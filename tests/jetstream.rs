@@ -7,13 +7,17 @@ mod nats;
 mod temp_dir;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use eventsys::engine::log::{Cause, ChangeLog};
+use eventsys::engine::handler::{BreakerPolicy, Failure, HandlerConfig, Process, RetryPolicy};
+use eventsys::engine::log::{Cause, Change, ChangeLog};
+use eventsys::engine::queue::Queue;
 use eventsys::engine::record::{Data, RecordId, Timestamp, Version};
 use eventsys::engine::settle::Activity;
 use eventsys::engine::table::{Outcome, Table, TableKind, Write};
+use eventsys::engine::{Engine, EngineConfig};
+use eventsys::jetstream::queue::{QueueOptions, SharedQueue, settle};
 use eventsys::jetstream::state::{Names, StateOptions, StateStore};
 use eventsys::jetstream::{self, ConnectError, MIN_SERVER};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -185,11 +189,11 @@ fn at(second: u32) -> Timestamp {
 /// Writes and deletes of a few ids at a few versions with a few values,
 /// so that many collide: repeats, stale versions, ties broken by data,
 /// deletes before and after writes.
-fn ops(seed: u64, n: usize) -> Vec<Op> {
+fn ops(seed: u64, n: usize, ids: u8) -> Vec<Op> {
     let mut rng = fastrand::Rng::with_seed(seed);
     (0..n)
         .map(|_| {
-            let id = RecordId::parse(&format!("m{}", rng.u8(0..6))).expect("an id");
+            let id = RecordId::parse(&format!("m{}", rng.u8(0..ids))).expect("an id");
             let when = at(rng.u32(0..12));
             if rng.u8(0..8) == 0 {
                 return Op::Delete(id, when);
@@ -224,7 +228,7 @@ async fn replicas_writing_the_same_records_at_once_converge_on_what_memory_holds
         Replica::open(&server.url, "conv").await,
     ];
     for round in 0..4u64 {
-        let ops = ops(round, 300);
+        let ops = ops(round, 300, 6);
         // Eight clients at once, each sending its share through one of
         // the two processes.
         let clients = (0..8).map(|client| {
@@ -248,7 +252,7 @@ async fn replicas_writing_the_same_records_at_once_converge_on_what_memory_holds
             TableKind::Raw,
             Arc::new(ChangeLog::new(1_000_000, Activity::default())),
         );
-        let mut all: Vec<Op> = (0..=round).flat_map(|r| self::ops(r, 300)).collect();
+        let mut all: Vec<Op> = (0..=round).flat_map(|r| self::ops(r, 300, 6)).collect();
         fastrand::Rng::with_seed(round + 100).shuffle(&mut all);
         for op in all {
             run(&memory, op).await;
@@ -269,7 +273,8 @@ async fn replicas_writing_the_same_records_at_once_converge_on_what_memory_holds
             replicas[1].changes(),
             "round {round}"
         );
-        // And it says what the table holds: each id's last change.
+        // And it says what the table holds: each id's last change (a
+        // newer version with the same data is no change).
         let mut last = BTreeMap::new();
         for change in replicas[0]
             .log
@@ -282,12 +287,313 @@ async fn replicas_writing_the_same_records_at_once_converge_on_what_memory_holds
         let from_log: Vec<_> = last
             .values()
             .filter(|c| c.data.is_some())
-            .map(|c| (c.key.clone(), c.version.clone(), c.data.clone()))
+            .map(|c| (c.key.clone(), c.data.clone()))
             .collect();
         let held: Vec<_> = want
             .iter()
-            .map(|r| (r.id.clone(), r.version.clone(), Some(r.data.clone())))
+            .map(|r| (r.id.clone(), Some(r.data.clone())))
             .collect();
         assert_eq!(from_log, held, "round {round}");
     }
+}
+
+/// What every process's handler saw: (process, sequence, attempt, ok).
+type Seen = Arc<Mutex<Vec<(usize, u64, u32, bool)>>>;
+
+/// A handler that fails the first two attempts (by any process) at a
+/// change whose title is 1, fails every attempt at one whose title is 2,
+/// and does nothing at all while `hang` is set (a process that stopped
+/// mid-change).
+struct Recorder {
+    process: usize,
+    seen: Seen,
+    attempts: Arc<Mutex<HashMap<u64, u32>>>,
+    hang: bool,
+}
+
+impl Process<Arc<Change>> for Recorder {
+    async fn process(&self, change: &Arc<Change>) -> Result<(), Failure> {
+        if self.hang {
+            std::future::pending::<()>().await;
+        }
+        let attempt = {
+            let mut attempts = self.attempts.lock().expect("attempts");
+            let n = attempts.entry(change.seq).or_default();
+            *n += 1;
+            *n
+        };
+        let title = change
+            .data
+            .as_ref()
+            .map(|d| d.as_str().to_owned())
+            .unwrap_or_default();
+        let result = if title.contains(":2") {
+            Err(Failure::Transient("title 2 always fails".into()))
+        } else if title.contains(":1") && attempt <= 2 {
+            Err(Failure::Transient("title 1 fails twice".into()))
+        } else {
+            Ok(())
+        };
+        self.seen
+            .lock()
+            .expect("seen")
+            .push((self.process, change.seq, attempt, result.is_ok()));
+        result
+    }
+}
+
+/// One process: its engine, with the shared table, and one queue of the
+/// table's changes with a handler.
+struct Worker {
+    engine: Engine,
+    replica: Replica,
+    queue: Arc<Queue<Arc<Change>>>,
+    shared: Arc<SharedQueue>,
+    stop: CancellationToken,
+}
+
+impl Worker {
+    async fn start(url: &str, prefix: &str, process: Recorder, ack_wait: Duration) -> Worker {
+        let replica = Replica::open(url, prefix).await;
+        let mut engine = Engine::new(EngineConfig {
+            event_retention: 100_000,
+            max_dead_letters: 10_000,
+            max_records: u64::MAX,
+        });
+        let queue = engine.add_queue::<Arc<Change>>("movie_queue", 64);
+        let retry = RetryPolicy {
+            max_attempts: 4,
+            base: Duration::from_millis(5),
+            cap: Duration::from_millis(40),
+        };
+        let config = HandlerConfig {
+            workers: 4,
+            batch: 1,
+            retry,
+            breaker: BreakerPolicy {
+                threshold: u32::MAX,
+                cool_down: Duration::from_millis(10),
+            },
+        };
+        engine.add_handler("movie_handler", &queue, process, config);
+        let names = Names::new(prefix).expect("prefix");
+        let options = QueueOptions {
+            ack_wait,
+            ..QueueOptions::default()
+        };
+        let shared = SharedQueue::open(
+            &replica.store,
+            &names,
+            queue.clone(),
+            std::slice::from_ref(replica.table.name()),
+            &options,
+        )
+        .await
+        .expect("open the queue's consumer");
+        let stop = CancellationToken::new();
+        tokio::spawn(shared.clone().feed(stop.clone()));
+        Worker {
+            engine,
+            replica,
+            queue,
+            shared,
+            stop,
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+type Attempts = Arc<Mutex<HashMap<u64, u32>>>;
+
+fn recorder(process: usize, seen: &Seen, attempts: &Attempts, hang: bool) -> Recorder {
+    Recorder {
+        process,
+        seen: seen.clone(),
+        attempts: attempts.clone(),
+        hang,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_queue_spreads_changes_over_processes_and_retries_across_them() {
+    let Some(server) = NatsServer::start() else {
+        return;
+    };
+    let (seen, attempts) = (Seen::default(), Attempts::default());
+    let ack_wait = Duration::from_secs(30);
+    let workers = [
+        Worker::start(
+            &server.url,
+            "spread",
+            recorder(0, &seen, &attempts, false),
+            ack_wait,
+        )
+        .await,
+        Worker::start(
+            &server.url,
+            "spread",
+            recorder(1, &seen, &attempts, false),
+            ack_wait,
+        )
+        .await,
+    ];
+    let ops = ops(7, 400, 80);
+    let clients = (0..8).map(|client| {
+        let table = workers[client % 2].replica.table.clone();
+        let mine: Vec<Op> = ops.iter().skip(client).step_by(8).cloned().collect();
+        tokio::spawn(async move {
+            for op in mine {
+                run(&table, op).await;
+            }
+        })
+    });
+    for client in futures_util::future::join_all(clients).await {
+        client.expect("a client ran");
+    }
+    let queues = [workers[0].shared.clone(), workers[1].shared.clone()];
+    let settled = settle(&workers[0].replica.store, &queues, Duration::from_secs(60))
+        .await
+        .expect("JetStream answers");
+    assert!(settled, "the shared queue settles");
+    for worker in &workers {
+        assert!(worker.engine.settle(Duration::from_secs(5)).await);
+    }
+
+    let changes = workers[0]
+        .replica
+        .log
+        .read(0, usize::MAX, |_| true)
+        .expect("log");
+    assert!(changes.events.len() > 20, "{}", changes.events.len());
+    let seen = seen.lock().expect("seen").clone();
+    let mut by_seq: BTreeMap<u64, Vec<(usize, u32, bool)>> = BTreeMap::new();
+    for &(process, seq, attempt, ok) in &seen {
+        by_seq.entry(seq).or_default().push((process, attempt, ok));
+    }
+    let mut moved = 0;
+    let mut refused = 0;
+    for change in &changes.events {
+        let tries = by_seq
+            .get(&change.seq)
+            .unwrap_or_else(|| panic!("change {} never reached a handler", change.seq));
+        let title = change
+            .data
+            .as_ref()
+            .map(|d| d.as_str().to_owned())
+            .unwrap_or_default();
+        if title.contains(":2") {
+            // Given up after the handler's four attempts in all, wherever
+            // they ran.
+            refused += 1;
+            assert_eq!(tries.len(), 4, "change {}: {tries:?}", change.seq);
+            assert!(tries.iter().all(|t| !t.2), "{tries:?}");
+        } else {
+            assert!(
+                tries.iter().any(|t| t.2),
+                "change {} never done: {tries:?}",
+                change.seq
+            );
+        }
+        if title.contains(":1") {
+            assert_eq!(tries.len(), 3, "two failures, then done: {tries:?}");
+        }
+        moved += usize::from(tries.iter().any(|t| t.0 != tries[0].0));
+    }
+    for process in 0..2 {
+        assert!(
+            seen.iter().any(|s| s.0 == process && s.3),
+            "process {process} did some of the work"
+        );
+    }
+    assert!(moved > 0, "some retries were taken by the other process");
+    // Counters add up in each process: everything it took ended there or
+    // was handed back.
+    let mut dead = 0;
+    for worker in &workers {
+        let c = worker.queue.counts();
+        assert_eq!(c.depth + c.in_flight, 0, "{c:?}");
+        assert_eq!(
+            c.enqueued,
+            c.processed + c.dead_lettered + c.retried,
+            "{c:?}"
+        );
+        for letter in worker.queue.dead_letters() {
+            assert_eq!(letter.attempts, 4, "{}", letter.error);
+        }
+        dead += worker.queue.dead_letter_count();
+    }
+    assert_eq!(dead, refused, "each refused change is dead-lettered once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_a_dead_process_took_are_finished_by_another() {
+    let Some(server) = NatsServer::start() else {
+        return;
+    };
+    let (seen, attempts) = (Seen::default(), Attempts::default());
+    let ack_wait = Duration::from_secs(1);
+    // A process that takes changes and then stops answering.
+    let stuck = Worker::start(
+        &server.url,
+        "dies",
+        recorder(0, &seen, &attempts, true),
+        ack_wait,
+    )
+    .await;
+    for op in ops(11, 60, 30) {
+        run(&stuck.replica.table, op).await;
+    }
+    stuck.replica.catch_up().await;
+    let taken = {
+        let c = stuck.queue.counts();
+        c.depth + c.in_flight
+    };
+    assert!(taken > 0, "the stuck process took changes");
+    stuck.stop.cancel();
+    // Another takes over what it held once `ack_wait` is over.
+    let seen_after = Seen::default();
+    let other = Worker::start(
+        &server.url,
+        "dies",
+        recorder(1, &seen_after, &attempts, false),
+        ack_wait,
+    )
+    .await;
+    // The stuck process's queue still holds its changes, never acked:
+    // settle waits for them to be delivered again, to the other.
+    let settled = settle(
+        &other.replica.store,
+        std::slice::from_ref(&other.shared),
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("JetStream answers");
+    assert!(settled);
+    let changes = other
+        .replica
+        .log
+        .read(0, usize::MAX, |_| true)
+        .expect("log");
+    let reached: std::collections::BTreeSet<u64> = seen_after
+        .lock()
+        .expect("seen")
+        .iter()
+        .map(|s| s.1)
+        .collect();
+    for change in &changes.events {
+        assert!(
+            reached.contains(&change.seq),
+            "change {} was lost",
+            change.seq
+        );
+    }
+    assert!(
+        seen.lock().expect("seen").is_empty(),
+        "the stuck process finished nothing"
+    );
 }

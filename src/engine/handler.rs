@@ -517,6 +517,9 @@ impl<T: QueueItem, P: Process<T>> Handler<T, P> {
                 self.breaker.failed();
                 let delay = self.config.retry.delay(attempts);
                 tracing::debug!(%error, ?delay, "failed; retrying");
+                if self.queue.hand_back(envelope.ticket, delay) {
+                    return;
+                }
                 self.queue.retrying();
                 let handler = self.clone();
                 self.tasks.spawn(async move {

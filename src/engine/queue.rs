@@ -18,6 +18,7 @@ use uuid::Uuid;
 
 use super::record::Timestamp;
 use super::settle::Activity;
+use super::store::Acks;
 use crate::storage::effect::{self, DeadFrame, ItemFrame, TicketFrame, UptoFrame};
 use crate::storage::journal::Journal;
 
@@ -114,6 +115,8 @@ pub struct Queue<T> {
     tracking: OnceLock<Tracking<T>>,
     /// What the pipeline does with redriven items (see [`Queue::on_redrive`]).
     redrive: OnceLock<RedriveHook<T>>,
+    /// On a shared store: where each item's end is told.
+    acks: OnceLock<Arc<dyn Acks>>,
 }
 
 /// Given the items a redrive takes from dead letters (with their tickets),
@@ -147,6 +150,7 @@ impl<T: QueueItem> Queue<T> {
             activity,
             tracking: OnceLock::new(),
             redrive: OnceLock::new(),
+            acks: OnceLock::new(),
         }
     }
 
@@ -155,6 +159,48 @@ impl<T: QueueItem> Queue<T> {
     /// of one it compensated). Set once, before any redrive.
     pub fn on_redrive(&self, hook: RedriveHook<T>) {
         let _ = self.redrive.set(hook);
+    }
+
+    /// Makes this a queue fed by a shared store: the end of each item it
+    /// takes is told to `acks`, and a failed attempt is handed back to the
+    /// store rather than retried here.
+    pub fn share(&self, acks: Arc<dyn Acks>) {
+        let _ = self.acks.set(acks);
+    }
+
+    /// Puts on the queue an item a shared store handed this process, with
+    /// the attempts any process already made on it, and counts it as
+    /// outstanding work here until it ends or is handed back.
+    pub async fn take_over(&self, ticket: u64, item: T, attempts: u32) -> Result<(), Closed> {
+        self.activity.begin(1);
+        let envelope = Envelope {
+            item,
+            attempts,
+            ticket,
+        };
+        let result = self.put(envelope, |c| c.enqueued += 1).await;
+        if result.is_err() {
+            self.activity.end(1);
+        }
+        result
+    }
+
+    /// On a shared store: hands a failed item back, to be tried again
+    /// after `delay` by whichever process takes it then, and returns
+    /// `true`. `false` (nothing done) on a queue of this process's own.
+    pub(crate) fn hand_back(&self, ticket: u64, delay: std::time::Duration) -> bool {
+        let Some(acks) = self.acks.get() else {
+            return false;
+        };
+        acks.retry(ticket, delay);
+        {
+            let mut counts = self.counts_mut();
+            counts.in_flight -= 1;
+            counts.failed += 1;
+            counts.retried += 1;
+        }
+        self.activity.end(1);
+        true
     }
 
     /// Starts tracking items and writing dead letters to `journal`.
@@ -217,6 +263,9 @@ impl<T: QueueItem> Queue<T> {
 
     /// An item ended, well or dead-lettered: it is no longer owed.
     pub(crate) fn finished(&self, ticket: u64) {
+        if let Some(acks) = self.acks.get() {
+            acks.done(ticket);
+        }
         let Some(tracking) = self.tracking.get() else {
             return;
         };
@@ -427,6 +476,9 @@ impl<T: QueueItem> Queue<T> {
             number,
         });
         drop(dead);
+        if let Some(acks) = self.acks.get() {
+            acks.done(ticket);
+        }
         self.activity.end(1);
     }
 

@@ -57,3 +57,16 @@ pub trait Store: Send + Sync + 'static {
         id: &'a str,
     ) -> BoxFuture<'a, Result<Option<Stored>, StoreError>>;
 }
+
+/// What a queue fed by a shared store tells the store of each item it
+/// took, named by the item's ticket, so that an item is finished once
+/// whichever process took it, and taken again by another if that process
+/// dies first.
+pub trait Acks: Send + Sync + 'static {
+    /// The item ended: processed, or dead-lettered.
+    fn done(&self, ticket: u64);
+
+    /// The item failed and is to be tried again after `delay`, by whichever
+    /// process takes it then.
+    fn retry(&self, ticket: u64, delay: std::time::Duration);
+}

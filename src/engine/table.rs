@@ -1397,19 +1397,40 @@ impl Table {
         change: Option<ChangeImage>,
         correlations: &mut Correlations,
     ) -> Result<Option<Change>, String> {
-        let record = match &image {
+        let change = Self::carried(
+            &self.name,
+            id.clone(),
+            rev,
+            image.as_ref(),
+            change,
+            correlations,
+        )?;
+        self.install(&id, rev, image)?;
+        Ok(change)
+    }
+
+    /// The change a state of `table`'s record `id` at revision `rev`
+    /// carries, if any, numbered by `rev`: its data are the record the
+    /// entry `image` holds.
+    pub fn carried(
+        table: &TableName,
+        id: RecordId,
+        rev: u64,
+        image: Option<&EntryImage>,
+        change: Option<ChangeImage>,
+        correlations: &mut Correlations,
+    ) -> Result<Option<Change>, String> {
+        let Some(mut change) = change else {
+            return Ok(None);
+        };
+        let record = match image {
             Some(image) => Entry::from_image(image.clone())?
                 .best()
                 .map(|s| (s.version.clone(), s.data.clone())),
             None => None,
         };
-        self.install(&id, rev, image)?;
-        change
-            .map(|mut change| {
-                change.s = rev;
-                change.get(&self.name, id, record, correlations)
-            })
-            .transpose()
+        change.s = rev;
+        change.get(table, id, record, correlations).map(Some)
     }
 
     /// Sets the replica's copy of `id` to the store's state at `rev`,

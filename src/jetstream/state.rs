@@ -83,6 +83,16 @@ impl Names {
         )
     }
 
+    /// Every state subject of `table`.
+    pub fn table_subjects(&self, table: &str) -> String {
+        format!("{}.state.{table}.>", self.prefix)
+    }
+
+    /// The durable consumer of the queue `queue`.
+    pub fn consumer(&self, queue: &str) -> String {
+        format!("{}_{queue}", self.prefix)
+    }
+
     /// The table and id a state subject is for.
     fn parse_state_subject(&self, subject: &str) -> Option<(String, String)> {
         let rest = subject
@@ -163,6 +173,11 @@ impl StateStore {
             names,
             applied: watch::Sender::new(0),
         }))
+    }
+
+    /// The state stream.
+    pub fn stream(&self) -> &stream::Stream {
+        &self.stream
     }
 
     /// The last stream sequence this process has applied.

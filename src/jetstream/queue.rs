@@ -1,0 +1,291 @@
+//! Queues shared by every process: one durable pull consumer per queue.
+//!
+//! A queue fed from the change log in memory is, on JetStream, a durable
+//! consumer of the state stream filtered to its tables' subjects. Every
+//! process pulls from the same consumer, so each change goes to one
+//! process's workers; one that dies before it acks has its changes
+//! delivered again to the others once `ack_wait` has passed. A failed
+//! attempt is handed back with a nak that carries the handler's own retry
+//! delay (backoff with jitter), and comes back to whichever process pulls
+//! it then, which goes on counting its attempts from the delivery count.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::AckKind;
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
+use async_nats::jetstream::message::Acker;
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::state::{Names, StateStore};
+use crate::engine::log::{Change, TableName};
+use crate::engine::queue::Queue;
+use crate::engine::record::RecordId;
+use crate::engine::store::{Acks, StoreError};
+use crate::engine::table::Table;
+use crate::storage::effect::{self, Correlations};
+
+/// How a shared queue's consumer is made.
+#[derive(Clone, Debug)]
+pub struct QueueOptions {
+    /// How long a change taken by a process that stops answering stays
+    /// its own before it goes to another.
+    pub ack_wait: Duration,
+    /// Changes taken and not yet finished, over every process.
+    pub max_ack_pending: i64,
+}
+
+impl Default for QueueOptions {
+    fn default() -> Self {
+        Self {
+            ack_wait: Duration::from_secs(30),
+            max_ack_pending: 4_096,
+        }
+    }
+}
+
+/// A queue's durable consumer, as one process uses it.
+pub struct SharedQueue {
+    consumer: PullConsumer,
+    acks: Arc<StoreAcks>,
+    queue: Arc<Queue<Arc<Change>>>,
+    acker: Mutex<Option<mpsc::UnboundedReceiver<(Acker, AckKind)>>>,
+}
+
+/// The acks of the changes this process has taken, by ticket (their
+/// stream sequence), sent by one task so that no worker waits on them.
+struct StoreAcks {
+    taken: Mutex<HashMap<u64, Acker>>,
+    send: mpsc::UnboundedSender<(Acker, AckKind)>,
+}
+
+impl StoreAcks {
+    fn finish(&self, ticket: u64, kind: AckKind) {
+        let acker = self
+            .taken
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&ticket);
+        if let Some(acker) = acker {
+            // The receiver lives as long as the queue's feed.
+            let _ = self.send.send((acker, kind));
+        }
+    }
+}
+
+impl Acks for StoreAcks {
+    fn done(&self, ticket: u64) {
+        self.finish(ticket, AckKind::Ack);
+    }
+
+    fn retry(&self, ticket: u64, delay: Duration) {
+        self.finish(ticket, AckKind::Nak(Some(delay)));
+    }
+}
+
+impl SharedQueue {
+    /// Opens (making it if need be) the consumer of `queue`, which carries
+    /// every change of `tables`, and makes `queue` tell it of each end.
+    pub async fn open(
+        store: &StateStore,
+        names: &Names,
+        queue: Arc<Queue<Arc<Change>>>,
+        tables: &[TableName],
+        options: &QueueOptions,
+    ) -> Result<Arc<Self>, StoreError> {
+        let name = names.consumer(queue.name());
+        let config = pull::Config {
+            durable_name: Some(name.clone()),
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: options.ack_wait,
+            max_ack_pending: options.max_ack_pending,
+            deliver_policy: DeliverPolicy::All,
+            filter_subjects: tables.iter().map(|t| names.table_subjects(t)).collect(),
+            ..Default::default()
+        };
+        let consumer = store
+            .stream()
+            .get_or_create_consumer(&name, config)
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let (send, receive) = mpsc::unbounded_channel();
+        let acks = Arc::new(StoreAcks {
+            taken: Mutex::new(HashMap::new()),
+            send,
+        });
+        queue.share(acks.clone());
+        Ok(Arc::new(Self {
+            consumer,
+            acks,
+            queue,
+            acker: Mutex::new(Some(receive)),
+        }))
+    }
+
+    /// Whether no change of this queue waits or is in flight anywhere.
+    pub async fn idle(&self) -> Result<bool, StoreError> {
+        let mut consumer = self.consumer.clone();
+        let info = consumer
+            .info()
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        Ok(info.num_pending == 0 && info.num_ack_pending == 0)
+    }
+
+    /// Pulls changes onto the local queue, for its workers, until `stop`.
+    pub async fn feed(self: Arc<Self>, stop: CancellationToken) {
+        let receive = self.acker.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(receive) = receive {
+            tokio::spawn(send_acks(receive));
+        }
+        let batch = self.queue.capacity().clamp(1, 64);
+        let mut correlations = Correlations::default();
+        loop {
+            let messages = self
+                .consumer
+                .stream()
+                .max_messages_per_batch(batch)
+                .messages()
+                .await;
+            let mut messages = match messages {
+                Ok(messages) => messages,
+                Err(error) => {
+                    tracing::warn!(queue = %self.queue.name(), %error, "cannot pull");
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                    }
+                }
+            };
+            loop {
+                let message = tokio::select! {
+                    () = stop.cancelled() => return,
+                    message = messages.next() => message,
+                };
+                match message {
+                    Some(Ok(message)) => {
+                        if !self.take(message, &mut correlations).await {
+                            return;
+                        }
+                    }
+                    Some(Err(error)) => {
+                        tracing::warn!(queue = %self.queue.name(), %error, "pulling");
+                    }
+                    None => break,
+                }
+            }
+        }
+    }
+
+    /// Puts one pulled message's change on the queue (acking at once one
+    /// that carries none). `false` once the queue is closed.
+    async fn take(
+        &self,
+        message: async_nats::jetstream::Message,
+        correlations: &mut Correlations,
+    ) -> bool {
+        let (seq, delivered) = match message.info() {
+            Ok(info) => (info.stream_sequence, info.delivered),
+            Err(error) => {
+                tracing::warn!(%error, "a queued message without its sequence");
+                return true;
+            }
+        };
+        let subject = message.subject.to_string();
+        let change = decode(&subject, &message.payload, seq, correlations);
+        let (_, acker) = message.split();
+        let change = match change {
+            Ok(Some(change)) => change,
+            Ok(None) => {
+                let _ = self.acks.send.send((acker, AckKind::Ack));
+                return true;
+            }
+            Err(error) => {
+                tracing::warn!(queue = %self.queue.name(), %subject, seq, %error,
+                    "a state message no handler can read; left");
+                let _ = self.acks.send.send((acker, AckKind::Term));
+                return true;
+            }
+        };
+        self.acks
+            .taken
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(seq, acker);
+        let attempts = u32::try_from(delivered.saturating_sub(1)).unwrap_or(u32::MAX);
+        self.queue
+            .take_over(seq, Arc::new(change), attempts)
+            .await
+            .is_ok()
+    }
+}
+
+/// The change a state message carries, if any.
+fn decode(
+    subject: &str,
+    payload: &[u8],
+    seq: u64,
+    correlations: &mut Correlations,
+) -> Result<Option<Change>, String> {
+    let (put, change) = effect::decode_put(payload)?;
+    let table: TableName = put.t.as_str().into();
+    if !subject.contains(&format!(".state.{table}.")) {
+        return Err(format!("it holds a state of `{table}`"));
+    }
+    Table::carried(
+        &table,
+        RecordId::derived(put.id),
+        seq,
+        put.e.as_ref(),
+        change,
+        correlations,
+    )
+}
+
+async fn send_acks(mut receive: mpsc::UnboundedReceiver<(Acker, AckKind)>) {
+    while let Some((acker, kind)) = receive.recv().await {
+        if let Err(error) = acker.ack_with(kind).await {
+            // Not acked: JetStream delivers it again after `ack_wait`, and
+            // handlers are safe to redo.
+            tracing::warn!(%error, "ack not sent");
+        }
+    }
+}
+
+/// How often [`settle`] asks JetStream how the queues stand.
+const SETTLE_POLL: Duration = Duration::from_millis(20);
+
+/// Waits until no change of `queues` waits or is in flight in any process:
+/// every consumer has nothing pending and nothing unacked, twice in a row
+/// with the state stream's last sequence the same both times (a handler
+/// writes what it derives before it acks, so work it caused shows as a
+/// new sequence), and this process has applied the stream that far.
+/// `Ok(false)` if `timeout` passed first.
+pub async fn settle(
+    store: &StateStore,
+    queues: &[Arc<SharedQueue>],
+    timeout: Duration,
+) -> Result<bool, StoreError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut quiet_at = None;
+    loop {
+        let last = store.last().await?;
+        let mut idle = true;
+        for queue in queues {
+            idle &= queue.idle().await?;
+        }
+        if idle && quiet_at == Some(last) {
+            return Ok(tokio::time::timeout_at(deadline, store.caught_up(last))
+                .await
+                .is_ok());
+        }
+        quiet_at = idle.then_some(last);
+        if tokio::time::Instant::now() >= deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(SETTLE_POLL).await;
+    }
+}
