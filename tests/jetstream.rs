@@ -180,32 +180,62 @@ impl Drop for Replica {
 enum Op {
     Write(Write),
     Delete(RecordId, Timestamp),
+    /// A complete set as of a time.
+    Reconcile(Timestamp, Vec<Write>),
 }
 
 fn at(second: u32) -> Timestamp {
     Timestamp::parse(&format!("2024-01-01T00:00:{second:02}Z")).expect("a time")
 }
 
-/// Writes and deletes of a few ids at a few versions with a few values,
-/// so that many collide: repeats, stale versions, ties broken by data,
-/// deletes before and after writes.
-fn ops(seed: u64, n: usize, ids: u8) -> Vec<Op> {
+fn a_write(rng: &mut fastrand::Rng, id: RecordId, when: Timestamp) -> Write {
+    let data = Data::canonical(&serde_json::json!({"title": rng.u8(0..3)})).expect("data");
+    Write {
+        id,
+        version: Version::write(when, data.clone()),
+        data,
+    }
+}
+
+/// Writes, deletes and (when `sets`) reconciliations of a few ids at a few
+/// versions with a few values, so that many collide: repeats, stale
+/// versions, ties broken by data, deletes before and after writes, sets
+/// that hide records and sets that bring them back.
+fn ops_with(seed: u64, n: usize, ids: u8, sets: bool) -> Vec<Op> {
     let mut rng = fastrand::Rng::with_seed(seed);
+    let id =
+        |rng: &mut fastrand::Rng| RecordId::parse(&format!("m{}", rng.u8(0..ids))).expect("an id");
     (0..n)
         .map(|_| {
-            let id = RecordId::parse(&format!("m{}", rng.u8(0..ids))).expect("an id");
-            let when = at(rng.u32(0..12));
-            if rng.u8(0..8) == 0 {
-                return Op::Delete(id, when);
+            // Sets are as of early times, so that later writes outlive
+            // them.
+            let when = at(rng.u32(0..20));
+            match rng.u8(0..16) {
+                0 => Op::Delete(id(&mut rng), when),
+                1 if sets => {
+                    let when = at(rng.u32(10..25));
+                    // Most ids, each at an early version.
+                    let mut members = Vec::new();
+                    for n in 0..ids {
+                        if rng.u8(0..4) != 0 {
+                            let member = RecordId::parse(&format!("m{n}")).expect("an id");
+                            let at = at(rng.u32(0..20));
+                            members.push(a_write(&mut rng, member, at));
+                        }
+                    }
+                    Op::Reconcile(when, members)
+                }
+                _ => {
+                    let id = id(&mut rng);
+                    Op::Write(a_write(&mut rng, id, when))
+                }
             }
-            let data = Data::canonical(&serde_json::json!({"title": rng.u8(0..3)})).expect("data");
-            Op::Write(Write {
-                id,
-                version: Version::write(when, data.clone()),
-                data,
-            })
         })
         .collect()
+}
+
+fn ops(seed: u64, n: usize, ids: u8) -> Vec<Op> {
+    ops_with(seed, n, ids, false)
 }
 
 async fn run(table: &Table, op: Op) -> Outcome {
@@ -214,6 +244,10 @@ async fn run(table: &Table, op: Op) -> Outcome {
     match op {
         Op::Write(write) => writer.apply(write, &cause).await,
         Op::Delete(id, at) => writer.delete(&id, at, &cause).await,
+        Op::Reconcile(as_of, writes) => writer
+            .reconcile(as_of, writes, &cause)
+            .await
+            .map(|_| Outcome::Unchanged),
     }
     .expect("JetStream takes the write")
 }
@@ -227,8 +261,12 @@ async fn replicas_writing_the_same_records_at_once_converge_on_what_memory_holds
         Replica::open(&server.url, "conv").await,
         Replica::open(&server.url, "conv").await,
     ];
+    let mut hidden = 0;
+    // Few ids collide more; many ids have few writes each, so that which
+    // sets they are in decides whether they are seen.
+    let ids = |round: u64| if round.is_multiple_of(2) { 6 } else { 60 };
     for round in 0..4u64 {
-        let ops = ops(round, 300, 6);
+        let ops = ops_with(round, 300, ids(round), true);
         // Eight clients at once, each sending its share through one of
         // the two processes.
         let clients = (0..8).map(|client| {
@@ -252,10 +290,21 @@ async fn replicas_writing_the_same_records_at_once_converge_on_what_memory_holds
             TableKind::Raw,
             Arc::new(ChangeLog::new(1_000_000, Activity::default())),
         );
-        let mut all: Vec<Op> = (0..=round).flat_map(|r| self::ops(r, 300, 6)).collect();
+        let mut all: Vec<Op> = (0..=round)
+            .flat_map(|r| ops_with(r, 300, ids(r), true))
+            .collect();
         fastrand::Rng::with_seed(round + 100).shuffle(&mut all);
         for op in all {
-            run(&memory, op).await;
+            if let Op::Reconcile(as_of, writes) = op {
+                let report = memory
+                    .writer()
+                    .reconcile(as_of, writes, &Cause::request("test"))
+                    .await
+                    .expect("memory");
+                hidden += report.deleted.len();
+            } else {
+                run(&memory, op).await;
+            }
         }
         let want = memory.snapshot();
         assert!(!want.is_empty());
@@ -295,6 +344,7 @@ async fn replicas_writing_the_same_records_at_once_converge_on_what_memory_holds
             .collect();
         assert_eq!(from_log, held, "round {round}");
     }
+    assert!(hidden > 0, "some sets hid records");
 }
 
 /// What every process's handler saw: (process, sequence, attempt, ok).

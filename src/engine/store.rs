@@ -29,32 +29,42 @@ pub enum StoreError {
     Unavailable(String),
 }
 
+/// What of a table a state is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Key<'a> {
+    /// The record with this id ([`crate::storage::effect::StateFrame`]).
+    Record(&'a str),
+    /// The table's current reconciliation
+    /// ([`crate::storage::effect::CurrentFrame`]).
+    Current,
+}
+
 /// A record's state as the store holds it: its revision there and the
-/// frame written (see [`crate::storage::effect::PUT`]).
+/// frame written.
 pub struct Stored {
     pub rev: u64,
     pub frame: Vec<u8>,
 }
 
 pub trait Store: Send + Sync + 'static {
-    /// Takes `frame` as the new state of `table`'s record `id` if that
-    /// record's latest revision is `expected` (0: the store has none), and
-    /// returns the new revision once this process's replica has it (so a
-    /// read after a write sees it).
+    /// Takes `frame` as the new state of `table`'s `key` if its latest
+    /// revision is `expected` (0: the store has none), and returns the new
+    /// revision once this process's replica has it (so a read after a write
+    /// sees it).
     fn put<'a>(
         &'a self,
         table: &'a str,
-        id: &'a str,
+        key: Key<'a>,
         expected: u64,
         frame: Vec<u8>,
     ) -> BoxFuture<'a, Result<u64, StoreError>>;
 
-    /// The latest state of `table`'s record `id`, read from the store
-    /// itself (the replica may be behind).
+    /// The latest state of `table`'s `key`, read from the store itself
+    /// (the replica may be behind).
     fn latest<'a>(
         &'a self,
         table: &'a str,
-        id: &'a str,
+        key: Key<'a>,
     ) -> BoxFuture<'a, Result<Option<Stored>, StoreError>>;
 }
 

@@ -52,10 +52,10 @@ use serde::Serialize;
 
 use super::log::{self, Cause, Change, ChangeKind, ChangeLog, TableName};
 use super::record::{Data, RecordId, Timestamp, Version};
-use super::store::{Store, StoreError};
+use super::store::{Key, Store, StoreError};
 use crate::storage::effect::{
-    self, At, ChangeImage, Correlations, CurrentFrame, EntryImage, PutFrame, StoredImage,
-    VersionImage,
+    self, At, ChangeImage, Correlations, CurrentFrame, EntryImage, PutFrame, StateFrame,
+    StoredImage, VersionImage,
 };
 
 const SHARDS: usize = 16;
@@ -266,6 +266,9 @@ struct Entry {
     in_set: bool,
     /// On a shared store: the store's revision of this state (0: none).
     rev: u64,
+    /// On a shared store: whether the change log last said the record is
+    /// live (what a write's change is worked out from).
+    announced: bool,
 }
 
 impl Entry {
@@ -333,6 +336,7 @@ impl Entry {
             seq: image.s,
             in_set: image.i,
             rev: 0,
+            announced: false,
         })
     }
 
@@ -380,6 +384,17 @@ pub struct Table {
     /// to the store ([`Writer`]), and come back through
     /// [`Table::replicate`].
     store: OnceLock<Arc<dyn Store>>,
+    /// On a shared store: the current reconciliation as the store holds it.
+    judge: Mutex<Judge>,
+}
+
+/// On a shared store: the reconciliation that judges writes, with the ids
+/// of its set, and its revision in the store (0: none yet).
+#[derive(Clone, Default)]
+struct Judge {
+    current: Option<Arc<Current>>,
+    members: Option<Arc<HashSet<String>>>,
+    rev: u64,
 }
 
 /// What a change of one entry did to what is visible.
@@ -566,6 +581,70 @@ impl Writer<'_> {
     }
 }
 
+impl Writer<'_> {
+    /// [`Table::reconcile`]: the complete set `writes` as of `as_of`
+    /// (versioned tables). On a shared store the reconciliation is made
+    /// current there first, if it is the greatest, then each write is
+    /// applied, then every other record is judged under it, which writes
+    /// the change of each it hides (or brings back). Any later write to a
+    /// record does the same for it, so one cut short by a crash is
+    /// finished by the next reconciliation of the table, or the next
+    /// write of each record.
+    pub async fn reconcile(
+        &self,
+        as_of: Timestamp,
+        writes: Vec<Write>,
+        cause: &Cause,
+    ) -> Result<Reconciliation, WriteError> {
+        let table = self.table;
+        let Some(store) = table.store.get() else {
+            return Ok(table.reconcile(as_of, writes, cause));
+        };
+        let mut report = Reconciliation {
+            as_of: Some(as_of),
+            ..Default::default()
+        };
+        let mut ids: Vec<&str> = writes.iter().map(|w| w.id.as_str()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        if let Ok(ids) = Data::of_canonical(&ids) {
+            table.publish_current(store, Current { as_of, ids }).await?;
+        }
+        let members: HashSet<RecordId> = writes.iter().map(|w| w.id.clone()).collect();
+        for write in writes {
+            match self.apply(write, cause).await? {
+                Outcome::Inserted => report.inserted += 1,
+                Outcome::Updated => report.updated += 1,
+                Outcome::Unchanged => report.unchanged += 1,
+                _ => report.stale += 1,
+            }
+        }
+        for id in table.ids() {
+            if members.contains(&id) {
+                continue;
+            }
+            let hid = table
+                .shared(store, &id, cause, false, |entry, current| {
+                    let after = entry.visible(table.order, current).cloned();
+                    let hid = entry.announced && after.is_none();
+                    let hide = Version::delete(current.map_or(as_of, |c| c.as_of));
+                    let step = Step {
+                        changed: false,
+                        before: None,
+                        after,
+                        deleted: hide,
+                    };
+                    (hid, Some(step))
+                })
+                .await?;
+            if hid {
+                report.deleted.push(id);
+            }
+        }
+        Ok(report)
+    }
+}
+
 impl Expect {
     /// Whether a record stored at `stored` (`None`: none live) meets this.
     fn met_by(self, stored: Option<Timestamp>) -> bool {
@@ -601,6 +680,7 @@ impl Table {
             counters: Counters::default(),
             log,
             store: OnceLock::new(),
+            judge: Mutex::new(Judge::default()),
         }
     }
 
@@ -1305,11 +1385,24 @@ impl Table {
         Writer { table: self }
     }
 
+    /// On a shared store: the current reconciliation, its members and its
+    /// revision there (0: none yet).
+    fn shared_current(&self) -> Judge {
+        self.judge.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     /// Works out a write from the replica's copy of `id` with `step`, and
     /// publishes the entry it leaves (with its change) if the record's
     /// state in the store is still that copy; otherwise reads the latest
     /// state and works it out again. `limited`: a new id must find room
     /// (a handler's write; ingest reserved room before it wrote).
+    ///
+    /// Before `step`, the entry's reconciliation mark is set from the
+    /// current reconciliation's set, and the change is worked out from
+    /// what the change log last said of the record, so a record a newer
+    /// reconciliation hid has its change written by whichever write
+    /// touches it first. If a newer reconciliation arrived while this one
+    /// was published, the record is judged again under it.
     async fn shared<R>(
         &self,
         store: &Arc<dyn Store>,
@@ -1318,65 +1411,73 @@ impl Table {
         limited: bool,
         mut step: impl FnMut(&mut Entry, Option<&Current>) -> (R, Option<Step>),
     ) -> Result<R, WriteError> {
-        let unavailable = |e: StoreError| WriteError::Unavailable(e.to_string());
+        // Set once the write is in the store; later rounds only judge the
+        // record again, under a newer reconciliation.
+        let mut done: Option<R> = None;
         for _ in 0..CONFLICTS {
-            let (mut entry, current, known) = {
+            let judge = self.shared_current();
+            let (mut entry, known) = {
                 let shard = self.shard(id.as_str());
                 let entry = shard.entries.get(id);
-                (
-                    entry.cloned().unwrap_or_default(),
-                    shard.current.clone(),
-                    entry.is_some(),
-                )
+                (entry.cloned().unwrap_or_default(), entry.is_some())
             };
-            if limited && !known && self.limit() != u64::MAX && self.used() >= self.limit() {
+            if done.is_none()
+                && limited
+                && !known
+                && self.limit() != u64::MAX
+                && self.used() >= self.limit()
+            {
                 return Err(self.full().into());
             }
             let expected = entry.rev;
-            let (result, step) = step(&mut entry, current.as_deref());
-            let Some(step) = step else {
-                return Ok(result);
+            let said = entry.announced.then(|| entry.best().cloned()).flatten();
+            let marked = entry.in_set;
+            if let Some(members) = &judge.members {
+                entry.in_set = members.contains(id.as_str());
+            }
+            let current = judge.current.as_deref();
+            let (fresh, step) = if done.is_some() {
+                let hide = current.map_or(Version::delete(Timestamp::EPOCH), |c| {
+                    Version::delete(c.as_of)
+                });
+                let step = Step {
+                    changed: false,
+                    before: None,
+                    after: entry.visible(self.order, current).cloned(),
+                    deleted: hide,
+                };
+                (None, Some(step))
+            } else {
+                let (value, step) = step(&mut entry, current);
+                (Some(value), step)
             };
+            let Some(mut step) = step else {
+                return Ok(done.or(fresh).expect("a step's result"));
+            };
+            step.before = said;
+            step.changed |= entry.in_set != marked;
+            entry.announced = step.after.is_some();
             let changed = step.changed;
             let change = self.change_of(step);
-            if !changed && change.is_none() {
+            if changed || change.is_some() {
+                let frame = self.state_frame(id, &entry, change, cause);
+                let key = Key::Record(id.as_str());
+                match store.put(&self.name, key, expected, frame).await {
+                    Ok(_) => {}
+                    Err(StoreError::Conflict) => {
+                        // Worked out again from the latest state (only
+                        // judged again, if it was written already).
+                        self.refresh(store, id).await?;
+                        continue;
+                    }
+                    Err(error) => return Err(WriteError::Unavailable(error.to_string())),
+                }
+            }
+            let result = done.take().or(fresh).expect("a step's result");
+            if self.shared_current().rev == judge.rev {
                 return Ok(result);
             }
-            let image = (!entry.is_empty()).then(|| entry.image());
-            let mut frame = effect::encode(&PutFrame {
-                t: &*self.name,
-                id: id.as_str(),
-                e: image,
-            });
-            if let Some((kind, version, _)) = change {
-                let time = Timestamp::now();
-                let image = ChangeImage {
-                    s: 0,
-                    id: log::event_id(time),
-                    k: kind,
-                    v: (kind == ChangeKind::Deleted).then(|| VersionImage::of(&version, None)),
-                    at: time.into(),
-                    c: &*cause.correlation,
-                    by: cause.causation,
-                };
-                frame = effect::encode_onto(&image, frame);
-            }
-            match store.put(&self.name, id.as_str(), expected, frame).await {
-                Ok(_) => return Ok(result),
-                Err(StoreError::Conflict) => {
-                    let latest = store
-                        .latest(&self.name, id.as_str())
-                        .await
-                        .map_err(unavailable)?;
-                    if let Some(latest) = latest {
-                        let (put, _) =
-                            effect::decode_put(&latest.frame).map_err(WriteError::Unavailable)?;
-                        self.install(id, latest.rev, put.e)
-                            .map_err(WriteError::Unavailable)?;
-                    }
-                }
-                Err(error) => return Err(unavailable(error)),
-            }
+            done = Some(result);
         }
         Err(WriteError::Unavailable(format!(
             "the record `{id}` of `{}` kept changing under this write",
@@ -1384,28 +1485,71 @@ impl Table {
         )))
     }
 
-    /// Takes a state the shared store sent, at its revision `rev` (the
-    /// entry it holds, `None` once gone, and the change it carries), and
-    /// returns that change, numbered by `rev`. A state older than the
-    /// replica's copy (read again, or read ahead by a write) leaves the
+    /// After a conflict: reads `id`'s latest state from the store into the
+    /// replica.
+    async fn refresh(&self, store: &Arc<dyn Store>, id: &RecordId) -> Result<(), WriteError> {
+        let latest = store
+            .latest(&self.name, Key::Record(id.as_str()))
+            .await
+            .map_err(|e| WriteError::Unavailable(e.to_string()))?;
+        if let Some(latest) = latest {
+            let frame: StateFrame =
+                effect::decode(effect::STATE, &latest.frame).map_err(WriteError::Unavailable)?;
+            self.install(id, latest.rev, frame.e, frame.live)
+                .map_err(WriteError::Unavailable)?;
+        }
+        Ok(())
+    }
+
+    /// The message of `id`'s new state `entry`, with the change it makes.
+    fn state_frame(
+        &self,
+        id: &RecordId,
+        entry: &Entry,
+        change: Option<(ChangeKind, Version, Option<Data>)>,
+        cause: &Cause,
+    ) -> Vec<u8> {
+        let change = change.map(|(kind, version, _)| {
+            let time = Timestamp::now();
+            ChangeImage {
+                s: 0,
+                id: log::event_id(time),
+                k: kind,
+                v: (kind == ChangeKind::Deleted).then(|| VersionImage::of(&version, None)),
+                at: time.into(),
+                c: &*cause.correlation,
+                by: cause.causation,
+            }
+        });
+        effect::encode(&StateFrame {
+            t: &*self.name,
+            id: id.as_str(),
+            e: (!entry.is_empty()).then(|| entry.image()),
+            live: entry.announced,
+            change,
+        })
+    }
+
+    /// Takes a state the shared store sent, at its revision `rev`, and
+    /// returns the change it carries, numbered by `rev`. A state older than
+    /// the replica's copy (read again, or read ahead by a write) leaves the
     /// entry as it is; its change is still returned, for the log.
     pub fn replicate(
         &self,
-        id: RecordId,
         rev: u64,
-        image: Option<EntryImage>,
-        change: Option<ChangeImage>,
+        frame: StateFrame,
         correlations: &mut Correlations,
     ) -> Result<Option<Change>, String> {
+        let id = RecordId::derived(frame.id);
         let change = Self::carried(
             &self.name,
             id.clone(),
             rev,
-            image.as_ref(),
-            change,
+            frame.e.as_ref(),
+            frame.change,
             correlations,
         )?;
-        self.install(&id, rev, image)?;
+        self.install(&id, rev, frame.e, frame.live)?;
         Ok(change)
     }
 
@@ -1435,15 +1579,21 @@ impl Table {
 
     /// Sets the replica's copy of `id` to the store's state at `rev`,
     /// unless it already holds that one or a later one.
-    fn install(&self, id: &RecordId, rev: u64, image: Option<EntryImage>) -> Result<(), String> {
+    fn install(
+        &self,
+        id: &RecordId,
+        rev: u64,
+        image: Option<EntryImage>,
+        live: bool,
+    ) -> Result<(), String> {
         let entry = image.map(Entry::from_image).transpose()?;
         let mut shard = self.shard(id.as_str());
         let current = shard.current.clone();
         let current = current.as_deref();
         let was_live = match shard.entries.get(id) {
             Some(old) if old.rev >= rev => return Ok(()),
-            Some(old) => Some(old.visible(self.order, current).is_some()),
-            None => None,
+            Some(old) => old.visible(self.order, current).is_some(),
+            None => false,
         };
         let now_live = entry
             .as_ref()
@@ -1451,6 +1601,7 @@ impl Table {
         match entry {
             Some(mut entry) => {
                 entry.rev = rev;
+                entry.announced = live;
                 if shard.entries.insert(id.clone(), entry).is_none() {
                     self.counters.entries.fetch_add(1, Ordering::AcqRel);
                 }
@@ -1461,12 +1612,102 @@ impl Table {
                 }
             }
         }
-        match (was_live.unwrap_or(false), now_live) {
+        match (was_live, now_live) {
             (false, true) => self.counters.live.fetch_add(1, Ordering::Relaxed),
             (true, false) => self.counters.live.fetch_sub(1, Ordering::Relaxed),
             _ => 0,
         };
         Ok(())
+    }
+
+    /// Takes the table's current reconciliation as the shared store sent
+    /// it, at its revision `rev`: from now on it judges what is visible
+    /// here, and every write's reconciliation mark. An older one than the
+    /// replica holds is ignored.
+    pub fn replicate_current(&self, rev: u64, frame: CurrentFrame) -> Result<(), String> {
+        let as_of = frame.a.get()?;
+        let members: HashSet<String> =
+            serde_json::from_str(frame.ids.as_str()).map_err(|e| e.to_string())?;
+        let current = Arc::new(Current {
+            as_of,
+            ids: frame.ids,
+        });
+        let mut judge = self.judge.lock().unwrap_or_else(|e| e.into_inner());
+        if judge.rev >= rev {
+            return Ok(());
+        }
+        *judge = Judge {
+            current: Some(current.clone()),
+            members: Some(Arc::new(members)),
+            rev,
+        };
+        *self.reconciling.lock().unwrap_or_else(|e| e.into_inner()) = Some(current.clone());
+        let mut live = 0;
+        for index in 0..SHARDS {
+            let mut shard = self.lock_shard(index);
+            shard.current = Some(current.clone());
+            live += shard
+                .entries
+                .values()
+                .filter(|e| e.visible(self.order, Some(&current)).is_some())
+                .count() as u64;
+        }
+        self.counters.live.store(live, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Publishes `candidate` as the table's current reconciliation if it
+    /// is greater than the one the store holds (the greatest `as_of`, then
+    /// the greater JSON of its ids), and waits until the replica has it.
+    async fn publish_current(
+        &self,
+        store: &Arc<dyn Store>,
+        candidate: Current,
+    ) -> Result<(), WriteError> {
+        let unavailable = |e: StoreError| WriteError::Unavailable(e.to_string());
+        for _ in 0..CONFLICTS {
+            let judge = self.shared_current();
+            if judge.current.as_deref().is_some_and(|c| *c >= candidate) {
+                return Ok(());
+            }
+            let frame = effect::encode(&CurrentFrame {
+                t: self.name.to_string(),
+                a: candidate.as_of.into(),
+                ids: candidate.ids.clone(),
+            });
+            match store.put(&self.name, Key::Current, judge.rev, frame).await {
+                Ok(_) => return Ok(()),
+                Err(StoreError::Conflict) => {
+                    let latest = store
+                        .latest(&self.name, Key::Current)
+                        .await
+                        .map_err(unavailable)?;
+                    if let Some(latest) = latest {
+                        let frame = effect::decode(effect::CURRENT, &latest.frame)
+                            .map_err(WriteError::Unavailable)?;
+                        self.replicate_current(latest.rev, frame)
+                            .map_err(WriteError::Unavailable)?;
+                    }
+                }
+                Err(error) => return Err(unavailable(error)),
+            }
+        }
+        Err(WriteError::Unavailable(format!(
+            "the reconciliation of `{}` kept changing under this one",
+            self.name
+        )))
+    }
+
+    /// Every id the replica keeps, in order.
+    fn ids(&self) -> Vec<RecordId> {
+        let mut ids: Vec<RecordId> = (0..SHARDS)
+            .flat_map(|index| {
+                let shard = self.lock_shard(index);
+                shard.entries.keys().cloned().collect::<Vec<_>>()
+            })
+            .collect();
+        ids.sort_unstable();
+        ids
     }
 
     /// The live record `id`, if any.

@@ -26,7 +26,7 @@ use crate::engine::queue::Queue;
 use crate::engine::record::RecordId;
 use crate::engine::store::{Acks, StoreError};
 use crate::engine::table::Table;
-use crate::storage::effect::{self, Correlations};
+use crate::storage::effect::{self, Correlations, StateFrame};
 
 /// How a shared queue's consumer is made.
 #[derive(Clone, Debug)]
@@ -230,17 +230,17 @@ fn decode(
     seq: u64,
     correlations: &mut Correlations,
 ) -> Result<Option<Change>, String> {
-    let (put, change) = effect::decode_put(payload)?;
-    let table: TableName = put.t.as_str().into();
+    let frame: StateFrame = effect::decode(effect::STATE, payload)?;
+    let table: TableName = frame.t.as_str().into();
     if !subject.contains(&format!(".state.{table}.")) {
         return Err(format!("it holds a state of `{table}`"));
     }
     Table::carried(
         &table,
-        RecordId::derived(put.id),
+        RecordId::derived(frame.id),
         seq,
-        put.e.as_ref(),
-        change,
+        frame.e.as_ref(),
+        frame.change,
         correlations,
     )
 }

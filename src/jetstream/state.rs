@@ -33,10 +33,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::Connection;
 use crate::engine::log::{ChangeLog, TableName};
-use crate::engine::record::RecordId;
-use crate::engine::store::{Store, StoreError, Stored};
+use crate::engine::store::{Key, Store, StoreError, Stored};
 use crate::engine::table::Table;
-use crate::storage::effect::{self, Correlations};
+use crate::storage::effect::{self, Correlations, CurrentFrame, StateFrame};
 
 /// How stream, subject and consumer names are made from a prefix, so that
 /// several pipelines can share one NATS account.
@@ -69,9 +68,21 @@ impl Names {
         format!("{}_state", self.prefix)
     }
 
-    /// Every state subject.
-    pub fn state_subjects(&self) -> String {
-        format!("{}.state.>", self.prefix)
+    /// Every record's state subject, and every table's current
+    /// reconciliation's.
+    pub fn stream_subjects(&self) -> Vec<String> {
+        vec![
+            format!("{}.state.>", self.prefix),
+            format!("{}.current.>", self.prefix),
+        ]
+    }
+
+    /// The subject of `table`'s `key`.
+    pub fn subject(&self, table: &str, key: Key<'_>) -> String {
+        match key {
+            Key::Record(id) => self.state_subject(table, id),
+            Key::Current => format!("{}.current.{table}", self.prefix),
+        }
     }
 
     /// The subject of `table`'s record `id`.
@@ -93,14 +104,16 @@ impl Names {
         format!("{}_{queue}", self.prefix)
     }
 
-    /// The table and id a state subject is for.
-    fn parse_state_subject(&self, subject: &str) -> Option<(String, String)> {
-        let rest = subject
-            .strip_prefix(self.prefix.as_str())?
-            .strip_prefix(".state.")?;
-        let (table, id) = rest.split_once('.')?;
+    /// The table and id a state subject is for (no id: the table's
+    /// current reconciliation).
+    fn parse_subject(&self, subject: &str) -> Option<(String, Option<String>)> {
+        let rest = subject.strip_prefix(self.prefix.as_str())?;
+        if let Some(table) = rest.strip_prefix(".current.") {
+            return Some((table.to_owned(), None));
+        }
+        let (table, id) = rest.strip_prefix(".state.")?.split_once('.')?;
         let id = String::from_utf8(URL_SAFE_NO_PAD.decode(id).ok()?).ok()?;
-        Some((table.to_owned(), id))
+        Some((table.to_owned(), Some(id)))
     }
 }
 
@@ -150,7 +163,7 @@ impl StateStore {
     ) -> Result<Arc<Self>, OpenError> {
         let config = stream::Config {
             name: names.state_stream(),
-            subjects: vec![names.state_subjects()],
+            subjects: names.stream_subjects(),
             storage: StorageType::File,
             num_replicas: options.replicas,
             // Older states of a record go first; its latest never does.
@@ -212,7 +225,7 @@ impl StateStore {
     ) {
         log.become_replica();
         let config = pull::OrderedConfig {
-            filter_subject: self.names.state_subjects(),
+            filter_subjects: self.names.stream_subjects(),
             deliver_policy: DeliverPolicy::All,
             ..Default::default()
         };
@@ -268,17 +281,23 @@ impl StateStore {
     ) -> Result<(), String> {
         let (table, id) = self
             .names
-            .parse_state_subject(&message.subject)
+            .parse_subject(&message.subject)
             .ok_or("not a state subject")?;
         let table = tables
             .get(table.as_str())
             .ok_or_else(|| format!("no table `{table}` here"))?;
-        let (put, change) = effect::decode_put(&message.payload)?;
-        if put.t != **table.name() || put.id != id {
-            return Err(format!("it holds `{}` of `{}`", put.id, put.t));
+        let Some(id) = id else {
+            let frame: CurrentFrame = effect::decode(effect::CURRENT, &message.payload)?;
+            if frame.t != **table.name() {
+                return Err(format!("it holds the reconciliation of `{}`", frame.t));
+            }
+            return table.replicate_current(seq, frame);
+        };
+        let frame: StateFrame = effect::decode(effect::STATE, &message.payload)?;
+        if frame.t != **table.name() || frame.id != id {
+            return Err(format!("it holds `{}` of `{}`", frame.id, frame.t));
         }
-        let id = RecordId::derived(id);
-        if let Some(change) = table.replicate(id, seq, put.e, change, correlations)? {
+        if let Some(change) = table.replicate(seq, frame, correlations)? {
             log.replicate(change);
         }
         Ok(())
@@ -289,7 +308,7 @@ impl Store for StateStore {
     fn put<'a>(
         &'a self,
         table: &'a str,
-        id: &'a str,
+        key: Key<'a>,
         expected: u64,
         frame: Vec<u8>,
     ) -> BoxFuture<'a, Result<u64, StoreError>> {
@@ -298,7 +317,7 @@ impl Store for StateStore {
             let publish = PublishMessage::build()
                 .payload(frame.into())
                 .expected_last_subject_sequence(expected);
-            let subject = self.names.state_subject(table, id);
+            let subject = self.names.subject(table, key);
             let ack = self
                 .jetstream
                 .send_publish(subject, publish)
@@ -320,10 +339,10 @@ impl Store for StateStore {
     fn latest<'a>(
         &'a self,
         table: &'a str,
-        id: &'a str,
+        key: Key<'a>,
     ) -> BoxFuture<'a, Result<Option<Stored>, StoreError>> {
         Box::pin(async move {
-            let subject = self.names.state_subject(table, id);
+            let subject = self.names.subject(table, key);
             match self.stream.get_last_raw_message_by_subject(&subject).await {
                 Ok(message) => Ok(Some(Stored {
                     rev: message.sequence,
@@ -353,10 +372,14 @@ mod tests {
             "{token}"
         );
         assert_eq!(
-            names.parse_state_subject(&subject),
-            Some(("movies".to_owned(), "a.b c/✓".to_owned()))
+            names.parse_subject(&subject),
+            Some(("movies".to_owned(), Some("a.b c/✓".to_owned())))
         );
-        assert_eq!(names.parse_state_subject("other.state.movies.YQ"), None);
+        assert_eq!(
+            names.parse_subject(&names.subject("movies", Key::Current)),
+            Some(("movies".to_owned(), None))
+        );
+        assert_eq!(names.parse_subject("other.state.movies.YQ"), None);
         for bad in ["", "a.b", "a b", "a>", &"x".repeat(33)] {
             assert!(Names::new(bad).is_err(), "{bad:?}");
         }

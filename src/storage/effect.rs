@@ -37,6 +37,9 @@ pub const DISCARD: u8 = 8;
 /// A parent's child list was applied by its handler ([`AppliedFrame`]).
 pub const APPLIED: u8 = 9;
 
+/// On a shared store: a record's state ([`StateFrame`]); never on disk.
+pub const STATE: u8 = 10;
+
 /// Snapshot: what the snapshot covers ([`HeaderFrame`]); always first.
 pub const HEADER: u8 = 20;
 /// Snapshot: a retained change, whole ([`EventImage`]).
@@ -137,6 +140,19 @@ pub struct PutFrame<S = String> {
     pub t: S,
     pub id: S,
     pub e: Option<EntryImage>,
+}
+
+/// On a shared store (JetStream), one message of a record's state: the
+/// entry (none once gone), whether the change log last said the record is
+/// live (a new reconciliation can hide a record before its change is
+/// written), and the change this state made, if any.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct StateFrame<S = String> {
+    pub t: S,
+    pub id: S,
+    pub e: Option<EntryImage>,
+    pub live: bool,
+    pub change: Option<ChangeImage<S>>,
 }
 
 /// A change, without what the entry beside it already says: its data and,
@@ -375,7 +391,6 @@ pub fn decode<'a, T: Deserialize<'a>>(kind: u8, payload: &'a [u8]) -> Result<T, 
     decode_prefix(kind, payload).map(|(value, _)| value)
 }
 
-/// Decodes a value at the start of `payload`; it and the bytes after it.
 /// A [`PUT`] payload: the entry, then, if the write emitted one, its
 /// change.
 pub fn decode_put(payload: &[u8]) -> Result<(PutFrame, Option<ChangeImage>), String> {
@@ -384,6 +399,7 @@ pub fn decode_put(payload: &[u8]) -> Result<(PutFrame, Option<ChangeImage>), Str
     Ok((put, change))
 }
 
+/// Decodes a value at the start of `payload`; it and the bytes after it.
 pub fn decode_prefix<'a, T: Deserialize<'a>>(
     kind: u8,
     payload: &'a [u8],
