@@ -10,13 +10,16 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use eventsys::engine::dedup::DedupKey;
 use eventsys::engine::handler::{BreakerPolicy, Failure, HandlerConfig, Process, RetryPolicy};
 use eventsys::engine::log::{Cause, Change, ChangeLog};
 use eventsys::engine::queue::Queue;
 use eventsys::engine::record::{Data, RecordId, Timestamp, Version};
 use eventsys::engine::settle::Activity;
+use eventsys::engine::store::SharedWindow;
 use eventsys::engine::table::{Outcome, Table, TableKind, Write};
 use eventsys::engine::{Engine, EngineConfig};
+use eventsys::jetstream::dedup::Window;
 use eventsys::jetstream::queue::{QueueOptions, SharedQueue, settle};
 use eventsys::jetstream::state::{Names, StateOptions, StateStore};
 use eventsys::jetstream::{self, ConnectError, MIN_SERVER};
@@ -645,5 +648,77 @@ async fn changes_a_dead_process_took_are_finished_by_another() {
     assert!(
         seen.lock().expect("seen").is_empty(),
         "the stuck process finished nothing"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dedup_window_admits_each_key_once_over_processes_and_forgets_the_oldest() {
+    let Some(server) = NatsServer::start() else {
+        return;
+    };
+    let mut windows = Vec::new();
+    for _ in 0..2 {
+        let connection = jetstream::connect(&server.url, WITHIN)
+            .await
+            .expect("connect");
+        let names = Names::new("dedup").expect("prefix");
+        let window = Window::open(&connection, names, 50, 1).await.expect("open");
+        windows.push(Arc::new(window));
+    }
+    let key = |n: u8| DedupKey::of(&["source", &n.to_string()]).bytes();
+    // Both processes add each of 20 keys at the same time.
+    let adds = (0..20u8).flat_map(|n| {
+        windows.iter().map(move |window| {
+            let window = window.clone();
+            tokio::spawn(async move { window.add(key(n)).await.expect("JetStream answers") })
+        })
+    });
+    let firsts = futures_util::future::join_all(adds)
+        .await
+        .into_iter()
+        .map(|added| added.expect("an add ran"))
+        .filter(|first| *first)
+        .count();
+    assert_eq!(firsts, 20, "each key is new to exactly one process");
+    // 40 more: the window keeps the last 50 of the 60, in either process.
+    for n in 20..60 {
+        assert!(
+            windows[n as usize % 2]
+                .add(key(n))
+                .await
+                .expect("JetStream answers")
+        );
+    }
+    let mut kept = Vec::new();
+    for n in 0..60 {
+        let seen = windows[0]
+            .contains(key(n))
+            .await
+            .expect("JetStream answers");
+        assert_eq!(
+            seen,
+            windows[1]
+                .contains(key(n))
+                .await
+                .expect("JetStream answers")
+        );
+        if seen {
+            kept.push(n);
+        }
+    }
+    assert_eq!(kept.len(), 50, "{kept:?}");
+    assert!(
+        (20..60).all(|n| kept.contains(&n)),
+        "the last 40 are kept: {kept:?}"
+    );
+    // A forgotten key is new again.
+    let forgotten = (0..20)
+        .find(|n| !kept.contains(n))
+        .expect("ten were forgotten");
+    assert!(
+        windows[1]
+            .add(key(forgotten))
+            .await
+            .expect("JetStream answers")
     );
 }

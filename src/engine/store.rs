@@ -80,3 +80,14 @@ pub trait Acks: Send + Sync + 'static {
     /// process takes it then.
     fn retry(&self, ticket: u64, delay: std::time::Duration);
 }
+
+/// The dedup window on a shared store: keys of CloudEvents applied, the
+/// last so many of them, whichever process applied them.
+pub trait SharedWindow: Send + Sync + 'static {
+    /// Whether `key` is in the window.
+    fn contains(&self, key: [u8; 32]) -> BoxFuture<'_, Result<bool, StoreError>>;
+
+    /// Adds `key` once its event is applied; `false` if another process
+    /// added it first (the event was applied twice, which converges).
+    fn add(&self, key: [u8; 32]) -> BoxFuture<'_, Result<bool, StoreError>>;
+}

@@ -99,6 +99,21 @@ impl Names {
         format!("{}.state.{table}.>", self.prefix)
     }
 
+    /// The stream of the dedup window.
+    pub fn dedup_stream(&self) -> String {
+        format!("{}_dedup", self.prefix)
+    }
+
+    /// Every key of the dedup window.
+    pub fn dedup_subjects(&self) -> String {
+        format!("{}.dedup.*", self.prefix)
+    }
+
+    /// The subject of one key (its digest in hex).
+    pub fn dedup_subject(&self, hex: &str) -> String {
+        format!("{}.dedup.{hex}", self.prefix)
+    }
+
     /// The durable consumer of the queue `queue`.
     pub fn consumer(&self, queue: &str) -> String {
         format!("{}_{queue}", self.prefix)
@@ -142,6 +157,15 @@ impl Default for StateOptions {
 pub struct OpenError {
     stream: String,
     reason: String,
+}
+
+impl OpenError {
+    pub fn new(stream: &str, reason: impl std::fmt::Display) -> Self {
+        Self {
+            stream: stream.to_owned(),
+            reason: reason.to_string(),
+        }
+    }
 }
 
 /// The state stream, as this process's tables use it.
