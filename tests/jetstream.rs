@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use eventsys::engine::children::Children;
 use eventsys::engine::dedup::DedupKey;
 use eventsys::engine::handler::{BreakerPolicy, Failure, HandlerConfig, Process, RetryPolicy};
 use eventsys::engine::log::{Cause, Change, ChangeLog};
@@ -21,8 +22,9 @@ use eventsys::engine::table::{Outcome, Table, TableKind, Write};
 use eventsys::engine::{Engine, EngineConfig};
 use eventsys::jetstream::dedup::Window;
 use eventsys::jetstream::queue::{QueueOptions, SharedQueue, settle};
-use eventsys::jetstream::state::{Names, StateOptions, StateStore};
+use eventsys::jetstream::state::{Names, Replicas, StateOptions, StateStore};
 use eventsys::jetstream::{self, ConnectError, MIN_SERVER};
+use eventsys::media::raw_handler::{ChildRecords, ChildSink};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -136,9 +138,12 @@ impl Replica {
         let log = Arc::new(ChangeLog::new(1_000_000, Activity::default()));
         let table = Arc::new(Table::new("movies", TableKind::Raw, log.clone()));
         assert!(table.share(store.clone()).is_ok());
-        let tables = HashMap::from([(table.name().clone(), table.clone())]);
+        let replicas = Replicas {
+            tables: HashMap::from([(table.name().clone(), table.clone())]),
+            ..Replicas::default()
+        };
         let stop = CancellationToken::new();
-        tokio::spawn(store.clone().follow(tables, log.clone(), stop.clone()));
+        tokio::spawn(store.clone().follow(replicas, log.clone(), stop.clone()));
         Replica {
             log,
             table,
@@ -721,4 +726,274 @@ async fn the_dedup_window_admits_each_key_once_over_processes_and_forgets_the_ol
             .await
             .expect("JetStream answers")
     );
+}
+
+/// One process's replica of a parent table with its child lists: series,
+/// their listing table, and the episodes the lists put in `episodes`.
+struct Family {
+    series: Arc<Table>,
+    children: Arc<Children>,
+    episodes: Arc<Table>,
+    store: Arc<StateStore>,
+    stop: CancellationToken,
+}
+
+fn split(_: &RecordId, list: &Data) -> Result<Vec<(RecordId, Data)>, String> {
+    let items: Vec<serde_json::Value> =
+        serde_json::from_str(list.as_str()).map_err(|e| e.to_string())?;
+    items
+        .iter()
+        .map(|item| {
+            let id = RecordId::parse(item["id"].as_str().unwrap_or_default())
+                .map_err(|e| e.to_string())?;
+            Ok((id, Data::canonical(item).map_err(|e| e.to_string())?))
+        })
+        .collect()
+}
+
+impl Family {
+    async fn open(url: &str, prefix: &str) -> Family {
+        let connection = jetstream::connect(url, WITHIN).await.expect("connect");
+        let names = Names::new(prefix).expect("prefix");
+        let store = StateStore::open(&connection, names, &StateOptions::default())
+            .await
+            .expect("open the state stream");
+        let log = Arc::new(ChangeLog::new(1_000_000, Activity::default()));
+        let series = Arc::new(Table::new("series", TableKind::Raw, log.clone()));
+        let listing = Arc::new(Table::listing("series_episodes", log.clone()));
+        let episodes = Arc::new(Table::new("episodes", TableKind::Raw, log.clone()));
+        let children = Arc::new(Children::new(
+            "episodes",
+            series.clone(),
+            listing.clone(),
+            split,
+        ));
+        for table in [&series, &listing, &episodes] {
+            assert!(table.share(store.clone()).is_ok());
+        }
+        assert!(children.share(store.clone()).is_ok());
+        let replicas = Replicas {
+            tables: [&series, &listing, &episodes]
+                .into_iter()
+                .map(|t| (t.name().clone(), t.clone()))
+                .collect(),
+            children: HashMap::from([(listing.name().clone(), children.clone())]),
+        };
+        let stop = CancellationToken::new();
+        tokio::spawn(store.clone().follow(replicas, log.clone(), stop.clone()));
+        Family {
+            series,
+            children,
+            episodes,
+            store,
+            stop,
+        }
+    }
+
+    /// A series write, with its list first, as ingest makes it.
+    async fn ingest(&self, write: Write) {
+        let cause = Cause::request("test");
+        if let Some(list) = self.children.listing_write(&write) {
+            self.children
+                .listing
+                .writer()
+                .apply(list, &cause)
+                .await
+                .expect("JetStream takes the write");
+        }
+        self.series
+            .writer()
+            .apply(write, &cause)
+            .await
+            .expect("JetStream takes the write");
+    }
+}
+
+impl Drop for Family {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Refreshes a parent's children for each change of it, as raw_handler
+/// does on a shared store.
+struct Refresher {
+    children: Arc<Children>,
+    sink: ChildRecords,
+    redone: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Process<Arc<Change>> for Refresher {
+    async fn process(&self, change: &Arc<Change>) -> Result<(), Failure> {
+        let cause = Cause::caused_by(change);
+        let mut again = false;
+        loop {
+            let plan = self.children.begin(&change.key, change.seq, again).await;
+            let Some(plan) = plan.map_err(|e| Failure::Transient(e.to_string()))? else {
+                return Ok(());
+            };
+            self.sink
+                .apply(
+                    &change.key,
+                    change,
+                    plan.previous.as_ref(),
+                    plan.current.as_ref(),
+                    &cause,
+                )
+                .await
+                .map_err(Failure::Transient)?;
+            if self
+                .children
+                .finish(plan)
+                .await
+                .map_err(|e| Failure::Transient(e.to_string()))?
+            {
+                return Ok(());
+            }
+            self.redone
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            again = true;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parents_refreshed_by_two_processes_at_once_list_exactly_their_last_children() {
+    let Some(server) = NatsServer::start() else {
+        return;
+    };
+    let redone = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut families = Vec::new();
+    let mut engines = Vec::new();
+    let mut queues = Vec::new();
+    for _ in 0..2 {
+        let family = Family::open(&server.url, "kids").await;
+        let mut engine = Engine::new(EngineConfig {
+            event_retention: 100_000,
+            max_dead_letters: 10_000,
+            max_records: u64::MAX,
+        });
+        let queue = engine.add_queue::<Arc<Change>>("series_queue", 64);
+        let refresher = Refresher {
+            children: family.children.clone(),
+            sink: ChildRecords {
+                table: family.episodes.clone(),
+            },
+            redone: redone.clone(),
+        };
+        let config = HandlerConfig {
+            workers: 4,
+            batch: 1,
+            retry: RetryPolicy {
+                max_attempts: 50,
+                base: Duration::from_millis(1),
+                cap: Duration::from_millis(10),
+            },
+            breaker: BreakerPolicy {
+                threshold: u32::MAX,
+                cool_down: Duration::from_millis(10),
+            },
+        };
+        engine.add_handler("series_handler", &queue, refresher, config);
+        let names = Names::new("kids").expect("prefix");
+        let tables = [
+            family.series.name().clone(),
+            family.children.listing.name().clone(),
+        ];
+        let shared = SharedQueue::open(
+            &family.store,
+            &names,
+            queue,
+            &tables,
+            &QueueOptions::default(),
+        )
+        .await
+        .expect("open the queue's consumer");
+        tokio::spawn(shared.clone().feed(family.stop.clone()));
+        families.push(family);
+        engines.push(engine);
+        queues.push(shared);
+    }
+
+    // Three series, rewritten 240 times with lists of their episodes
+    // s<i>-e1..e5 (any subset, any titles), at random versions, through
+    // either process, eight clients at once; some versions carry no list.
+    let mut rng = fastrand::Rng::with_seed(5);
+    let writes: Vec<Write> = (0..240)
+        .map(|_| {
+            let series = rng.u8(0..3);
+            let mut record = serde_json::json!({"id": format!("s{series}"), "title": rng.u8(0..3)});
+            if rng.u8(0..5) != 0 {
+                let mut list = Vec::new();
+                for e in 1..=5 {
+                    if rng.bool() {
+                        let title = rng.u8(0..2);
+                        list.push(
+                            serde_json::json!({"id": format!("s{series}-e{e}"), "title": title}),
+                        );
+                    }
+                }
+                record["episodes"] = serde_json::Value::from(list);
+            }
+            let data = Data::canonical(&record).expect("data");
+            Write {
+                id: RecordId::parse(&format!("s{series}")).expect("an id"),
+                version: Version::write(at(rng.u32(0..40)), data.clone()),
+                data,
+            }
+        })
+        .collect();
+    let clients = (0..8).map(|client| {
+        let mine: Vec<Write> = writes.iter().skip(client).step_by(8).cloned().collect();
+        let family = client % 2;
+        (family, mine)
+    });
+    let families = Arc::new(families);
+    let tasks = clients.map(|(family, mine)| {
+        let families = families.clone();
+        tokio::spawn(async move {
+            for write in mine {
+                families[family].ingest(write).await;
+            }
+        })
+    });
+    for task in futures_util::future::join_all(tasks).await {
+        task.expect("a client ran");
+    }
+    let settled = settle(&families[0].store, &queues, Duration::from_secs(60))
+        .await
+        .expect("JetStream answers");
+    assert!(settled, "the refreshes settle");
+    for family in families.iter() {
+        family
+            .store
+            .caught_up(families[0].store.last().await.expect("info"))
+            .await;
+    }
+
+    // What the lists say now: each live series' last list, exactly.
+    let mut want = Vec::new();
+    for series in families[0].series.snapshot() {
+        if let Some(listing) = families[0].children.current(&series.id).expect("a listing") {
+            for (child, data) in listing.children {
+                want.push((child, data));
+            }
+        }
+    }
+    want.sort();
+    assert!(!want.is_empty());
+    for (i, family) in families.iter().enumerate() {
+        let got: Vec<(RecordId, Data)> = family
+            .episodes
+            .snapshot()
+            .into_iter()
+            .map(|r| (r.id, r.data))
+            .collect();
+        assert_eq!(got, want, "process {i}");
+    }
+    eprintln!(
+        "refreshes done again after another moved the mark: {}",
+        redone.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    drop(engines);
 }

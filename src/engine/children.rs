@@ -22,13 +22,18 @@
 //! applied last.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use uuid::Uuid;
 
 use serde_json::value::RawValue;
 
 use super::record::{Data, RecordId, Timestamp, Version};
+use super::store::{Key, Store, StoreError};
 use super::table::{Table, Write};
-use crate::storage::effect::{self, AppliedFrame, ListingImage, VersionImage};
+use crate::storage::effect::{self, AppliedFrame, ListingImage, MarkFrame, VersionImage};
 use std::sync::Arc;
 
 /// A parent's child list as it counts now: the listing version and each
@@ -53,10 +58,15 @@ impl Listing {
 /// error is a permanent failure naming the field.
 pub type Split = fn(parent: &RecordId, list: &Data) -> Result<Vec<(RecordId, Data)>, String>;
 
+#[derive(Clone)]
 struct Applied {
     /// Sequence of the change whose refresh was applied last.
     seq: u64,
     listing: Option<Listing>,
+    /// On a shared store: the revision of this mark there.
+    rev: u64,
+    /// On a shared store: the refresh under way, and since when.
+    holder: Option<(Uuid, Timestamp)>,
 }
 
 /// One parent/child pair: the parent table, its listing table, and what
@@ -74,7 +84,31 @@ pub struct Children {
     /// order: this, then table shards, then the change log. Never held
     /// across an await.
     applied: Mutex<HashMap<RecordId, Applied>>,
+    /// On a shared store: where the marks are kept (see [`Children::begin`]).
+    store: OnceLock<Arc<dyn Store>>,
+    /// On a shared store: told each time a mark arrives.
+    marks: watch::Sender<u64>,
 }
+
+/// On a shared store: a refresh of one parent begun by [`Children::begin`],
+/// for the caller to apply and then hand to [`Children::finish`].
+pub struct Plan {
+    parent: RecordId,
+    /// The sequence the mark will say was applied.
+    seq: u64,
+    /// What the children may be now: every child of the last listing
+    /// applied and of the current one (the ones only the current lists,
+    /// with data no child has, so they are written whatever was).
+    pub previous: Option<Listing>,
+    /// The parent's listing as it counts now.
+    pub current: Option<Listing>,
+    /// The mark's revision once the plan was written.
+    rev: u64,
+}
+
+/// How long a refresh of one parent may hold it before another process
+/// takes it over (the holder died, or stopped answering).
+const LEASE: Duration = Duration::from_secs(10);
 
 impl Children {
     pub fn new(field: &'static str, parent: Arc<Table>, listing: Arc<Table>, split: Split) -> Self {
@@ -84,7 +118,176 @@ impl Children {
             listing,
             split,
             applied: Mutex::new(HashMap::new()),
+            store: OnceLock::new(),
+            marks: watch::Sender::new(0),
         }
+    }
+
+    /// Makes this pair a replica of `store`: refreshes go through
+    /// [`Children::begin`] and [`Children::finish`] from now on, and the
+    /// marks come back through [`Children::replicate_mark`].
+    pub fn share(&self, store: Arc<dyn Store>) -> Result<(), Arc<dyn Store>> {
+        self.store.set(store)
+    }
+
+    /// Whether refreshes go through a shared store.
+    pub fn is_shared(&self) -> bool {
+        self.store.get().is_some()
+    }
+
+    fn mark_of(&self, parent: &RecordId) -> Option<Applied> {
+        self.applied
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(parent)
+            .cloned()
+    }
+
+    /// On a shared store: begins the refresh of `parent` for its change
+    /// `seq`, unless a refresh that read the state as of that change or
+    /// later was applied (`again`: this one's writes may have come after
+    /// it, so it is done again).
+    ///
+    /// One process at a time refreshes a parent, as the lock makes it in
+    /// memory: the parent's mark in the store names the refresh under way
+    /// (set by compare-and-set), and a refresh that finds another's waits
+    /// for it to finish, or for [`LEASE`] to pass if its process died. The
+    /// mark is set, before anything is written, to every child the last
+    /// listing applied and the current one have, so a refresh cut short
+    /// leaves a mark that makes the next drop or write each of them. The
+    /// sequence the mark will say was applied is how far the replica had
+    /// got when the listing was read, so one refresh covers every change
+    /// of the parent up to there.
+    pub async fn begin(
+        &self,
+        parent: &RecordId,
+        seq: u64,
+        again: bool,
+    ) -> Result<Option<Plan>, RefreshError> {
+        let Some(store) = self.store.get() else {
+            return Err(RefreshError::Unavailable("not on a shared store".into()));
+        };
+        let me = Uuid::new_v4();
+        let mut marks = self.marks.subscribe();
+        for _ in 0..CONFLICTS {
+            marks.mark_unchanged();
+            let applied = self.mark_of(parent);
+            let held = applied
+                .as_ref()
+                .and_then(|a| a.holder)
+                .filter(|(_, since)| !expired(*since));
+            if let Some((_, since)) = held {
+                let left = LEASE.saturating_sub(age(since));
+                // Woken by any mark; a wait that runs out takes it over.
+                let _ = tokio::time::timeout(left, marks.changed()).await;
+                continue;
+            }
+            if !again && applied.as_ref().is_some_and(|a| seq <= a.seq) {
+                return Ok(None);
+            }
+            let read_at = store.applied();
+            let current = self.current(parent).map_err(RefreshError::Listing)?;
+            let intent = self
+                .intent(parent, applied.as_ref(), current.as_ref())
+                .map_err(RefreshError::Listing)?;
+            let previous = intent.l.as_ref().map(listing_of).transpose();
+            let previous = previous.map_err(RefreshError::Listing)?;
+            let rev = applied.as_ref().map_or(0, |a| a.rev);
+            let frame = effect::encode(&MarkFrame {
+                applied: intent,
+                holder: Some((me, Timestamp::now().into())),
+            });
+            match store
+                .put(self.listing.name(), Key::Mark(parent.as_str()), rev, frame)
+                .await
+            {
+                Ok(rev) => {
+                    let done = applied.map_or(0, |a| a.seq);
+                    return Ok(Some(Plan {
+                        parent: parent.clone(),
+                        seq: seq.max(read_at).max(done),
+                        previous,
+                        current,
+                        rev,
+                    }));
+                }
+                Err(StoreError::Conflict) => self.refresh_mark(store, parent).await?,
+                Err(StoreError::Unavailable(e)) => return Err(RefreshError::Unavailable(e)),
+            }
+        }
+        Err(RefreshError::Unavailable(format!(
+            "the children of `{parent}` kept changing under this refresh"
+        )))
+    }
+
+    /// On a shared store: marks `plan` applied once its writes are made.
+    /// `false` if another refresh of the parent moved the mark since
+    /// [`Children::begin`]: the caller begins again, with `again` set.
+    pub async fn finish(&self, plan: Plan) -> Result<bool, RefreshError> {
+        let Some(store) = self.store.get() else {
+            return Err(RefreshError::Unavailable("not on a shared store".into()));
+        };
+        let frame = effect::encode(&MarkFrame {
+            applied: self.frame(&plan.parent, plan.seq, plan.current.as_ref()),
+            holder: None,
+        });
+        let key = Key::Mark(plan.parent.as_str());
+        match store.put(self.listing.name(), key, plan.rev, frame).await {
+            Ok(_) => Ok(true),
+            Err(StoreError::Conflict) => {
+                self.refresh_mark(store, &plan.parent).await?;
+                Ok(false)
+            }
+            Err(StoreError::Unavailable(e)) => Err(RefreshError::Unavailable(e)),
+        }
+    }
+
+    async fn refresh_mark(
+        &self,
+        store: &Arc<dyn Store>,
+        parent: &RecordId,
+    ) -> Result<(), RefreshError> {
+        let latest = store
+            .latest(self.listing.name(), Key::Mark(parent.as_str()))
+            .await
+            .map_err(|e| RefreshError::Unavailable(e.to_string()))?;
+        if let Some(latest) = latest {
+            let frame =
+                effect::decode(effect::MARK, &latest.frame).map_err(RefreshError::Unavailable)?;
+            self.replicate_mark(latest.rev, frame)
+                .map_err(RefreshError::Unavailable)?;
+        }
+        Ok(())
+    }
+
+    /// Takes a parent's mark as the shared store sent it, at its revision
+    /// `rev`, unless the replica holds that one or a later one.
+    pub fn replicate_mark(&self, rev: u64, frame: MarkFrame) -> Result<(), String> {
+        let MarkFrame {
+            applied: frame,
+            holder,
+        } = frame;
+        let listing = frame.l.as_ref().map(listing_of).transpose()?;
+        let holder = holder
+            .map(|(id, since)| since.get().map(|since| (id, since)))
+            .transpose()?;
+        let mut applied = self.applied.lock().unwrap_or_else(|e| e.into_inner());
+        let parent = RecordId::derived(frame.p);
+        if applied.get(&parent).is_some_and(|a| a.rev >= rev) {
+            return Ok(());
+        }
+        applied.insert(
+            parent,
+            Applied {
+                seq: frame.s,
+                listing,
+                rev,
+                holder,
+            },
+        );
+        drop(applied);
+        self.marks.send_replace(rev);
+        Ok(())
     }
 
     /// The listing-table write for a parent write, if the write carries
@@ -159,6 +362,8 @@ impl Children {
             Applied {
                 seq,
                 listing: current,
+                rev: 0,
+                holder: None,
             },
         );
         Ok(Some(result))
@@ -214,19 +419,7 @@ impl Children {
 
     /// Puts back what a frame read from disk says was applied.
     pub(crate) fn restore(&self, frame: AppliedFrame) -> Result<(), String> {
-        let listing = frame
-            .l
-            .map(|l| {
-                Ok::<_, String>(Listing {
-                    version: l.v.get(None)?,
-                    children: l
-                        .c
-                        .into_iter()
-                        .map(|(id, data)| (RecordId::derived(id), data))
-                        .collect(),
-                })
-            })
-            .transpose()?;
+        let listing = frame.l.as_ref().map(listing_of).transpose()?;
         // Frames come in the order they were written, each holding every
         // child the state before it held: the last one stands.
         let mut applied = self.applied.lock().unwrap_or_else(|e| e.into_inner());
@@ -235,6 +428,8 @@ impl Children {
             Applied {
                 seq: frame.s,
                 listing,
+                rev: 0,
+                holder: None,
             },
         );
         Ok(())
@@ -254,6 +449,45 @@ impl Children {
         }
     }
 }
+
+/// How long ago `since` was (none if it is ahead of this clock).
+fn age(since: Timestamp) -> Duration {
+    (chrono::Utc::now() - since.as_datetime())
+        .to_std()
+        .unwrap_or_default()
+}
+
+/// Whether a refresh under way since `since` has held its parent too long.
+fn expired(since: Timestamp) -> bool {
+    age(since) >= LEASE
+}
+
+/// A listing as a mark frame holds it.
+fn listing_of(image: &ListingImage) -> Result<Listing, String> {
+    Ok(Listing {
+        version: image.v.clone().get(None)?,
+        children: image
+            .c
+            .iter()
+            .map(|(id, data)| (RecordId::derived(id.clone()), data.clone()))
+            .collect(),
+    })
+}
+
+/// Why a refresh on a shared store was not made.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RefreshError {
+    /// The parent's listing cannot be read (a permanent failure).
+    #[error("{0}")]
+    Listing(String),
+    /// The shared store could not be reached.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// How many times a refresh begins again after other processes moved the
+/// mark first, before it gives up as unavailable.
+const CONFLICTS: usize = 1_000;
 
 fn field<'a>(object: &'a Data, name: &str) -> Option<&'a RawValue> {
     let fields: HashMap<String, &RawValue> = serde_json::from_str(object.as_str()).ok()?;

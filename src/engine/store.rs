@@ -37,6 +37,9 @@ pub enum Key<'a> {
     /// The table's current reconciliation
     /// ([`crate::storage::effect::CurrentFrame`]).
     Current,
+    /// What was last applied of this parent's child list (a listing
+    /// table's; [`crate::storage::effect::AppliedFrame`]).
+    Mark(&'a str),
 }
 
 /// A record's state as the store holds it: its revision there and the
@@ -58,6 +61,10 @@ pub trait Store: Send + Sync + 'static {
         expected: u64,
         frame: Vec<u8>,
     ) -> BoxFuture<'a, Result<u64, StoreError>>;
+
+    /// How far this process's replica has applied the store: everything
+    /// read from the replica now is at least as new as this revision.
+    fn applied(&self) -> u64;
 
     /// The latest state of `table`'s `key`, read from the store itself
     /// (the replica may be behind).

@@ -1419,7 +1419,8 @@ impl Table {
             let (mut entry, known) = {
                 let shard = self.shard(id.as_str());
                 let entry = shard.entries.get(id);
-                (entry.cloned().unwrap_or_default(), entry.is_some())
+                let known = entry.is_some_and(|e| !e.is_empty());
+                (entry.cloned().unwrap_or_default(), known)
             };
             if done.is_none()
                 && limited
@@ -1578,7 +1579,9 @@ impl Table {
     }
 
     /// Sets the replica's copy of `id` to the store's state at `rev`,
-    /// unless it already holds that one or a later one.
+    /// unless it already holds that one or a later one. A state that holds
+    /// nothing (a child no parent lists any more) is kept as an empty
+    /// entry, not counted, so that its revision is known to the next write.
     fn install(
         &self,
         id: &RecordId,
@@ -1586,32 +1589,28 @@ impl Table {
         image: Option<EntryImage>,
         live: bool,
     ) -> Result<(), String> {
-        let entry = image.map(Entry::from_image).transpose()?;
+        let mut entry = image
+            .map(Entry::from_image)
+            .transpose()?
+            .unwrap_or_default();
+        entry.rev = rev;
+        entry.announced = live;
         let mut shard = self.shard(id.as_str());
         let current = shard.current.clone();
         let current = current.as_deref();
-        let was_live = match shard.entries.get(id) {
+        let (was_live, was_kept) = match shard.entries.get(id) {
             Some(old) if old.rev >= rev => return Ok(()),
-            Some(old) => old.visible(self.order, current).is_some(),
-            None => false,
+            Some(old) => (old.visible(self.order, current).is_some(), !old.is_empty()),
+            None => (false, false),
         };
-        let now_live = entry
-            .as_ref()
-            .is_some_and(|e| e.visible(self.order, current).is_some());
-        match entry {
-            Some(mut entry) => {
-                entry.rev = rev;
-                entry.announced = live;
-                if shard.entries.insert(id.clone(), entry).is_none() {
-                    self.counters.entries.fetch_add(1, Ordering::AcqRel);
-                }
-            }
-            None => {
-                if shard.entries.remove(id).is_some() {
-                    self.counters.entries.fetch_sub(1, Ordering::AcqRel);
-                }
-            }
-        }
+        let now_live = entry.visible(self.order, current).is_some();
+        let now_kept = !entry.is_empty();
+        shard.entries.insert(id.clone(), entry);
+        match (was_kept, now_kept) {
+            (false, true) => self.counters.entries.fetch_add(1, Ordering::AcqRel),
+            (true, false) => self.counters.entries.fetch_sub(1, Ordering::AcqRel),
+            _ => 0,
+        };
         match (was_live, now_live) {
             (false, true) => self.counters.live.fetch_add(1, Ordering::Relaxed),
             (true, false) => self.counters.live.fetch_sub(1, Ordering::Relaxed),

@@ -50,6 +50,9 @@ impl Default for QueueOptions {
 /// A queue's durable consumer, as one process uses it.
 pub struct SharedQueue {
     consumer: PullConsumer,
+    /// The process's replica, which a change must have reached before a
+    /// handler reads the tables for it.
+    store: Arc<StateStore>,
     acks: Arc<StoreAcks>,
     queue: Arc<Queue<Arc<Change>>>,
     acker: Mutex<Option<mpsc::UnboundedReceiver<(Acker, AckKind)>>>,
@@ -90,7 +93,7 @@ impl SharedQueue {
     /// Opens (making it if need be) the consumer of `queue`, which carries
     /// every change of `tables`, and makes `queue` tell it of each end.
     pub async fn open(
-        store: &StateStore,
+        store: &Arc<StateStore>,
         names: &Names,
         queue: Arc<Queue<Arc<Change>>>,
         tables: &[TableName],
@@ -119,6 +122,7 @@ impl SharedQueue {
         queue.share(acks.clone());
         Ok(Arc::new(Self {
             consumer,
+            store: store.clone(),
             acks,
             queue,
             acker: Mutex::new(Some(receive)),
@@ -216,6 +220,8 @@ impl SharedQueue {
             .unwrap_or_else(|e| e.into_inner())
             .insert(seq, acker);
         let attempts = u32::try_from(delivered.saturating_sub(1)).unwrap_or(u32::MAX);
+        // A handler reads the tables as of this change at least.
+        self.store.caught_up(seq).await;
         self.queue
             .take_over(seq, Arc::new(change), attempts)
             .await

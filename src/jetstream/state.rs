@@ -32,10 +32,11 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::Connection;
+use crate::engine::children::Children;
 use crate::engine::log::{ChangeLog, TableName};
 use crate::engine::store::{Key, Store, StoreError, Stored};
 use crate::engine::table::Table;
-use crate::storage::effect::{self, Correlations, CurrentFrame, StateFrame};
+use crate::storage::effect::{self, Correlations, CurrentFrame, MarkFrame, StateFrame};
 
 /// How stream, subject and consumer names are made from a prefix, so that
 /// several pipelines can share one NATS account.
@@ -74,6 +75,7 @@ impl Names {
         vec![
             format!("{}.state.>", self.prefix),
             format!("{}.current.>", self.prefix),
+            format!("{}.mark.>", self.prefix),
         ]
     }
 
@@ -82,6 +84,11 @@ impl Names {
         match key {
             Key::Record(id) => self.state_subject(table, id),
             Key::Current => format!("{}.current.{table}", self.prefix),
+            Key::Mark(parent) => format!(
+                "{}.mark.{table}.{}",
+                self.prefix,
+                URL_SAFE_NO_PAD.encode(parent)
+            ),
         }
     }
 
@@ -119,17 +126,38 @@ impl Names {
         format!("{}_{queue}", self.prefix)
     }
 
-    /// The table and id a state subject is for (no id: the table's
-    /// current reconciliation).
-    fn parse_subject(&self, subject: &str) -> Option<(String, Option<String>)> {
+    /// The table and key a subject of the state stream is for.
+    fn parse_subject(&self, subject: &str) -> Option<(String, Parsed)> {
         let rest = subject.strip_prefix(self.prefix.as_str())?;
         if let Some(table) = rest.strip_prefix(".current.") {
-            return Some((table.to_owned(), None));
+            return Some((table.to_owned(), Parsed::Current));
         }
-        let (table, id) = rest.strip_prefix(".state.")?.split_once('.')?;
+        let (kind, rest) = rest.strip_prefix('.')?.split_once('.')?;
+        let (table, id) = rest.split_once('.')?;
         let id = String::from_utf8(URL_SAFE_NO_PAD.decode(id).ok()?).ok()?;
-        Some((table.to_owned(), Some(id)))
+        let key = match kind {
+            "state" => Parsed::Record(id),
+            "mark" => Parsed::Mark(id),
+            _ => return None,
+        };
+        Some((table.to_owned(), key))
     }
+}
+
+/// What a subject of the state stream is for.
+#[derive(Debug, PartialEq, Eq)]
+enum Parsed {
+    Record(String),
+    Current,
+    Mark(String),
+}
+
+/// What a process keeps a replica of: its tables, and its parents' child
+/// lists, by table name (a listing table's, for child lists).
+#[derive(Default)]
+pub struct Replicas {
+    pub tables: HashMap<TableName, Arc<Table>>,
+    pub children: HashMap<TableName, Arc<Children>>,
 }
 
 /// How the state stream is made.
@@ -243,7 +271,7 @@ impl StateStore {
     /// state, in stream order, from the oldest kept.
     pub async fn follow(
         self: Arc<Self>,
-        tables: HashMap<TableName, Arc<Table>>,
+        replicas: Replicas,
         log: Arc<ChangeLog>,
         stop: CancellationToken,
     ) {
@@ -288,7 +316,7 @@ impl StateStore {
                     continue;
                 }
             };
-            if let Err(error) = self.apply(&tables, &log, &message, seq, &mut correlations) {
+            if let Err(error) = self.apply(&replicas, &log, &message, seq, &mut correlations) {
                 tracing::warn!(subject = %message.subject, seq, %error, "state message ignored");
             }
             self.applied.send_replace(seq);
@@ -297,20 +325,33 @@ impl StateStore {
 
     fn apply(
         &self,
-        tables: &HashMap<TableName, Arc<Table>>,
+        replicas: &Replicas,
         log: &ChangeLog,
         message: &async_nats::Message,
         seq: u64,
         correlations: &mut Correlations,
     ) -> Result<(), String> {
-        let (table, id) = self
+        let (table, key) = self
             .names
             .parse_subject(&message.subject)
             .ok_or("not a state subject")?;
-        let table = tables
+        if let Parsed::Mark(parent) = key {
+            let children = replicas
+                .children
+                .get(table.as_str())
+                .ok_or_else(|| format!("no child lists of `{table}` here"))?;
+            let frame: MarkFrame = effect::decode(effect::MARK, &message.payload)?;
+            if frame.applied.t != table || frame.applied.p != parent {
+                let (p, t) = (frame.applied.p, frame.applied.t);
+                return Err(format!("it holds the mark of `{p}` of `{t}`"));
+            }
+            return children.replicate_mark(seq, frame);
+        }
+        let table = replicas
+            .tables
             .get(table.as_str())
             .ok_or_else(|| format!("no table `{table}` here"))?;
-        let Some(id) = id else {
+        let Parsed::Record(id) = key else {
             let frame: CurrentFrame = effect::decode(effect::CURRENT, &message.payload)?;
             if frame.t != **table.name() {
                 return Err(format!("it holds the reconciliation of `{}`", frame.t));
@@ -329,6 +370,10 @@ impl StateStore {
 }
 
 impl Store for StateStore {
+    fn applied(&self) -> u64 {
+        StateStore::applied(self)
+    }
+
     fn put<'a>(
         &'a self,
         table: &'a str,
@@ -397,11 +442,15 @@ mod tests {
         );
         assert_eq!(
             names.parse_subject(&subject),
-            Some(("movies".to_owned(), Some("a.b c/✓".to_owned())))
+            Some(("movies".to_owned(), Parsed::Record("a.b c/✓".to_owned())))
         );
         assert_eq!(
             names.parse_subject(&names.subject("movies", Key::Current)),
-            Some(("movies".to_owned(), None))
+            Some(("movies".to_owned(), Parsed::Current))
+        );
+        assert_eq!(
+            names.parse_subject(&names.subject("series_episodes", Key::Mark("s.1"))),
+            Some(("series_episodes".to_owned(), Parsed::Mark("s.1".to_owned())))
         );
         assert_eq!(names.parse_subject("other.state.movies.YQ"), None);
         for bad in ["", "a.b", "a b", "a>", &"x".repeat(33)] {

@@ -19,15 +19,18 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
+
 use prometheus_client::metrics::histogram::Histogram;
 use uuid::Uuid;
 
-use crate::engine::children::{Children, Listing};
+use crate::engine::children::{Children, Listing, RefreshError};
 use crate::engine::handler::{Failure, Process};
 use crate::engine::log::{Cause, Change, ChangeKind, TableName};
 use crate::engine::queue::Queue;
 use crate::engine::record::{Data, RecordId, Tie, Version};
-use crate::engine::table::{Outcome, Table};
+use crate::engine::table::{Outcome, Table, WriteError};
 
 use super::encode_handler::EncodeJob;
 use super::records::{Kind, Rendition, standardise};
@@ -35,16 +38,18 @@ use super::records::{Kind, Rendition, standardise};
 /// Where a parent's children go once its listing changes.
 pub trait ChildSink: Send + Sync {
     /// Applies the change from `previous` to `current` for `parent`, made
-    /// for `change`; runs under the pair's lock, so it must not block.
-    /// Returns the encode jobs to send.
-    fn apply(
-        &self,
-        parent: &RecordId,
-        change: &Change,
-        previous: Option<&Listing>,
-        current: Option<&Listing>,
-        cause: &Cause,
-    ) -> Result<Vec<EncodeJob>, String>;
+    /// for `change`, and returns the encode jobs to send. Its writes go
+    /// through each table's writer: in memory they are made at once (it
+    /// runs under the pair's lock, through [`at_once`]); on a shared store
+    /// each is a compare-and-set there.
+    fn apply<'a>(
+        &'a self,
+        parent: &'a RecordId,
+        change: &'a Change,
+        previous: Option<&'a Listing>,
+        current: Option<&'a Listing>,
+        cause: &'a Cause,
+    ) -> BoxFuture<'a, Result<Vec<EncodeJob>, String>>;
 
     /// The table the children are written to.
     fn table(&self) -> &Arc<Table>;
@@ -103,8 +108,11 @@ impl Process<Arc<Change>> for RawHandler {
         let cause = Cause::caused_by(change);
         let jobs = match &route.parent {
             None => {
-                self.derive(route, change, &cause)?;
+                self.derive(route, change, &cause).await?;
                 Vec::new()
+            }
+            Some(parent) if parent.children.is_shared() => {
+                self.refresh_shared(route, parent, change, &cause).await?
             }
             Some(parent) => self.refresh(route, parent, change, &cause)?,
         };
@@ -131,15 +139,17 @@ impl RawHandler {
     }
 
     /// A kind without children: the standard record of what the change says.
-    fn derive(&self, route: &Route, change: &Change, cause: &Cause) -> Result<(), Failure> {
+    async fn derive(&self, route: &Route, change: &Change, cause: &Cause) -> Result<(), Failure> {
         let data = match (&change.kind, &change.data) {
             (ChangeKind::Deleted, _) | (_, None) => None,
             (_, Some(raw)) => Some(standard(route.kind, &change.key, raw, &[])?),
         };
         let outcome = route
             .standard
+            .writer()
             .derive(&change.key, change.seq, change.version.clone(), data, cause)
-            .map_err(|full| Failure::Permanent(full.to_string()))?;
+            .await
+            .map_err(failure)?;
         self.became_visible(change, outcome);
         Ok(())
     }
@@ -157,20 +167,8 @@ impl RawHandler {
         let applied = parent
             .children
             .refresh(id, change.seq, |previous, current| {
-                let record = parent.children.parent.get(id.as_str());
-                let (version, data) = match &record {
-                    Some(r) => {
-                        let ids: Vec<RecordId> = current
-                            .map(|l| l.children.iter().map(|(id, _)| id.clone()).collect())
-                            .unwrap_or_default();
-                        let data = standardise(route.kind, id, &r.data, &ids).map_err(|e| {
-                            format!("cannot standardise {} `{id}`: {e}", route.kind)
-                        })?;
-                        (r.version.clone(), Some(data))
-                    }
-                    None => (change.version.clone(), None),
-                };
-                let jobs = parent.sink.apply(id, change, previous, current, cause)?;
+                let (version, data) = parent_record(route, parent, change, current)?;
+                let jobs = at_once(parent.sink.apply(id, change, previous, current, cause))?;
                 // Into the outbox before the listing is marked applied, so
                 // that after a crash the jobs are sent even if this change
                 // is not processed again.
@@ -190,11 +188,93 @@ impl RawHandler {
             None => Vec::new(),
         })
     }
+
+    /// [`RawHandler::refresh`] on a shared store, where other processes
+    /// refresh the same parent at the same time: begun, applied and
+    /// finished as [`Children::begin`] says, again until it finishes.
+    async fn refresh_shared(
+        &self,
+        route: &Route,
+        parent: &Parent,
+        change: &Change,
+        cause: &Cause,
+    ) -> Result<Vec<(u64, EncodeJob)>, Failure> {
+        let id = &change.key;
+        let mut again = false;
+        loop {
+            let plan = parent.children.begin(id, change.seq, again).await;
+            let Some(plan) = plan.map_err(|e| match e {
+                RefreshError::Listing(e) => Failure::Permanent(e),
+                RefreshError::Unavailable(e) => Failure::Transient(e),
+            })?
+            else {
+                return Ok(Vec::new());
+            };
+            let (current, previous) = (plan.current.as_ref(), plan.previous.as_ref());
+            let (version, data) =
+                parent_record(route, parent, change, current).map_err(Failure::Permanent)?;
+            let jobs = parent
+                .sink
+                .apply(id, change, previous, current, cause)
+                .await
+                .map_err(Failure::Transient)?;
+            let outcome = route
+                .standard
+                .writer()
+                .derive(id, change.seq, version, data, cause)
+                .await
+                .map_err(failure)?;
+            let finished = parent.children.finish(plan).await;
+            if finished.map_err(|e| Failure::Transient(e.to_string()))? {
+                self.became_visible(change, outcome);
+                return Ok(self.encode_queue.enlist(jobs));
+            }
+            again = true;
+        }
+    }
+}
+
+/// A parent's standard record as its current record and `current`
+/// listing make it (none once the parent is gone).
+fn parent_record(
+    route: &Route,
+    parent: &Parent,
+    change: &Change,
+    current: Option<&Listing>,
+) -> Result<(Version, Option<Data>), String> {
+    let id = &change.key;
+    Ok(match parent.children.parent.get(id.as_str()) {
+        Some(r) => {
+            let ids: Vec<RecordId> = current
+                .map(|l| l.children.iter().map(|(id, _)| id.clone()).collect())
+                .unwrap_or_default();
+            let data = standardise(route.kind, id, &r.data, &ids)
+                .map_err(|e| format!("cannot standardise {} `{id}`: {e}", route.kind))?;
+            (r.version, Some(data))
+        }
+        None => (change.version.clone(), None),
+    })
+}
+
+/// A handler's write that was not made: a full table will not make room
+/// by waiting, an unreachable store may come back.
+fn failure(error: WriteError) -> Failure {
+    match error {
+        WriteError::Unavailable(e) => Failure::Transient(e),
+        e => Failure::Permanent(e.to_string()),
+    }
 }
 
 fn standard(kind: Kind, id: &RecordId, raw: &Data, children: &[RecordId]) -> Result<Data, Failure> {
     standardise(kind, id, raw, children)
         .map_err(|e| Failure::Permanent(format!("cannot standardise {kind} `{id}`: {e}")))
+}
+
+/// Runs `work` to its end at once: in memory a table's writer never
+/// waits.
+fn at_once<T>(work: impl Future<Output = Result<T, String>>) -> Result<T, String> {
+    work.now_or_never()
+        .unwrap_or_else(|| Err("a write in memory had to wait".into()))
 }
 
 /// The children listed by `previous` that `current` no longer lists.
@@ -223,7 +303,20 @@ impl ChildSink for ChildRecords {
         child.clone()
     }
 
-    fn apply(
+    fn apply<'a>(
+        &'a self,
+        parent: &'a RecordId,
+        change: &'a Change,
+        previous: Option<&'a Listing>,
+        current: Option<&'a Listing>,
+        cause: &'a Cause,
+    ) -> BoxFuture<'a, Result<Vec<EncodeJob>, String>> {
+        Box::pin(self.list(parent, change, previous, current, cause))
+    }
+}
+
+impl ChildRecords {
+    async fn list(
         &self,
         parent: &RecordId,
         change: &Change,
@@ -233,10 +326,12 @@ impl ChildSink for ChildRecords {
     ) -> Result<Vec<EncodeJob>, String> {
         self.room(parent, previous, current)?;
         let removed = Version::delete(change.version.at);
+        let writer = self.table.writer();
         for child in dropped(previous, current) {
-            self.table
+            writer
                 .list(child, parent, None, removed.clone(), cause)
-                .map_err(|full| full.to_string())?;
+                .await
+                .map_err(|e| e.to_string())?;
         }
         for (child, data) in current.iter().flat_map(|c| c.children.iter()) {
             let unchanged = previous.is_some_and(|p| {
@@ -246,15 +341,11 @@ impl ChildSink for ChildRecords {
                 let version = current
                     .map(|c| c.version.clone())
                     .unwrap_or(removed.clone());
-                self.table
-                    .list(
-                        child,
-                        parent,
-                        Some((version, data.clone())),
-                        removed.clone(),
-                        cause,
-                    )
-                    .map_err(|full| full.to_string())?;
+                let listing = Some((version, data.clone()));
+                writer
+                    .list(child, parent, listing, removed.clone(), cause)
+                    .await
+                    .map_err(|e| e.to_string())?;
             }
         }
         Ok(Vec::new())
@@ -276,7 +367,20 @@ impl ChildSink for EncodeJobs {
         encode_id(video, rendition)
     }
 
-    fn apply(
+    fn apply<'a>(
+        &'a self,
+        video: &'a RecordId,
+        change: &'a Change,
+        previous: Option<&'a Listing>,
+        current: Option<&'a Listing>,
+        cause: &'a Cause,
+    ) -> BoxFuture<'a, Result<Vec<EncodeJob>, String>> {
+        Box::pin(self.jobs(video, change, previous, current, cause))
+    }
+}
+
+impl EncodeJobs {
+    async fn jobs(
         &self,
         video: &RecordId,
         change: &Change,
@@ -287,6 +391,7 @@ impl ChildSink for EncodeJobs {
         self.room(video, previous, current)?;
         for rendition in dropped(previous, current) {
             self.encodes
+                .writer()
                 .derive(
                     &encode_id(video, rendition),
                     change.seq,
@@ -294,7 +399,8 @@ impl ChildSink for EncodeJobs {
                     None,
                     cause,
                 )
-                .map_err(|full| full.to_string())?;
+                .await
+                .map_err(|e| e.to_string())?;
         }
         let Some(current) = current else {
             return Ok(Vec::new());

@@ -40,6 +40,9 @@ pub const APPLIED: u8 = 9;
 /// On a shared store: a record's state ([`StateFrame`]); never on disk.
 pub const STATE: u8 = 10;
 
+/// On a shared store: a parent's child-list mark ([`MarkFrame`]).
+pub const MARK: u8 = 11;
+
 /// Snapshot: what the snapshot covers ([`HeaderFrame`]); always first.
 pub const HEADER: u8 = 20;
 /// Snapshot: a retained change, whole ([`EventImage`]).
@@ -328,6 +331,14 @@ pub struct AppliedFrame {
     pub p: String,
     pub s: u64,
     pub l: Option<ListingImage>,
+}
+
+/// On a shared store: what was last applied of a parent's child list and,
+/// while a refresh of it is under way, which one and since when.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MarkFrame {
+    pub applied: AppliedFrame,
+    pub holder: Option<(Uuid, At)>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
