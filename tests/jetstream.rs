@@ -14,14 +14,14 @@ use eventsys::engine::children::Children;
 use eventsys::engine::dedup::DedupKey;
 use eventsys::engine::handler::{BreakerPolicy, Failure, HandlerConfig, Process, RetryPolicy};
 use eventsys::engine::log::{Cause, Change, ChangeLog};
-use eventsys::engine::queue::Queue;
+use eventsys::engine::queue::{Queue, QueueItem};
 use eventsys::engine::record::{Data, RecordId, Timestamp, Version};
 use eventsys::engine::settle::Activity;
 use eventsys::engine::store::SharedWindow;
 use eventsys::engine::table::{Outcome, Table, TableKind, Write};
 use eventsys::engine::{Engine, EngineConfig};
 use eventsys::jetstream::dedup::Window;
-use eventsys::jetstream::queue::{QueueOptions, SharedQueue, settle};
+use eventsys::jetstream::queue::{Idle, QueueOptions, SharedQueue, settle};
 use eventsys::jetstream::state::{Names, Replicas, StateOptions, StateStore};
 use eventsys::jetstream::{self, ConnectError, MIN_SERVER};
 use eventsys::media::raw_handler::{ChildRecords, ChildSink};
@@ -406,7 +406,7 @@ struct Worker {
     engine: Engine,
     replica: Replica,
     queue: Arc<Queue<Arc<Change>>>,
-    shared: Arc<SharedQueue>,
+    shared: Arc<SharedQueue<Arc<Change>>>,
     stop: CancellationToken,
 }
 
@@ -513,7 +513,7 @@ async fn a_shared_queue_spreads_changes_over_processes_and_retries_across_them()
     for client in futures_util::future::join_all(clients).await {
         client.expect("a client ran");
     }
-    let queues = [workers[0].shared.clone(), workers[1].shared.clone()];
+    let queues: [Arc<dyn Idle>; 2] = [workers[0].shared.clone(), workers[1].shared.clone()];
     let settled = settle(&workers[0].replica.store, &queues, Duration::from_secs(60))
         .await
         .expect("JetStream answers");
@@ -624,13 +624,10 @@ async fn changes_a_dead_process_took_are_finished_by_another() {
     .await;
     // The stuck process's queue still holds its changes, never acked:
     // settle waits for them to be delivered again, to the other.
-    let settled = settle(
-        &other.replica.store,
-        std::slice::from_ref(&other.shared),
-        Duration::from_secs(60),
-    )
-    .await
-    .expect("JetStream answers");
+    let queues: [Arc<dyn Idle>; 1] = [other.shared.clone()];
+    let settled = settle(&other.replica.store, &queues, Duration::from_secs(60))
+        .await
+        .expect("JetStream answers");
     assert!(settled);
     let changes = other
         .replica
@@ -865,7 +862,7 @@ async fn parents_refreshed_by_two_processes_at_once_list_exactly_their_last_chil
     let redone = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut families = Vec::new();
     let mut engines = Vec::new();
-    let mut queues = Vec::new();
+    let mut queues: Vec<Arc<dyn Idle>> = Vec::new();
     for _ in 0..2 {
         let family = Family::open(&server.url, "kids").await;
         let mut engine = Engine::new(EngineConfig {
@@ -996,4 +993,145 @@ async fn parents_refreshed_by_two_processes_at_once_list_exactly_their_last_chil
         redone.load(std::sync::atomic::Ordering::Relaxed)
     );
     drop(engines);
+}
+
+/// An item a handler puts on a queue itself, as an encode job is.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+struct Job {
+    id: uuid::Uuid,
+    n: u32,
+}
+
+impl QueueItem for Job {
+    fn event_id(&self) -> uuid::Uuid {
+        self.id
+    }
+
+    fn restore(stored: serde_json::Value) -> Option<Self> {
+        serde_json::from_value(stored).ok()
+    }
+}
+
+/// Does a job, failing the first attempt at every third one.
+struct Doer {
+    process: usize,
+    done: Arc<Mutex<Vec<(usize, u32)>>>,
+    tried: Arc<Mutex<HashMap<u32, u32>>>,
+}
+
+impl Process<Job> for Doer {
+    async fn process(&self, job: &Job) -> Result<(), Failure> {
+        let attempt = {
+            let mut tried = self.tried.lock().expect("tried");
+            let n = tried.entry(job.n).or_default();
+            *n += 1;
+            *n
+        };
+        if job.n.is_multiple_of(3) && attempt == 1 {
+            return Err(Failure::Transient("every third job fails once".into()));
+        }
+        self.done.lock().expect("done").push((self.process, job.n));
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_sent_by_any_process_are_done_once_by_one_of_them() {
+    let Some(server) = NatsServer::start() else {
+        return;
+    };
+    let done = Arc::new(Mutex::new(Vec::new()));
+    let tried = Arc::new(Mutex::new(HashMap::new()));
+    let names = Names::new("jobs").expect("prefix");
+    let mut processes = Vec::new();
+    let mut idle: Vec<Arc<dyn Idle>> = Vec::new();
+    let stop = CancellationToken::new();
+    for process in 0..2 {
+        let connection = jetstream::connect(&server.url, WITHIN)
+            .await
+            .expect("connect");
+        let mut engine = Engine::new(EngineConfig {
+            event_retention: 1_000,
+            max_dead_letters: 1_000,
+            max_records: u64::MAX,
+        });
+        let queue = engine.add_queue::<Job>("job_queue", 16);
+        let doer = Doer {
+            process,
+            done: done.clone(),
+            tried: tried.clone(),
+        };
+        let config = HandlerConfig {
+            workers: 2,
+            batch: 1,
+            retry: RetryPolicy {
+                max_attempts: 3,
+                base: Duration::from_millis(5),
+                cap: Duration::from_millis(20),
+            },
+            breaker: BreakerPolicy {
+                threshold: u32::MAX,
+                cool_down: Duration::from_millis(10),
+            },
+        };
+        engine.add_handler("job_handler", &queue, doer, config);
+        let shared = SharedQueue::open_items(
+            &connection,
+            &names,
+            queue.clone(),
+            &QueueOptions::default(),
+            1,
+        )
+        .await
+        .expect("open the work stream");
+        tokio::spawn(shared.clone().feed(stop.clone()));
+        idle.push(shared);
+        let store = StateStore::open(&connection, names.clone(), &StateOptions::default())
+            .await
+            .expect("open the state stream");
+        processes.push((engine, queue, store, connection));
+    }
+    // Both processes send the same 60 jobs (a step done twice), at once.
+    let ids: Vec<uuid::Uuid> = (0..60).map(|_| uuid::Uuid::new_v4()).collect();
+    let sends = processes.iter().flat_map(|(_, queue, _, _)| {
+        ids.iter().enumerate().map(move |(n, id)| {
+            let (queue, job) = (
+                queue.clone(),
+                Job {
+                    id: *id,
+                    n: n as u32,
+                },
+            );
+            tokio::spawn(async move { queue.send_enlisted(0, job).await.expect("sent") })
+        })
+    });
+    for send in futures_util::future::join_all(sends).await {
+        send.expect("a send ran");
+    }
+    let settled = settle(&processes[0].2, &idle, Duration::from_secs(60))
+        .await
+        .expect("JetStream answers");
+    assert!(settled);
+    let done = done.lock().expect("done").clone();
+    let mut jobs: Vec<u32> = done.iter().map(|d| d.1).collect();
+    jobs.sort_unstable();
+    assert_eq!(jobs, (0..60).collect::<Vec<u32>>(), "each job done once");
+    for process in 0..2 {
+        assert!(
+            done.iter().any(|d| d.0 == process),
+            "process {process} did jobs"
+        );
+    }
+    let tried = tried.lock().expect("tried").clone();
+    assert!((0..60u32).filter(|n| n.is_multiple_of(3)).all(|n| tried[&n] == 2));
+    // Acked items leave the work stream.
+    let mut stream = processes[0]
+        .3
+        .jetstream
+        .get_stream(names.work_stream())
+        .await
+        .expect("the work stream");
+    let info = stream.info().await.expect("info");
+    assert_eq!(info.state.messages, 0);
+    stop.cancel();
 }

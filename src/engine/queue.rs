@@ -18,7 +18,7 @@ use uuid::Uuid;
 
 use super::record::Timestamp;
 use super::settle::Activity;
-use super::store::Acks;
+use super::store::{Acks, Outbox};
 use crate::storage::effect::{self, DeadFrame, ItemFrame, TicketFrame, UptoFrame};
 use crate::storage::journal::Journal;
 
@@ -117,6 +117,18 @@ pub struct Queue<T> {
     redrive: OnceLock<RedriveHook<T>>,
     /// On a shared store: where each item's end is told.
     acks: OnceLock<Arc<dyn Acks>>,
+    /// On a shared store: where items put on the queue outside its feed go.
+    outbox: OnceLock<Arc<dyn Outbox>>,
+}
+
+/// Why an item was not put on a queue.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error(transparent)]
+    Closed(#[from] Closed),
+    /// The shared store could not take it; nothing was sent.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// Given the items a redrive takes from dead letters (with their tickets),
@@ -151,6 +163,7 @@ impl<T: QueueItem> Queue<T> {
             tracking: OnceLock::new(),
             redrive: OnceLock::new(),
             acks: OnceLock::new(),
+            outbox: OnceLock::new(),
         }
     }
 
@@ -166,6 +179,12 @@ impl<T: QueueItem> Queue<T> {
     /// store rather than retried here.
     pub fn share(&self, acks: Arc<dyn Acks>) {
         let _ = self.acks.set(acks);
+    }
+
+    /// On a shared store: items put on this queue outside its feed go to
+    /// `outbox`, which every process's consumer of the queue reads.
+    pub fn share_outbox(&self, outbox: Arc<dyn Outbox>) {
+        let _ = self.outbox.set(outbox);
     }
 
     /// Puts on the queue an item a shared store handed this process, with
@@ -243,7 +262,13 @@ impl<T: QueueItem> Queue<T> {
 
     /// Puts an enlisted item on the queue, waiting for room, and counts it
     /// as outstanding work for settle.
-    pub async fn send_enlisted(&self, ticket: u64, item: T) -> Result<(), Closed> {
+    pub async fn send_enlisted(&self, ticket: u64, item: T) -> Result<(), SendError> {
+        if let Some(outbox) = self.outbox.get() {
+            return outbox
+                .send(item.event_id(), item.store())
+                .await
+                .map_err(|e| SendError::Unavailable(e.to_string()));
+        }
         self.activity.begin(1);
         let result = self
             .put(
@@ -258,7 +283,7 @@ impl<T: QueueItem> Queue<T> {
         if result.is_err() {
             self.activity.end(1);
         }
-        result
+        Ok(result?)
     }
 
     /// An item ended, well or dead-lettered: it is no longer owed.

@@ -98,3 +98,16 @@ pub trait SharedWindow: Send + Sync + 'static {
     /// added it first (the event was applied twice, which converges).
     fn add(&self, key: [u8; 32]) -> BoxFuture<'_, Result<bool, StoreError>>;
 }
+
+/// Where a queue's items go, on a shared store, when they are put on it
+/// outside its feed (encode jobs): a stream that every process's consumer
+/// of the queue reads, so that each item is taken by one of them.
+pub trait Outbox: Send + Sync + 'static {
+    /// Sends one item, named by `id`: one sent again under the same id (a
+    /// step done again) is kept once.
+    fn send(
+        &self,
+        id: uuid::Uuid,
+        item: serde_json::Value,
+    ) -> BoxFuture<'_, Result<(), StoreError>>;
+}

@@ -8,6 +8,11 @@
 //! attempt is handed back with a nak that carries the handler's own retry
 //! delay (backoff with jitter), and comes back to whichever process pulls
 //! it then, which goes on counting its attempts from the delivery count.
+//!
+//! A queue that handlers put items on directly (encode jobs) reads a
+//! work-queue stream instead, `<prefix>.work.<queue>`: an item is sent
+//! there with its id as `Nats-Msg-Id`, so a step done again sends it once,
+//! and is gone from the stream once acked.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -15,16 +20,20 @@ use std::time::Duration;
 
 use async_nats::jetstream::AckKind;
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
-use async_nats::jetstream::message::Acker;
+use async_nats::jetstream::message::{Acker, PublishMessage};
+use async_nats::jetstream::stream::{self, RetentionPolicy, StorageType};
 use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
+use super::Connection;
 use super::state::{Names, StateStore};
 use crate::engine::log::{Change, TableName};
-use crate::engine::queue::Queue;
+use crate::engine::queue::{Queue, QueueItem};
 use crate::engine::record::RecordId;
-use crate::engine::store::{Acks, StoreError};
+use crate::engine::store::{Acks, Outbox, StoreError};
 use crate::engine::table::Table;
 use crate::storage::effect::{self, Correlations, StateFrame};
 
@@ -48,14 +57,30 @@ impl Default for QueueOptions {
 }
 
 /// A queue's durable consumer, as one process uses it.
-pub struct SharedQueue {
+pub struct SharedQueue<T: QueueItem> {
     consumer: PullConsumer,
-    /// The process's replica, which a change must have reached before a
-    /// handler reads the tables for it.
-    store: Arc<StateStore>,
+    /// For a queue of changes: the process's replica, which a change must
+    /// have reached before a handler reads the tables for it.
+    replica: Option<Arc<StateStore>>,
     acks: Arc<StoreAcks>,
-    queue: Arc<Queue<Arc<Change>>>,
+    queue: Arc<Queue<T>>,
     acker: Mutex<Option<mpsc::UnboundedReceiver<(Acker, AckKind)>>>,
+    /// What a message holds: an item, or nothing to do (acked at once).
+    decode: Decode<T>,
+}
+
+type Decode<T> = fn(&str, &[u8], u64, &mut Correlations) -> Result<Option<T>, String>;
+
+/// What settle asks of every shared queue, whatever it carries.
+pub trait Idle: Send + Sync {
+    /// Whether nothing of the queue waits or is in flight anywhere.
+    fn idle(&self) -> BoxFuture<'_, Result<bool, StoreError>>;
+}
+
+impl<T: QueueItem> Idle for SharedQueue<T> {
+    fn idle(&self) -> BoxFuture<'_, Result<bool, StoreError>> {
+        Box::pin(SharedQueue::idle(self))
+    }
 }
 
 /// The acks of the changes this process has taken, by ticket (their
@@ -89,7 +114,7 @@ impl Acks for StoreAcks {
     }
 }
 
-impl SharedQueue {
+impl SharedQueue<Arc<Change>> {
     /// Opens (making it if need be) the consumer of `queue`, which carries
     /// every change of `tables`, and makes `queue` tell it of each end.
     pub async fn open(
@@ -99,34 +124,72 @@ impl SharedQueue {
         tables: &[TableName],
         options: &QueueOptions,
     ) -> Result<Arc<Self>, StoreError> {
-        let name = names.consumer(queue.name());
-        let config = pull::Config {
-            durable_name: Some(name.clone()),
-            ack_policy: AckPolicy::Explicit,
-            ack_wait: options.ack_wait,
-            max_ack_pending: options.max_ack_pending,
-            deliver_policy: DeliverPolicy::All,
-            filter_subjects: tables.iter().map(|t| names.table_subjects(t)).collect(),
+        let filter = tables.iter().map(|t| names.table_subjects(t)).collect();
+        let consumer = consumer(store.stream(), names, queue.name(), filter, options).await?;
+        Ok(Self::made(
+            consumer,
+            Some(store.clone()),
+            queue,
+            decode_change,
+        ))
+    }
+}
+
+impl<T: QueueItem> SharedQueue<T> {
+    /// Opens (making them if need be) the work stream and the consumer of
+    /// `queue`, a queue that handlers put items on, and makes `queue` send
+    /// what is put on it there.
+    pub async fn open_items(
+        connection: &Connection,
+        names: &Names,
+        queue: Arc<Queue<T>>,
+        options: &QueueOptions,
+        replicas: usize,
+    ) -> Result<Arc<Self>, StoreError> {
+        let unavailable = |e: &dyn std::fmt::Display| StoreError::Unavailable(e.to_string());
+        let config = stream::Config {
+            name: names.work_stream(),
+            subjects: vec![names.work_subjects()],
+            retention: RetentionPolicy::WorkQueue,
+            storage: StorageType::File,
+            num_replicas: replicas,
             ..Default::default()
         };
-        let consumer = store
-            .stream()
-            .get_or_create_consumer(&name, config)
+        let stream = connection
+            .jetstream
+            .get_or_create_stream(config)
             .await
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            .map_err(|e| unavailable(&e))?;
+        let subject = names.work_subject(queue.name());
+        let consumer =
+            consumer(&stream, names, queue.name(), vec![subject.clone()], options).await?;
+        queue.share_outbox(Arc::new(Work {
+            jetstream: connection.jetstream.clone(),
+            subject,
+        }));
+        Ok(Self::made(consumer, None, queue, decode_item))
+    }
+
+    fn made(
+        consumer: PullConsumer,
+        replica: Option<Arc<StateStore>>,
+        queue: Arc<Queue<T>>,
+        decode: Decode<T>,
+    ) -> Arc<Self> {
         let (send, receive) = mpsc::unbounded_channel();
         let acks = Arc::new(StoreAcks {
             taken: Mutex::new(HashMap::new()),
             send,
         });
         queue.share(acks.clone());
-        Ok(Arc::new(Self {
+        Arc::new(Self {
             consumer,
-            store: store.clone(),
+            replica,
             acks,
             queue,
             acker: Mutex::new(Some(receive)),
-        }))
+            decode,
+        })
     }
 
     /// Whether no change of this queue waits or is in flight anywhere.
@@ -199,10 +262,10 @@ impl SharedQueue {
             }
         };
         let subject = message.subject.to_string();
-        let change = decode(&subject, &message.payload, seq, correlations);
+        let item = (self.decode)(&subject, &message.payload, seq, correlations);
         let (_, acker) = message.split();
-        let change = match change {
-            Ok(Some(change)) => change,
+        let item = match item {
+            Ok(Some(item)) => item,
             Ok(None) => {
                 let _ = self.acks.send.send((acker, AckKind::Ack));
                 return true;
@@ -220,35 +283,97 @@ impl SharedQueue {
             .unwrap_or_else(|e| e.into_inner())
             .insert(seq, acker);
         let attempts = u32::try_from(delivered.saturating_sub(1)).unwrap_or(u32::MAX);
-        // A handler reads the tables as of this change at least.
-        self.store.caught_up(seq).await;
-        self.queue
-            .take_over(seq, Arc::new(change), attempts)
-            .await
-            .is_ok()
+        if let Some(replica) = &self.replica {
+            // A handler reads the tables as of this change at least.
+            replica.caught_up(seq).await;
+        }
+        self.queue.take_over(seq, item, attempts).await.is_ok()
     }
 }
 
+/// The durable consumer of `queue` on `stream`, made if need be.
+async fn consumer(
+    stream: &stream::Stream,
+    names: &Names,
+    queue: &str,
+    filter_subjects: Vec<String>,
+    options: &QueueOptions,
+) -> Result<PullConsumer, StoreError> {
+    let name = names.consumer(queue);
+    let config = pull::Config {
+        durable_name: Some(name.clone()),
+        ack_policy: AckPolicy::Explicit,
+        ack_wait: options.ack_wait,
+        max_ack_pending: options.max_ack_pending,
+        deliver_policy: DeliverPolicy::All,
+        filter_subjects,
+        ..Default::default()
+    };
+    stream
+        .get_or_create_consumer(&name, config)
+        .await
+        .map_err(|e| StoreError::Unavailable(e.to_string()))
+}
+
+/// Where a queue's items go: its subject of the work stream.
+struct Work {
+    jetstream: async_nats::jetstream::Context,
+    subject: String,
+}
+
+impl Outbox for Work {
+    fn send(&self, id: Uuid, item: serde_json::Value) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            let unavailable = |e: &dyn std::fmt::Display| StoreError::Unavailable(e.to_string());
+            let payload = serde_json::to_vec(&item).map_err(|e| unavailable(&e))?;
+            let publish = PublishMessage::build()
+                .payload(payload.into())
+                .message_id(id.to_string());
+            self.jetstream
+                .send_publish(self.subject.clone(), publish)
+                .await
+                .map_err(|e| unavailable(&e))?
+                .await
+                .map_err(|e| unavailable(&e))?;
+            Ok(())
+        })
+    }
+}
+
+/// An item as [`Work`] sent it.
+fn decode_item<T: QueueItem>(
+    _: &str,
+    payload: &[u8],
+    _: u64,
+    _: &mut Correlations,
+) -> Result<Option<T>, String> {
+    let stored: serde_json::Value = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
+    T::restore(stored)
+        .map(Some)
+        .ok_or_else(|| "an item this queue cannot read".to_owned())
+}
+
 /// The change a state message carries, if any.
-fn decode(
+fn decode_change(
     subject: &str,
     payload: &[u8],
     seq: u64,
     correlations: &mut Correlations,
-) -> Result<Option<Change>, String> {
+) -> Result<Option<Arc<Change>>, String> {
     let frame: StateFrame = effect::decode(effect::STATE, payload)?;
     let table: TableName = frame.t.as_str().into();
     if !subject.contains(&format!(".state.{table}.")) {
         return Err(format!("it holds a state of `{table}`"));
     }
-    Table::carried(
+    let change = Table::carried(
         &table,
         RecordId::derived(frame.id),
         seq,
         frame.e.as_ref(),
         frame.change,
         correlations,
-    )
+    )?;
+    Ok(change.map(Arc::new))
 }
 
 async fn send_acks(mut receive: mpsc::UnboundedReceiver<(Acker, AckKind)>) {
@@ -272,7 +397,7 @@ const SETTLE_POLL: Duration = Duration::from_millis(20);
 /// `Ok(false)` if `timeout` passed first.
 pub async fn settle(
     store: &StateStore,
-    queues: &[Arc<SharedQueue>],
+    queues: &[Arc<dyn Idle>],
     timeout: Duration,
 ) -> Result<bool, StoreError> {
     let deadline = tokio::time::Instant::now() + timeout;

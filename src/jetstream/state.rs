@@ -121,6 +121,21 @@ impl Names {
         format!("{}.dedup.{hex}", self.prefix)
     }
 
+    /// The work-queue stream of items handlers put on queues.
+    pub fn work_stream(&self) -> String {
+        format!("{}_work", self.prefix)
+    }
+
+    /// Every queue's items.
+    pub fn work_subjects(&self) -> String {
+        format!("{}.work.*", self.prefix)
+    }
+
+    /// The items of the queue `queue`.
+    pub fn work_subject(&self, queue: &str) -> String {
+        format!("{}.work.{queue}", self.prefix)
+    }
+
     /// The durable consumer of the queue `queue`.
     pub fn consumer(&self, queue: &str) -> String {
         format!("{}_{queue}", self.prefix)
