@@ -20,6 +20,7 @@ use eventsys::engine::settle::Activity;
 use eventsys::engine::store::SharedWindow;
 use eventsys::engine::table::{Outcome, Table, TableKind, Write};
 use eventsys::engine::{Engine, EngineConfig};
+use eventsys::jetstream::dead::DeadLetters;
 use eventsys::jetstream::dedup::Window;
 use eventsys::jetstream::queue::{Idle, QueueOptions, SharedQueue, settle};
 use eventsys::jetstream::state::{Names, Replicas, StateOptions, StateStore};
@@ -1123,7 +1124,11 @@ async fn jobs_sent_by_any_process_are_done_once_by_one_of_them() {
         );
     }
     let tried = tried.lock().expect("tried").clone();
-    assert!((0..60u32).filter(|n| n.is_multiple_of(3)).all(|n| tried[&n] == 2));
+    assert!(
+        (0..60u32)
+            .filter(|n| n.is_multiple_of(3))
+            .all(|n| tried[&n] == 2)
+    );
     // Acked items leave the work stream.
     let mut stream = processes[0]
         .3
@@ -1134,4 +1139,123 @@ async fn jobs_sent_by_any_process_are_done_once_by_one_of_them() {
     let info = stream.info().await.expect("info");
     assert_eq!(info.state.messages, 0);
     stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_kept_once_seen_by_every_process_and_redriven_by_any() {
+    let Some(server) = NatsServer::start() else {
+        return;
+    };
+    let (seen, attempts) = (Seen::default(), Attempts::default());
+    let ack_wait = Duration::from_secs(30);
+    let workers = [
+        Worker::start(
+            &server.url,
+            "letters",
+            recorder(0, &seen, &attempts, false),
+            ack_wait,
+        )
+        .await,
+        Worker::start(
+            &server.url,
+            "letters",
+            recorder(1, &seen, &attempts, false),
+            ack_wait,
+        )
+        .await,
+    ];
+    for worker in &workers {
+        let connection = jetstream::connect(&server.url, WITHIN)
+            .await
+            .expect("connect");
+        let names = Names::new("letters").expect("prefix");
+        let letters = DeadLetters::open(&connection, names, 1_000, 1)
+            .await
+            .expect("open the dead-letter stream");
+        worker.shared.keep_dead_letters(letters);
+    }
+    for op in ops(3, 200, 60) {
+        run(&workers[op_index(&op) % 2].replica.table, op).await;
+    }
+    let queues: [Arc<dyn Idle>; 2] = [workers[0].shared.clone(), workers[1].shared.clone()];
+    let store = &workers[0].replica.store;
+    assert!(
+        settle(store, &queues, Duration::from_secs(60))
+            .await
+            .expect("settle")
+    );
+
+    // The changes whose title is 2 always fail: one letter each, the same
+    // through either process, none kept in a process of its own.
+    let changes = workers[0]
+        .replica
+        .log
+        .read(0, usize::MAX, |_| true)
+        .expect("log");
+    let refused: Vec<u64> = changes
+        .events
+        .iter()
+        .filter(|c| c.data.as_ref().is_some_and(|d| d.as_str().contains(":2")))
+        .map(|c| c.seq)
+        .collect();
+    assert!(!refused.is_empty());
+    let letters = workers[0].shared.dead_letters().await.expect("letters");
+    let other = workers[1].shared.dead_letters().await.expect("letters");
+    assert_eq!(letters, other);
+    let mut lettered: Vec<u64> = letters
+        .iter()
+        .map(|(_, l)| {
+            l.item["change"]["s"]
+                .as_u64()
+                .expect("the change's sequence")
+        })
+        .collect();
+    lettered.sort_unstable();
+    assert_eq!(lettered, refused);
+    assert!(letters.iter().all(|(_, l)| l.attempts == 4), "{letters:?}");
+    for worker in &workers {
+        assert_eq!(worker.queue.dead_letter_count(), 0);
+    }
+
+    // A redrive through one process puts them back for both; they fail
+    // again (four more attempts each) and are dead-lettered again, once.
+    let redriven = workers[1].shared.redrive().await.expect("redrive");
+    assert_eq!(redriven, refused.len());
+    assert!(
+        settle(store, &queues, Duration::from_secs(60))
+            .await
+            .expect("settle")
+    );
+    let again = workers[0].shared.dead_letters().await.expect("letters");
+    assert_eq!(again.len(), refused.len());
+    assert!(
+        again
+            .iter()
+            .all(|(n, _)| letters.iter().all(|(old, _)| n > old))
+    );
+    let tried = attempts.lock().expect("attempts").clone();
+    assert!(refused.iter().all(|seq| tried[seq] == 8), "{tried:?}");
+    // And a discard drops them for everyone.
+    assert_eq!(
+        workers[0].shared.discard().await.expect("discard"),
+        refused.len()
+    );
+    assert!(
+        workers[1]
+            .shared
+            .dead_letters()
+            .await
+            .expect("letters")
+            .is_empty()
+    );
+}
+
+/// Which of two processes a client sends an op through (by its id).
+fn op_index(op: &Op) -> usize {
+    let id = match op {
+        Op::Write(w) => w.id.as_str(),
+        Op::Delete(id, _) => id.as_str(),
+        Op::Reconcile(..) => "",
+    };
+    id.len() + id.bytes().map(usize::from).sum::<usize>()
 }

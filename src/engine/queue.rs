@@ -461,6 +461,17 @@ impl<T: QueueItem> Queue<T> {
     /// The last attempt failed, or the failure is permanent.
     pub(crate) fn dead_letter(&self, ticket: u64, event: T, error: String, attempts: u32) {
         let failed_at = Timestamp::now();
+        if let Some(acks) = self.acks.get()
+            && acks.dead(ticket, event.store(), &error, attempts, failed_at)
+        {
+            let mut counts = self.counts_mut();
+            counts.in_flight -= 1;
+            counts.failed += 1;
+            counts.dead_lettered += 1;
+            drop(counts);
+            self.activity.end(1);
+            return;
+        }
         let number = match self.tracking.get() {
             Some(tracking) => {
                 let frame = DeadFrame {

@@ -86,6 +86,19 @@ pub trait Acks: Send + Sync + 'static {
     /// The item failed and is to be tried again after `delay`, by whichever
     /// process takes it then.
     fn retry(&self, ticket: u64, delay: std::time::Duration);
+
+    /// The item is given up on: keeps its dead letter (the item as its
+    /// queue stores it, why, after how many attempts, when) where every
+    /// process sees it, then ends the item. `false` if dead letters are
+    /// kept by the queue itself.
+    fn dead(
+        &self,
+        ticket: u64,
+        item: serde_json::Value,
+        error: &str,
+        attempts: u32,
+        at: crate::engine::record::Timestamp,
+    ) -> bool;
 }
 
 /// The dedup window on a shared store: keys of CloudEvents applied, the

@@ -4,6 +4,7 @@
 //! connection that fails fast and clearly, and the check that the server is
 //! new enough for what eventsys asks of it.
 
+pub mod dead;
 pub mod dedup;
 pub mod queue;
 pub mod state;

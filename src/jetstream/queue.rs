@@ -15,7 +15,7 @@
 //! and is gone from the stream once acked.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use async_nats::jetstream::AckKind;
@@ -29,10 +29,11 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::Connection;
+use super::dead::{DeadLetters, Letter};
 use super::state::{Names, StateStore};
 use crate::engine::log::{Change, TableName};
 use crate::engine::queue::{Queue, QueueItem};
-use crate::engine::record::RecordId;
+use crate::engine::record::{RecordId, Timestamp};
 use crate::engine::store::{Acks, Outbox, StoreError};
 use crate::engine::table::Table;
 use crate::storage::effect::{self, Correlations, StateFrame};
@@ -64,9 +65,43 @@ pub struct SharedQueue<T: QueueItem> {
     replica: Option<Arc<StateStore>>,
     acks: Arc<StoreAcks>,
     queue: Arc<Queue<T>>,
-    acker: Mutex<Option<mpsc::UnboundedReceiver<(Acker, AckKind)>>>,
+    acker: Mutex<Option<mpsc::UnboundedReceiver<Finish>>>,
     /// What a message holds: an item, or nothing to do (acked at once).
     decode: Decode<T>,
+    /// Where redriven items go.
+    back: Back,
+}
+
+/// Where a queue's redriven items go, for its consumer to deliver again:
+/// for a queue of changes, a subject of their own on the state stream;
+/// for a queue of items, its work subject.
+struct Back {
+    jetstream: async_nats::jetstream::Context,
+    subject: String,
+    /// Whether each item has a subject of its own (`<subject>.<number>`).
+    one_each: bool,
+}
+
+impl Back {
+    async fn send(&self, number: u64, item: &serde_json::Value) -> Result<(), StoreError> {
+        let unavailable = |e: &dyn std::fmt::Display| StoreError::Unavailable(e.to_string());
+        let subject = if self.one_each {
+            format!("{}.{number}", self.subject)
+        } else {
+            self.subject.clone()
+        };
+        let payload = serde_json::to_vec(item).map_err(|e| unavailable(&e))?;
+        let publish = PublishMessage::build()
+            .payload(payload.into())
+            .message_id(format!("{}:{number}", self.subject));
+        self.jetstream
+            .send_publish(subject, publish)
+            .await
+            .map_err(|e| unavailable(&e))?
+            .await
+            .map_err(|e| unavailable(&e))?;
+        Ok(())
+    }
 }
 
 type Decode<T> = fn(&str, &[u8], u64, &mut Correlations) -> Result<Option<T>, String>;
@@ -83,23 +118,34 @@ impl<T: QueueItem> Idle for SharedQueue<T> {
     }
 }
 
-/// The acks of the changes this process has taken, by ticket (their
+/// The acks of the items this process has taken, by ticket (their
 /// stream sequence), sent by one task so that no worker waits on them.
 struct StoreAcks {
     taken: Mutex<HashMap<u64, Acker>>,
-    send: mpsc::UnboundedSender<(Acker, AckKind)>,
+    send: mpsc::UnboundedSender<Finish>,
+    /// Where the queue's dead letters go, and the queue's name.
+    dead: OnceLock<(DeadLetters, String)>,
+}
+
+/// How the ack task ends an item.
+enum Finish {
+    Ack(Acker, AckKind),
+    /// Keeps the letter, then acks.
+    Dead(Acker, Box<Letter>),
 }
 
 impl StoreAcks {
-    fn finish(&self, ticket: u64, kind: AckKind) {
-        let acker = self
-            .taken
+    fn take(&self, ticket: u64) -> Option<Acker> {
+        self.taken
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(&ticket);
-        if let Some(acker) = acker {
+            .remove(&ticket)
+    }
+
+    fn finish(&self, ticket: u64, kind: AckKind) {
+        if let Some(acker) = self.take(ticket) {
             // The receiver lives as long as the queue's feed.
-            let _ = self.send.send((acker, kind));
+            let _ = self.send.send(Finish::Ack(acker, kind));
         }
     }
 }
@@ -111,6 +157,29 @@ impl Acks for StoreAcks {
 
     fn retry(&self, ticket: u64, delay: Duration) {
         self.finish(ticket, AckKind::Nak(Some(delay)));
+    }
+
+    fn dead(
+        &self,
+        ticket: u64,
+        item: serde_json::Value,
+        error: &str,
+        attempts: u32,
+        at: Timestamp,
+    ) -> bool {
+        if self.dead.get().is_none() {
+            return false;
+        }
+        if let Some(acker) = self.take(ticket) {
+            let letter = Letter {
+                item,
+                error: error.to_owned(),
+                attempts,
+                failed_at: at.to_string(),
+            };
+            let _ = self.send.send(Finish::Dead(acker, Box::new(letter)));
+        }
+        true
     }
 }
 
@@ -124,13 +193,20 @@ impl SharedQueue<Arc<Change>> {
         tables: &[TableName],
         options: &QueueOptions,
     ) -> Result<Arc<Self>, StoreError> {
-        let filter = tables.iter().map(|t| names.table_subjects(t)).collect();
+        let mut filter: Vec<String> = tables.iter().map(|t| names.table_subjects(t)).collect();
+        filter.push(names.redrive_subjects(queue.name()));
         let consumer = consumer(store.stream(), names, queue.name(), filter, options).await?;
+        let back = Back {
+            jetstream: store.jetstream().clone(),
+            subject: names.redrive_subject(queue.name()),
+            one_each: true,
+        };
         Ok(Self::made(
             consumer,
             Some(store.clone()),
             queue,
             decode_change,
+            back,
         ))
     }
 }
@@ -165,9 +241,14 @@ impl<T: QueueItem> SharedQueue<T> {
             consumer(&stream, names, queue.name(), vec![subject.clone()], options).await?;
         queue.share_outbox(Arc::new(Work {
             jetstream: connection.jetstream.clone(),
-            subject,
+            subject: subject.clone(),
         }));
-        Ok(Self::made(consumer, None, queue, decode_item))
+        let back = Back {
+            jetstream: connection.jetstream.clone(),
+            subject,
+            one_each: false,
+        };
+        Ok(Self::made(consumer, None, queue, decode_item, back))
     }
 
     fn made(
@@ -175,11 +256,13 @@ impl<T: QueueItem> SharedQueue<T> {
         replica: Option<Arc<StateStore>>,
         queue: Arc<Queue<T>>,
         decode: Decode<T>,
+        back: Back,
     ) -> Arc<Self> {
         let (send, receive) = mpsc::unbounded_channel();
         let acks = Arc::new(StoreAcks {
             taken: Mutex::new(HashMap::new()),
             send,
+            dead: OnceLock::new(),
         });
         queue.share(acks.clone());
         Arc::new(Self {
@@ -189,7 +272,52 @@ impl<T: QueueItem> SharedQueue<T> {
             queue,
             acker: Mutex::new(Some(receive)),
             decode,
+            back,
         })
+    }
+
+    /// Keeps the queue's dead letters in `letters`, where every process
+    /// sees them, rather than in this process.
+    pub fn keep_dead_letters(&self, letters: DeadLetters) {
+        let _ = self.acks.dead.set((letters, self.queue.name().to_string()));
+    }
+
+    /// The queue's dead letters, oldest first, with their numbers.
+    pub async fn dead_letters(&self) -> Result<Vec<(u64, Letter)>, StoreError> {
+        match self.acks.dead.get() {
+            Some((letters, queue)) => letters.list(queue).await,
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Drops the queue's dead letters; how many.
+    pub async fn discard(&self) -> Result<usize, StoreError> {
+        let Some((letters, queue)) = self.acks.dead.get() else {
+            return Ok(0);
+        };
+        let kept = letters.list(queue).await?;
+        if let Some((last, _)) = kept.last() {
+            letters.drop_through(queue, *last).await?;
+        }
+        Ok(kept.len())
+    }
+
+    /// Puts the queue's dead letters back, for whichever process pulls
+    /// them, then drops them; how many. Each goes back named by its
+    /// letter's number, so a redrive cut short and done again puts it
+    /// back once.
+    pub async fn redrive(&self) -> Result<usize, StoreError> {
+        let Some((letters, queue)) = self.acks.dead.get() else {
+            return Ok(0);
+        };
+        let kept = letters.list(queue).await?;
+        for (number, letter) in &kept {
+            self.back.send(*number, &letter.item).await?;
+        }
+        if let Some((last, _)) = kept.last() {
+            letters.drop_through(queue, *last).await?;
+        }
+        Ok(kept.len())
     }
 
     /// Whether no change of this queue waits or is in flight anywhere.
@@ -206,7 +334,7 @@ impl<T: QueueItem> SharedQueue<T> {
     pub async fn feed(self: Arc<Self>, stop: CancellationToken) {
         let receive = self.acker.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(receive) = receive {
-            tokio::spawn(send_acks(receive));
+            tokio::spawn(send_acks(receive, self.acks.clone()));
         }
         let batch = self.queue.capacity().clamp(1, 64);
         let mut correlations = Correlations::default();
@@ -267,13 +395,13 @@ impl<T: QueueItem> SharedQueue<T> {
         let item = match item {
             Ok(Some(item)) => item,
             Ok(None) => {
-                let _ = self.acks.send.send((acker, AckKind::Ack));
+                let _ = self.acks.send.send(Finish::Ack(acker, AckKind::Ack));
                 return true;
             }
             Err(error) => {
                 tracing::warn!(queue = %self.queue.name(), %subject, seq, %error,
                     "a state message no handler can read; left");
-                let _ = self.acks.send.send((acker, AckKind::Term));
+                let _ = self.acks.send.send(Finish::Ack(acker, AckKind::Term));
                 return true;
             }
         };
@@ -360,6 +488,10 @@ fn decode_change(
     seq: u64,
     correlations: &mut Correlations,
 ) -> Result<Option<Arc<Change>>, String> {
+    if subject.contains(".redrive.") {
+        // A dead letter's change, put back whole.
+        return decode_item(subject, payload, seq, correlations);
+    }
     let frame: StateFrame = effect::decode(effect::STATE, payload)?;
     let table: TableName = frame.t.as_str().into();
     if !subject.contains(&format!(".state.{table}.")) {
@@ -376,8 +508,23 @@ fn decode_change(
     Ok(change.map(Arc::new))
 }
 
-async fn send_acks(mut receive: mpsc::UnboundedReceiver<(Acker, AckKind)>) {
-    while let Some((acker, kind)) = receive.recv().await {
+async fn send_acks(mut receive: mpsc::UnboundedReceiver<Finish>, acks: Arc<StoreAcks>) {
+    while let Some(finish) = receive.recv().await {
+        let (acker, kind) = match finish {
+            Finish::Ack(acker, kind) => (acker, kind),
+            Finish::Dead(acker, letter) => {
+                let Some((letters, queue)) = acks.dead.get() else {
+                    continue;
+                };
+                if let Err(error) = letters.record(queue, &letter).await {
+                    // Not acked either: the item comes back after
+                    // `ack_wait`, and is given up on again.
+                    tracing::warn!(%queue, %error, "dead letter not kept");
+                    continue;
+                }
+                (acker, AckKind::Ack)
+            }
+        };
         if let Err(error) = acker.ack_with(kind).await {
             // Not acked: JetStream delivers it again after `ack_wait`, and
             // handlers are safe to redo.

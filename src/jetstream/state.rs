@@ -69,14 +69,25 @@ impl Names {
         format!("{}_state", self.prefix)
     }
 
-    /// Every record's state subject, and every table's current
-    /// reconciliation's.
+    /// What the state stream holds: every record's state, every table's
+    /// current reconciliation, every parent's child-list mark, and changes
+    /// redriven from dead letters (which a replica passes over, so that
+    /// how far it has got is a place in the stream).
     pub fn stream_subjects(&self) -> Vec<String> {
-        vec![
-            format!("{}.state.>", self.prefix),
-            format!("{}.current.>", self.prefix),
-            format!("{}.mark.>", self.prefix),
-        ]
+        ["state", "current", "mark", "redrive"]
+            .iter()
+            .map(|kind| format!("{}.{kind}.>", self.prefix))
+            .collect()
+    }
+
+    /// Where the changes redriven to `queue` go, one subject each.
+    pub fn redrive_subject(&self, queue: &str) -> String {
+        format!("{}.redrive.{queue}", self.prefix)
+    }
+
+    /// Every change redriven to `queue`.
+    pub fn redrive_subjects(&self, queue: &str) -> String {
+        format!("{}.redrive.{queue}.>", self.prefix)
     }
 
     /// The subject of `table`'s `key`.
@@ -136,6 +147,21 @@ impl Names {
         format!("{}.work.{queue}", self.prefix)
     }
 
+    /// The dead-letter stream.
+    pub fn dead_stream(&self) -> String {
+        format!("{}_dead", self.prefix)
+    }
+
+    /// Every queue's dead letters.
+    pub fn dead_subjects(&self) -> String {
+        format!("{}.dead.*", self.prefix)
+    }
+
+    /// The dead letters of the queue `queue`.
+    pub fn dead_subject(&self, queue: &str) -> String {
+        format!("{}.dead.{queue}", self.prefix)
+    }
+
     /// The durable consumer of the queue `queue`.
     pub fn consumer(&self, queue: &str) -> String {
         format!("{}_{queue}", self.prefix)
@@ -146,6 +172,10 @@ impl Names {
         let rest = subject.strip_prefix(self.prefix.as_str())?;
         if let Some(table) = rest.strip_prefix(".current.") {
             return Some((table.to_owned(), Parsed::Current));
+        }
+        if let Some(queue) = rest.strip_prefix(".redrive.") {
+            let (queue, _) = queue.split_once('.')?;
+            return Some((queue.to_owned(), Parsed::Redrive));
         }
         let (kind, rest) = rest.strip_prefix('.')?.split_once('.')?;
         let (table, id) = rest.split_once('.')?;
@@ -165,6 +195,8 @@ enum Parsed {
     Record(String),
     Current,
     Mark(String),
+    /// A change redriven to a queue: for its consumer, not the replica.
+    Redrive,
 }
 
 /// What a process keeps a replica of: its tables, and its parents' child
@@ -260,6 +292,11 @@ impl StateStore {
         &self.stream
     }
 
+    /// The JetStream context the stream is used through.
+    pub fn jetstream(&self) -> &async_nats::jetstream::Context {
+        &self.jetstream
+    }
+
     /// The last stream sequence this process has applied.
     pub fn applied(&self) -> u64 {
         *self.applied.borrow()
@@ -350,6 +387,9 @@ impl StateStore {
             .names
             .parse_subject(&message.subject)
             .ok_or("not a state subject")?;
+        if key == Parsed::Redrive {
+            return Ok(());
+        }
         if let Parsed::Mark(parent) = key {
             let children = replicas
                 .children
@@ -466,6 +506,10 @@ mod tests {
         assert_eq!(
             names.parse_subject(&names.subject("series_episodes", Key::Mark("s.1"))),
             Some(("series_episodes".to_owned(), Parsed::Mark("s.1".to_owned())))
+        );
+        assert_eq!(
+            names.parse_subject(&format!("{}.7", names.redrive_subject("raw_queue"))),
+            Some(("raw_queue".to_owned(), Parsed::Redrive))
         );
         assert_eq!(names.parse_subject("other.state.movies.YQ"), None);
         for bad in ["", "a.b", "a b", "a>", &"x".repeat(33)] {
