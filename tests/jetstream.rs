@@ -129,14 +129,21 @@ struct Replica {
     stop: CancellationToken,
 }
 
+/// A process's own connection to the state stream, and the change log its
+/// replica feeds.
+async fn process(url: &str, prefix: &str) -> (Arc<StateStore>, Arc<ChangeLog>) {
+    let connection = jetstream::connect(url, WITHIN).await.expect("connect");
+    let names = Names::new(prefix).expect("prefix");
+    let store = StateStore::open(&connection, names, &StateOptions::default())
+        .await
+        .expect("open the state stream");
+    let log = Arc::new(ChangeLog::new(1_000_000, Activity::default()));
+    (store, log)
+}
+
 impl Replica {
     async fn open(url: &str, prefix: &str) -> Replica {
-        let connection = jetstream::connect(url, WITHIN).await.expect("connect");
-        let names = Names::new(prefix).expect("prefix");
-        let store = StateStore::open(&connection, names, &StateOptions::default())
-            .await
-            .expect("open the state stream");
-        let log = Arc::new(ChangeLog::new(1_000_000, Activity::default()));
+        let (store, log) = process(url, prefix).await;
         let table = Arc::new(Table::new("movies", TableKind::Raw, log.clone()));
         assert!(table.share(store.clone()).is_ok());
         let replicas = Replicas {
@@ -420,21 +427,7 @@ impl Worker {
             max_records: u64::MAX,
         });
         let queue = engine.add_queue::<Arc<Change>>("movie_queue", 64);
-        let retry = RetryPolicy {
-            max_attempts: 4,
-            base: Duration::from_millis(5),
-            cap: Duration::from_millis(40),
-        };
-        let config = HandlerConfig {
-            workers: 4,
-            batch: 1,
-            retry,
-            breaker: BreakerPolicy {
-                threshold: u32::MAX,
-                cool_down: Duration::from_millis(10),
-            },
-        };
-        engine.add_handler("movie_handler", &queue, process, config);
+        engine.add_handler("movie_handler", &queue, process, handler_config(4, 4));
         let names = Names::new(prefix).expect("prefix");
         let options = QueueOptions {
             ack_wait,
@@ -461,6 +454,34 @@ impl Worker {
     }
 }
 
+impl Worker {
+    /// Two processes on one prefix, recording what they see in `seen`.
+    async fn pair(url: &str, prefix: &str, seen: &Seen, attempts: &Attempts) -> [Worker; 2] {
+        let ack_wait = Duration::from_secs(30);
+        [
+            Worker::start(url, prefix, recorder(0, seen, attempts, false), ack_wait).await,
+            Worker::start(url, prefix, recorder(1, seen, attempts, false), ack_wait).await,
+        ]
+    }
+}
+
+/// A handler's workers and a quick retry policy of `attempts` in all.
+fn handler_config(workers: usize, attempts: u32) -> HandlerConfig {
+    HandlerConfig {
+        workers,
+        batch: 1,
+        retry: RetryPolicy {
+            max_attempts: attempts,
+            base: Duration::from_millis(5),
+            cap: Duration::from_millis(40),
+        },
+        breaker: BreakerPolicy {
+            threshold: u32::MAX,
+            cool_down: Duration::from_millis(10),
+        },
+    }
+}
+
 impl Drop for Worker {
     fn drop(&mut self) {
         self.stop.cancel();
@@ -484,23 +505,7 @@ async fn a_shared_queue_spreads_changes_over_processes_and_retries_across_them()
         return;
     };
     let (seen, attempts) = (Seen::default(), Attempts::default());
-    let ack_wait = Duration::from_secs(30);
-    let workers = [
-        Worker::start(
-            &server.url,
-            "spread",
-            recorder(0, &seen, &attempts, false),
-            ack_wait,
-        )
-        .await,
-        Worker::start(
-            &server.url,
-            "spread",
-            recorder(1, &seen, &attempts, false),
-            ack_wait,
-        )
-        .await,
-    ];
+    let workers = Worker::pair(&server.url, "spread", &seen, &attempts).await;
     let ops = ops(7, 400, 80);
     let clients = (0..8).map(|client| {
         let table = workers[client % 2].replica.table.clone();
@@ -751,12 +756,7 @@ fn split(_: &RecordId, list: &Data) -> Result<Vec<(RecordId, Data)>, String> {
 
 impl Family {
     async fn open(url: &str, prefix: &str) -> Family {
-        let connection = jetstream::connect(url, WITHIN).await.expect("connect");
-        let names = Names::new(prefix).expect("prefix");
-        let store = StateStore::open(&connection, names, &StateOptions::default())
-            .await
-            .expect("open the state stream");
-        let log = Arc::new(ChangeLog::new(1_000_000, Activity::default()));
+        let (store, log) = process(url, prefix).await;
         let series = Arc::new(Table::new("series", TableKind::Raw, log.clone()));
         let listing = Arc::new(Table::listing("series_episodes", log.clone()));
         let episodes = Arc::new(Table::new("episodes", TableKind::Raw, log.clone()));
@@ -879,20 +879,7 @@ async fn parents_refreshed_by_two_processes_at_once_list_exactly_their_last_chil
             },
             redone: redone.clone(),
         };
-        let config = HandlerConfig {
-            workers: 4,
-            batch: 1,
-            retry: RetryPolicy {
-                max_attempts: 50,
-                base: Duration::from_millis(1),
-                cap: Duration::from_millis(10),
-            },
-            breaker: BreakerPolicy {
-                threshold: u32::MAX,
-                cool_down: Duration::from_millis(10),
-            },
-        };
-        engine.add_handler("series_handler", &queue, refresher, config);
+        engine.add_handler("series_handler", &queue, refresher, handler_config(4, 50));
         let names = Names::new("kids").expect("prefix");
         let tables = [
             family.series.name().clone(),
@@ -1062,20 +1049,7 @@ async fn jobs_sent_by_any_process_are_done_once_by_one_of_them() {
             done: done.clone(),
             tried: tried.clone(),
         };
-        let config = HandlerConfig {
-            workers: 2,
-            batch: 1,
-            retry: RetryPolicy {
-                max_attempts: 3,
-                base: Duration::from_millis(5),
-                cap: Duration::from_millis(20),
-            },
-            breaker: BreakerPolicy {
-                threshold: u32::MAX,
-                cool_down: Duration::from_millis(10),
-            },
-        };
-        engine.add_handler("job_handler", &queue, doer, config);
+        engine.add_handler("job_handler", &queue, doer, handler_config(2, 3));
         let shared = SharedQueue::open_items(
             &connection,
             &names,
@@ -1147,23 +1121,7 @@ async fn dead_letters_are_kept_once_seen_by_every_process_and_redriven_by_any() 
         return;
     };
     let (seen, attempts) = (Seen::default(), Attempts::default());
-    let ack_wait = Duration::from_secs(30);
-    let workers = [
-        Worker::start(
-            &server.url,
-            "letters",
-            recorder(0, &seen, &attempts, false),
-            ack_wait,
-        )
-        .await,
-        Worker::start(
-            &server.url,
-            "letters",
-            recorder(1, &seen, &attempts, false),
-            ack_wait,
-        )
-        .await,
-    ];
+    let workers = Worker::pair(&server.url, "letters", &seen, &attempts).await;
     for worker in &workers {
         let connection = jetstream::connect(&server.url, WITHIN)
             .await

@@ -60,11 +60,7 @@ impl DeadLetters {
             discard: DiscardPolicy::Old,
             ..Default::default()
         };
-        let stream = connection
-            .jetstream
-            .get_or_create_stream(config.clone())
-            .await
-            .map_err(|e| OpenError::new(&config.name, e))?;
+        let stream = connection.stream(config).await?;
         Ok(Self {
             jetstream: connection.jetstream.clone(),
             stream,

@@ -44,11 +44,7 @@ impl Window {
             allow_direct: true,
             ..Default::default()
         };
-        let stream = connection
-            .jetstream
-            .get_or_create_stream(config.clone())
-            .await
-            .map_err(|e| OpenError::new(&config.name, e))?;
+        let stream = connection.stream(config).await?;
         Ok(Self {
             jetstream: connection.jetstream.clone(),
             stream,

@@ -73,6 +73,21 @@ pub struct Connection {
     pub version: ServerVersion,
 }
 
+impl Connection {
+    /// The stream `config` names, made as `config` says if it does not
+    /// exist yet.
+    pub async fn stream(
+        &self,
+        config: jetstream::stream::Config,
+    ) -> Result<jetstream::stream::Stream, state::OpenError> {
+        let name = config.name.clone();
+        self.jetstream
+            .get_or_create_stream(config)
+            .await
+            .map_err(|e| state::OpenError::new(&name, e))
+    }
+}
+
 /// Connects to `url`, failing within `within` if the server cannot be
 /// reached, and refuses a server older than [`MIN_SERVER`] or one without
 /// JetStream. Once connected, the client reconnects on its own.

@@ -232,8 +232,7 @@ impl<T: QueueItem> SharedQueue<T> {
             ..Default::default()
         };
         let stream = connection
-            .jetstream
-            .get_or_create_stream(config)
+            .stream(config)
             .await
             .map_err(|e| unavailable(&e))?;
         let subject = names.work_subject(queue.name());

@@ -270,15 +270,7 @@ impl StateStore {
             allow_direct: true,
             ..Default::default()
         };
-        let failed = |reason: String| OpenError {
-            stream: config.name.clone(),
-            reason,
-        };
-        let stream = connection
-            .jetstream
-            .get_or_create_stream(config.clone())
-            .await
-            .map_err(|e| failed(e.to_string()))?;
+        let stream = connection.stream(config).await?;
         Ok(Arc::new(Self {
             jetstream: connection.jetstream.clone(),
             stream,
