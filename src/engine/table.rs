@@ -1380,6 +1380,11 @@ impl Table {
         self.store.set(store)
     }
 
+    /// Whether this table is a replica of a shared store.
+    pub fn is_shared(&self) -> bool {
+        self.store.get().is_some()
+    }
+
     /// This table's writes, in memory or on its shared store.
     pub fn writer(&self) -> Writer<'_> {
         Writer { table: self }

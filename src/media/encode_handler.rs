@@ -8,6 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use serde::Serialize;
 use serde::ser::SerializeMap;
 use serde_json::json;
@@ -19,7 +20,7 @@ use crate::engine::queue::QueueItem;
 use crate::engine::record::{Data, RecordId, Version};
 use crate::engine::table::Table;
 
-use super::raw_handler::encode_id;
+use super::raw_handler::{encode_id, failure};
 use super::records::Rendition;
 use crate::storage::effect::VersionImage;
 
@@ -139,30 +140,48 @@ impl EncodeHandler {
     /// Writes the job's encode record with `status` (and `error`, for a
     /// failed one), at the job's sequence: stale if a later change of the
     /// rendition (or a saga's compensation) has written it since.
-    fn write(&self, job: &EncodeJob, status: &str, error: Option<&str>) -> Result<(), Failure> {
-        let id = encode_id(&job.video_id, &job.rendition.id);
-        let mut record = json!({
-            "id": id,
-            "video_id": job.video_id,
-            "rendition_id": job.rendition.id,
-            "codec": job.rendition.codec,
-            "height": job.rendition.height,
-            "bitrate_kbps": job.rendition.bitrate_kbps,
-            "status": status,
-        });
-        if let Some(error) = error {
-            // The job names its dead letter, and sets one failure apart
-            // from another's: each is a change the saga hears of.
-            record["error"] = error.into();
-            record["job"] = job.id.to_string().into();
-        }
-        let data = Data::of_value(&record).map_err(|e| Failure::Permanent(e.to_string()))?;
+    async fn write(
+        &self,
+        job: &EncodeJob,
+        status: &str,
+        error: Option<&str>,
+    ) -> Result<(), Failure> {
+        let (id, data) = encode_record(job, status, error)?;
         // The encode's causation is the change that asked for it, in the log.
         self.encodes
+            .writer()
             .derive(&id, job.seq, job.version.clone(), Some(data), &job.cause)
-            .map_err(|full| Failure::Permanent(full.to_string()))?;
+            .await
+            .map_err(failure)?;
         Ok(())
     }
+}
+
+/// The encode record of `job` with `status` (and `error`, for a failed
+/// one), and its id.
+fn encode_record(
+    job: &EncodeJob,
+    status: &str,
+    error: Option<&str>,
+) -> Result<(RecordId, Data), Failure> {
+    let id = encode_id(&job.video_id, &job.rendition.id);
+    let mut record = json!({
+        "id": id,
+        "video_id": job.video_id,
+        "rendition_id": job.rendition.id,
+        "codec": job.rendition.codec,
+        "height": job.rendition.height,
+        "bitrate_kbps": job.rendition.bitrate_kbps,
+        "status": status,
+    });
+    if let Some(error) = error {
+        // The job names its dead letter, and sets one failure apart
+        // from another's: each is a change the saga hears of.
+        record["error"] = error.into();
+        record["job"] = job.id.to_string().into();
+    }
+    let data = Data::of_value(&record).map_err(|e| Failure::Permanent(e.to_string()))?;
+    Ok((id, data))
 }
 
 impl Process<EncodeJob> for EncodeHandler {
@@ -170,14 +189,37 @@ impl Process<EncodeJob> for EncodeHandler {
         if !self.delay.is_zero() {
             tokio::time::sleep(self.delay).await;
         }
-        self.write(job, "encoded", None)
+        self.write(job, "encoded", None).await
     }
 
     /// A job given up on leaves its encode `failed`, with why: the change
-    /// that tells scenario 6's saga to compensate.
+    /// that tells scenario 6's saga to compensate. In memory it is written
+    /// at once; on a shared store, by a task of its own (this must not
+    /// wait).
     fn gave_up(&self, job: &EncodeJob, error: &str) {
-        if let Err(failure) = self.write(job, "failed", Some(error)) {
-            tracing::error!(%failure, job = %job.id, "the failed encode could not be recorded");
+        let failed = |failure: Failure, job: Uuid| {
+            tracing::error!(%failure, %job, "the failed encode could not be recorded");
+        };
+        if !self.encodes.is_shared() {
+            match self.write(job, "failed", Some(error)).now_or_never() {
+                Some(Err(failure)) => failed(failure, job.id),
+                Some(Ok(())) => {}
+                None => failed(
+                    Failure::Permanent("a write in memory waited".into()),
+                    job.id,
+                ),
+            }
+            return;
         }
+        let handler = Self {
+            encodes: self.encodes.clone(),
+            delay: self.delay,
+        };
+        let (job, error) = (job.clone(), error.to_owned());
+        tokio::spawn(async move {
+            if let Err(failure) = handler.write(&job, "failed", Some(&error)).await {
+                failed(failure, job.id);
+            }
+        });
     }
 }

@@ -258,7 +258,7 @@ fn parent_record(
 
 /// A handler's write that was not made: a full table will not make room
 /// by waiting, an unreachable store may come back.
-fn failure(error: WriteError) -> Failure {
+pub(crate) fn failure(error: WriteError) -> Failure {
     match error {
         WriteError::Unavailable(e) => Failure::Transient(e),
         e => Failure::Permanent(e.to_string()),
