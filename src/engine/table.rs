@@ -340,6 +340,11 @@ impl Entry {
         })
     }
 
+    /// The entry a shared store's state holds (an empty one for none).
+    fn of_state(image: Option<EntryImage>) -> Result<Self, String> {
+        Ok(image.map(Self::from_image).transpose()?.unwrap_or_default())
+    }
+
     /// Holds nothing worth keeping (a child no parent lists any more and
     /// that was never written or deleted itself).
     fn is_empty(&self) -> bool {
@@ -523,9 +528,7 @@ impl Writer<'_> {
                 (outcome, Some(step))
             })
             .await?;
-        if outcome != Outcome::Absent {
-            table.count(outcome);
-        }
+        table.count(outcome);
         Ok(outcome)
     }
 
@@ -548,9 +551,7 @@ impl Writer<'_> {
                 table.derive_step(entry, seq, version.clone(), data.clone())
             })
             .await?;
-        if outcome != Outcome::Absent {
-            table.count(outcome);
-        }
+        table.count(outcome);
         Ok(outcome)
     }
 
@@ -830,8 +831,12 @@ impl Table {
         self.lock_shard(self.shard_index(id))
     }
 
+    /// Counts an outcome; a delete of nothing live is not one the
+    /// table's stats show.
     fn count(&self, outcome: Outcome) {
-        self.counters.outcomes[outcome as usize].fetch_add(1, Ordering::Relaxed);
+        if outcome != Outcome::Absent {
+            self.counters.outcomes[outcome as usize].fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Applies one write (versioned tables).
@@ -986,9 +991,7 @@ impl Table {
         let entry = self.reserved_slot(&mut shard.entries, id);
         let (outcome, step) = self.delete_step(entry, current.as_deref(), at);
         self.emit(id, Effect::of(step.changed, Some(entry)), step, cause);
-        if outcome != Outcome::Absent {
-            self.count(outcome);
-        }
+        self.count(outcome);
         outcome
     }
 
@@ -1035,9 +1038,7 @@ impl Table {
         if let Some(step) = step {
             self.emit(id, Effect::Changed(Some(entry)), step, cause);
         }
-        if outcome != Outcome::Absent {
-            self.count(outcome);
-        }
+        self.count(outcome);
         Ok(outcome)
     }
 
@@ -1501,7 +1502,8 @@ impl Table {
         if let Some(latest) = latest {
             let frame: StateFrame =
                 effect::decode(effect::STATE, &latest.frame).map_err(WriteError::Unavailable)?;
-            self.install(id, latest.rev, frame.e, frame.live)
+            let entry = Entry::of_state(frame.e).map_err(WriteError::Unavailable)?;
+            self.install(id, latest.rev, entry, frame.live)
                 .map_err(WriteError::Unavailable)?;
         }
         Ok(())
@@ -1547,15 +1549,14 @@ impl Table {
         correlations: &mut Correlations,
     ) -> Result<Option<Change>, String> {
         let id = RecordId::derived(frame.id);
-        let change = Self::carried(
-            &self.name,
-            id.clone(),
-            rev,
-            frame.e.as_ref(),
-            frame.change,
-            correlations,
-        )?;
-        self.install(&id, rev, frame.e, frame.live)?;
+        let entry = Entry::of_state(frame.e)?;
+        let change = frame
+            .change
+            .map(|change| {
+                Self::change_of_state(&self.name, id.clone(), rev, &entry, change, correlations)
+            })
+            .transpose()?;
+        self.install(&id, rev, entry, frame.live)?;
         Ok(change)
     }
 
@@ -1566,38 +1567,35 @@ impl Table {
         table: &TableName,
         id: RecordId,
         rev: u64,
-        image: Option<&EntryImage>,
+        image: Option<EntryImage>,
         change: Option<ChangeImage>,
         correlations: &mut Correlations,
     ) -> Result<Option<Change>, String> {
-        let Some(mut change) = change else {
+        let Some(change) = change else {
             return Ok(None);
         };
-        let record = match image {
-            Some(image) => Entry::from_image(image.clone())?
-                .best()
-                .map(|s| (s.version.clone(), s.data.clone())),
-            None => None,
-        };
+        let entry = Entry::of_state(image)?;
+        Self::change_of_state(table, id, rev, &entry, change, correlations).map(Some)
+    }
+
+    fn change_of_state(
+        table: &TableName,
+        id: RecordId,
+        rev: u64,
+        entry: &Entry,
+        mut change: ChangeImage,
+        correlations: &mut Correlations,
+    ) -> Result<Change, String> {
+        let record = entry.best().map(|s| (s.version.clone(), s.data.clone()));
         change.s = rev;
-        change.get(table, id, record, correlations).map(Some)
+        change.get(table, id, record, correlations)
     }
 
     /// Sets the replica's copy of `id` to the store's state at `rev`,
     /// unless it already holds that one or a later one. A state that holds
     /// nothing (a child no parent lists any more) is kept as an empty
     /// entry, not counted, so that its revision is known to the next write.
-    fn install(
-        &self,
-        id: &RecordId,
-        rev: u64,
-        image: Option<EntryImage>,
-        live: bool,
-    ) -> Result<(), String> {
-        let mut entry = image
-            .map(Entry::from_image)
-            .transpose()?
-            .unwrap_or_default();
+    fn install(&self, id: &RecordId, rev: u64, mut entry: Entry, live: bool) -> Result<(), String> {
         entry.rev = rev;
         entry.announced = live;
         let mut shard = self.shard(id.as_str());

@@ -500,7 +500,7 @@ fn decode_change(
         &table,
         RecordId::derived(frame.id),
         seq,
-        frame.e.as_ref(),
+        frame.e,
         frame.change,
         correlations,
     )?;
