@@ -254,6 +254,23 @@ fn ops(seed: u64, n: usize, ids: u8) -> Vec<Op> {
     ops_with(seed, n, ids, false)
 }
 
+/// Sends `ops` from eight clients at once, each its share, through one of
+/// two processes' tables.
+async fn from_clients(ops: &[Op], tables: [&Arc<Table>; 2]) {
+    let clients = (0..8).map(|client| {
+        let table = tables[client % 2].clone();
+        let mine: Vec<Op> = ops.iter().skip(client).step_by(8).cloned().collect();
+        tokio::spawn(async move {
+            for op in mine {
+                run(&table, op).await;
+            }
+        })
+    });
+    for client in futures_util::future::join_all(clients).await {
+        client.expect("a client ran");
+    }
+}
+
 async fn run(table: &Table, op: Op) -> Outcome {
     let cause = Cause::request("test");
     let writer = table.writer();
@@ -283,20 +300,7 @@ async fn replicas_writing_the_same_records_at_once_converge_on_what_memory_holds
     let ids = |round: u64| if round.is_multiple_of(2) { 6 } else { 60 };
     for round in 0..4u64 {
         let ops = ops_with(round, 300, ids(round), true);
-        // Eight clients at once, each sending its share through one of
-        // the two processes.
-        let clients = (0..8).map(|client| {
-            let table = replicas[client % 2].table.clone();
-            let mine: Vec<Op> = ops.iter().skip(client).step_by(8).cloned().collect();
-            tokio::spawn(async move {
-                for op in mine {
-                    run(&table, op).await;
-                }
-            })
-        });
-        for client in futures_util::future::join_all(clients).await {
-            client.expect("a client ran");
-        }
+        from_clients(&ops, [&replicas[0].table, &replicas[1].table]).await;
         for replica in &replicas {
             replica.catch_up().await;
         }
@@ -507,18 +511,7 @@ async fn a_shared_queue_spreads_changes_over_processes_and_retries_across_them()
     let (seen, attempts) = (Seen::default(), Attempts::default());
     let workers = Worker::pair(&server.url, "spread", &seen, &attempts).await;
     let ops = ops(7, 400, 80);
-    let clients = (0..8).map(|client| {
-        let table = workers[client % 2].replica.table.clone();
-        let mine: Vec<Op> = ops.iter().skip(client).step_by(8).cloned().collect();
-        tokio::spawn(async move {
-            for op in mine {
-                run(&table, op).await;
-            }
-        })
-    });
-    for client in futures_util::future::join_all(clients).await {
-        client.expect("a client ran");
-    }
+    from_clients(&ops, [&workers[0].replica.table, &workers[1].replica.table]).await;
     let queues: [Arc<dyn Idle>; 2] = [workers[0].shared.clone(), workers[1].shared.clone()];
     let settled = settle(&workers[0].replica.store, &queues, Duration::from_secs(60))
         .await
@@ -1132,9 +1125,8 @@ async fn dead_letters_are_kept_once_seen_by_every_process_and_redriven_by_any() 
             .expect("open the dead-letter stream");
         worker.shared.keep_dead_letters(letters);
     }
-    for op in ops(3, 200, 60) {
-        run(&workers[op_index(&op) % 2].replica.table, op).await;
-    }
+    let tables = [&workers[0].replica.table, &workers[1].replica.table];
+    from_clients(&ops(3, 200, 60), tables).await;
     let queues: [Arc<dyn Idle>; 2] = [workers[0].shared.clone(), workers[1].shared.clone()];
     let store = &workers[0].replica.store;
     assert!(
@@ -1206,14 +1198,4 @@ async fn dead_letters_are_kept_once_seen_by_every_process_and_redriven_by_any() 
             .expect("letters")
             .is_empty()
     );
-}
-
-/// Which of two processes a client sends an op through (by its id).
-fn op_index(op: &Op) -> usize {
-    let id = match op {
-        Op::Write(w) => w.id.as_str(),
-        Op::Delete(id, _) => id.as_str(),
-        Op::Reconcile(..) => "",
-    };
-    id.len() + id.bytes().map(usize::from).sum::<usize>()
 }
