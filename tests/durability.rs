@@ -698,11 +698,20 @@ fn disk_use_follows_snapshots_not_uptime() {
         http(server.addr, "GET", "/settle?timeout_ms=20000", None).0,
         200
     );
-    let storage = get(server.addr, "/storage");
-    let appended: u64 = std::fs::read_dir(dir.0.join("wal"))
-        .unwrap()
-        .map(|e| e.unwrap().metadata().unwrap().len())
-        .sum();
+    // A snapshot may still be published after settle, removing segments
+    // while the directory is read: read the report and the directory until
+    // the report stands still around a whole reading.
+    let (storage, appended) = (0..100)
+        .find_map(|_| {
+            let before = get(server.addr, "/storage");
+            let sizes: Option<Vec<u64>> = std::fs::read_dir(dir.0.join("wal"))
+                .unwrap()
+                .map(|e| e.ok()?.metadata().ok().map(|m| m.len()))
+                .collect();
+            let after = get(server.addr, "/storage");
+            (before == after).then_some(sizes.map(|s| (after, s.iter().sum::<u64>())))?
+        })
+        .expect("the report stood still around a reading of the directory");
     assert!(
         storage["last_snapshot"].is_object(),
         "snapshots were taken: {storage}"
@@ -715,7 +724,25 @@ fn disk_use_follows_snapshots_not_uptime() {
     // Counted once stopped: while running, a snapshot being published is
     // renamed in before the oldest is removed, and the last burst of writes
     // may not yet have its snapshot (one is taken at most every 200 ms),
-    // while the shutdown takes one of everything.
+    // while the shutdown takes one of everything. So first let the server
+    // take the snapshot the last burst is due: settled, it has one once a
+    // second has gone by since its last snapshot with none newer.
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let storage = get(server.addr, "/storage");
+        let taken = storage["last_snapshot"]["taken_at"]
+            .as_str()
+            .unwrap_or_default();
+        let taken = chrono::DateTime::parse_from_rfc3339(taken).expect("a snapshot time");
+        if chrono::Utc::now() - taken.to_utc() > chrono::Duration::seconds(1) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "snapshots never stopped: {storage}"
+        );
+        thread::sleep(std::time::Duration::from_millis(50));
+    }
     server.signal("TERM");
     server.wait_for_exit(DEADLINE);
     let snapshots = files(&dir.0.join("snap"), ".snap");
