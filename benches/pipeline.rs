@@ -138,7 +138,7 @@ fn child(retention: usize) {
                     // A refused batch is stored in no part, and tried again
                     // (the clone shares its records' data).
                     while pipeline.admit().is_err()
-                        || pipeline.ingest(kind, writes.clone(), &cause).is_err()
+                        || pipeline.ingest(kind, writes.clone(), &cause).await.is_err()
                     {
                         refused += 1;
                         tokio::time::sleep(Duration::from_millis(1)).await;

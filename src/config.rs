@@ -9,6 +9,7 @@ use clap::{Parser, ValueEnum};
 use crate::engine::handler::{BreakerPolicy, RetryPolicy};
 use crate::media::data_dir::StorageOptions;
 use crate::media::pipeline::PipelineConfig;
+use crate::media::scale_out::ScaleOut;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -161,6 +162,30 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub snapshot_bytes: u64,
 
+    /// Run on NATS JetStream at this URL (`nats://host:4222`, or several
+    /// of a cluster separated by commas), sharing the pipeline with every
+    /// eventsys on the same JetStream and prefix. Excludes --data-dir.
+    #[arg(long, env = "EVENTSYS_NATS_URL", conflicts_with = "data_dir")]
+    pub nats_url: Option<String>,
+
+    /// With --nats-url: the prefix of every stream and consumer name
+    /// (`<prefix>_state`, ...), so that several pipelines can share one
+    /// NATS account. Letters, digits, `-` and `_`.
+    #[arg(long, env = "EVENTSYS_NATS_PREFIX", default_value = "eventsys")]
+    pub nats_prefix: String,
+
+    /// With --nats-url: copies JetStream keeps of each message (3 on a
+    /// three-node cluster, so that one node may fail).
+    #[arg(long, env = "EVENTSYS_NATS_REPLICAS", default_value_t = 1,
+          value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub nats_replicas: u8,
+
+    /// With --nats-url: how long an event taken by an instance that stops
+    /// answering stays its own before another instance takes it.
+    #[arg(long, env = "EVENTSYS_NATS_ACK_WAIT", value_parser = positive_duration,
+          default_value = "30s")]
+    pub nats_ack_wait: humantime::Duration,
+
     /// Callers and their roles: lines `name role token [source-prefix ...]`,
     /// roles `reader`, `producer`, `operator` (re-read on SIGHUP). Without
     /// it, the server binds loopback only and everyone is an operator.
@@ -233,6 +258,17 @@ impl Config {
             sync: self.sync == Sync::Always,
             segment_bytes: self.segment_bytes,
             snapshot_bytes: self.snapshot_bytes,
+        })
+    }
+
+    /// Where the pipeline's JetStream is, if it runs on one.
+    pub fn scale_out(&self) -> Option<ScaleOut> {
+        self.nats_url.as_ref().map(|url| ScaleOut {
+            url: url.clone(),
+            prefix: self.nats_prefix.clone(),
+            replicas: self.nats_replicas.into(),
+            connect_within: Duration::from_secs(5),
+            ack_wait: self.nats_ack_wait.into(),
         })
     }
 

@@ -47,6 +47,7 @@ use http::auth::{Access, TokensError};
 use http::tls::TlsError;
 use media::data_dir::{DataDir, OpenFailure};
 use media::pipeline::Pipeline;
+use media::scale_out::ScaleOutError;
 
 /// A running eventsys: the pipeline and its HTTP routes.
 #[derive(Clone)]
@@ -67,6 +68,13 @@ pub enum StartError {
     /// A non-loopback address without tokens.
     #[error("{0}")]
     Exposed(String),
+    #[error(transparent)]
+    ScaleOut(#[from] ScaleOutError),
+    /// `--data-dir` with `--nats-url`.
+    #[error(
+        "--data-dir and --nats-url exclude each other: on JetStream the pipeline is kept there"
+    )]
+    Exclusive,
 }
 
 impl App {
@@ -76,6 +84,29 @@ impl App {
     /// address without tokens, a tokens file that is wrong, and a
     /// certificate or key that cannot be served.
     pub fn open(config: Config) -> Result<Self, StartError> {
+        if config.nats_url.is_some() {
+            return Err(StartError::ScaleOut(ScaleOutError::NeedsAsync));
+        }
+        Self::open_on(config, None)
+    }
+
+    /// [`App::open`], and with `--nats-url` connects to JetStream and
+    /// reads the shared pipeline first (it is refused within a few seconds
+    /// if NATS cannot be reached, or is too old).
+    pub async fn connect(config: Config) -> Result<Self, StartError> {
+        let Some(options) = config.scale_out() else {
+            return Self::open_on(config, None);
+        };
+        if config.data_dir.is_some() {
+            return Err(StartError::Exclusive);
+        }
+        tracing::info!(url = %options.url, prefix = %options.prefix, "connecting to NATS JetStream");
+        let pipeline = Pipeline::start_shared(config.pipeline(), &options).await?;
+        tracing::info!(url = %options.url, prefix = %options.prefix, "on NATS JetStream");
+        Self::open_on(config, Some(pipeline))
+    }
+
+    fn open_on(config: Config, pipeline: Option<Pipeline>) -> Result<Self, StartError> {
         let access = Arc::new(Access::open(config.auth_tokens_file.as_deref())?);
         http::auth::check_exposure(config.addr, access.enabled(), config.insecure_open)
             .map_err(StartError::Exposed)?;
@@ -89,11 +120,13 @@ impl App {
             (Some(cert), Some(key)) => Some(http::tls::acceptor(cert, key)?),
             _ => None,
         };
-        let pipeline = Arc::new(Pipeline::start(config.pipeline()));
+        let pipeline = Arc::new(pipeline.unwrap_or_else(|| Pipeline::start(config.pipeline())));
         let data_dir = match config.storage() {
             Some(options) => {
                 let data_dir = DataDir::open(&pipeline, options)?;
-                pipeline.views.invalidate();
+                if let Some(models) = &pipeline.read_models {
+                    models.views.invalidate();
+                }
                 let stop = pipeline.engine.shutdown_token();
                 tokio::spawn(data_dir.clone().snapshot_while(pipeline.clone(), stop));
                 Some(data_dir)

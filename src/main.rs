@@ -18,7 +18,7 @@ async fn main() -> std::io::Result<()> {
 
     // Recovery comes first: the port opens only on a whole pipeline.
     let addr = config.addr;
-    let app = match App::open(config) {
+    let app = match App::connect(config).await {
         Ok(app) => app,
         Err(error) => {
             tracing::error!(%error, "cannot start");

@@ -417,18 +417,20 @@ fn model(ops: &[Op]) -> Tables {
 // The pipeline.
 // ---------------------------------------------------------------------------
 
-fn apply(pipeline: &Pipeline, op: &Op) {
+async fn apply(pipeline: &Pipeline, op: &Op) {
     let cause = Cause::request("convergence");
     match op {
         Op::Post(kind, value) => {
             let write = parse_record(value.clone(), ts(0), *kind).unwrap();
             pipeline
                 .ingest(*kind, vec![write], &cause)
+                .await
                 .expect("admitted");
         }
         Op::Delete(kind, id, at) => {
             pipeline
                 .delete(*kind, &rid(id), ts(*at), &cause)
+                .await
                 .expect("admitted");
         }
         Op::Reconcile(kind, as_of, records) => {
@@ -438,6 +440,7 @@ fn apply(pipeline: &Pipeline, op: &Op) {
                 .collect();
             pipeline
                 .reconcile(*kind, ts(*as_of), writes, &cause)
+                .await
                 .expect("admitted");
         }
     }
@@ -567,7 +570,7 @@ fn run_case(ops: &[Op], arrival: &[Op], clients: usize) -> Result<(), TestCaseEr
             tasks.push(tokio::spawn(async move {
                 start.wait().await;
                 for op in &mine {
-                    apply(&pipeline, op);
+                    apply(&pipeline, op).await;
                     tokio::task::yield_now().await;
                 }
             }));

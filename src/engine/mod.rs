@@ -106,8 +106,13 @@ pub struct QueueSnapshot {
     pub counts: QueueCounts,
     /// Changes recorded for this queue and not yet put on it.
     pub backlog: u64,
-    /// Events now in the dead-letter list.
+    /// Events now in the dead-letter list (on JetStream: kept there, for
+    /// every instance).
     pub dead_letters: usize,
+    /// On JetStream: the queue over every instance, from its consumer there;
+    /// the other counters are this instance's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<crate::jetstream::queue::ClusterCounts>,
 }
 
 struct RegisteredQueue<T> {
@@ -129,6 +134,7 @@ impl<T: QueueItem> QueueView for RegisteredQueue<T> {
             counts: self.queue.counts(),
             backlog: self.feed.as_ref().map_or(0, |(log, sub)| log.backlog(*sub)),
             dead_letters: self.queue.dead_letter_count(),
+            cluster: None,
         }
     }
 

@@ -169,15 +169,19 @@ async fn audit(
         "request_id": &**request_id,
         "result": result,
     });
-    let written = Data::of_value(&record)
-        .map_err(|e| e.to_string())
-        .and_then(|data| {
-            let id = RecordId::derived(id);
-            state
-                .pipeline()
-                .audit(id, at, data, &Cause::request(request_id.clone()))
-                .map_err(|full| full.to_string())
-        });
+    let written = match Data::of_value(&record) {
+        Ok(data) => state
+            .pipeline()
+            .audit(
+                RecordId::derived(id),
+                at,
+                data,
+                &Cause::request(request_id.clone()),
+            )
+            .await
+            .map_err(|refused| refused.to_string()),
+        Err(error) => Err(error.to_string()),
+    };
     match written {
         Ok(()) => {
             if let Err(error) = state.durable().await {

@@ -258,19 +258,21 @@ pub async fn post(
     let pipeline = state.pipeline();
     let cause = Cause::request(request);
     let results = match (expect, keys) {
-        (Some(expect), _) => writes
-            .into_iter()
-            .map(|write| {
+        (Some(expect), _) => {
+            let mut results = Vec::with_capacity(writes.len());
+            for write in writes {
                 let id = write.id.clone();
-                let outcome = pipeline.ingest_if(kind, write, expect, &cause)??;
-                Ok(IngestResult {
+                let outcome = pipeline.ingest_if(kind, write, expect, &cause).await??;
+                results.push(IngestResult {
                     id,
                     outcome: outcome.as_str(),
-                })
-            })
-            .collect::<Result<_, ApiError>>()?,
+                });
+            }
+            results
+        }
         (None, None) => pipeline
-            .ingest(kind, writes, &cause)?
+            .ingest(kind, writes, &cause)
+            .await?
             .into_iter()
             .map(|(id, outcome)| IngestResult {
                 id,
@@ -278,7 +280,8 @@ pub async fn post(
             })
             .collect(),
         (None, Some(keys)) => pipeline
-            .ingest_events(kind, keys.into_iter().zip(writes).collect(), &cause)?
+            .ingest_events(kind, keys.into_iter().zip(writes).collect(), &cause)
+            .await?
             .into_iter()
             .map(|(id, outcome)| IngestResult {
                 id,
@@ -359,7 +362,9 @@ pub async fn put(
         },
     })?;
     let pipeline = state.pipeline();
-    let reconciliation = pipeline.reconcile(kind, as_of, writes, &Cause::request(request))?;
+    let reconciliation = pipeline
+        .reconcile(kind, as_of, writes, &Cause::request(request))
+        .await?;
     state.durable().await?;
     Ok(Json(reconciliation))
 }
@@ -428,7 +433,9 @@ pub async fn delete(
         Some(text) => Timestamp::parse(&text).map_err(|e| invalid("version", e))?,
     };
     let pipeline = state.pipeline();
-    let outcome = pipeline.delete(kind, &id, at, &Cause::request(request))?;
+    let outcome = pipeline
+        .delete(kind, &id, at, &Cause::request(request))
+        .await?;
     state.durable().await?;
     Ok(Json(DeleteResponse { id, outcome }))
 }

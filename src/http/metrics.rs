@@ -229,7 +229,14 @@ impl Collector for PipelineCollector {
                 )
             }),
         )?;
-        let queues: Vec<_> = engine.queues().iter().map(|q| q.snapshot()).collect();
+        let mut queues: Vec<_> = engine.queues().iter().map(|q| q.snapshot()).collect();
+        if let Some(shared) = self.0.shared() {
+            for queue in &mut queues {
+                if let Some(count) = shared.dead_letters_counted(&queue.name) {
+                    queue.dead_letters = count;
+                }
+            }
+        }
         let gauge = |f: fn(&crate::engine::QueueSnapshot) -> u64| {
             queues
                 .iter()
@@ -355,6 +362,11 @@ impl Collector for PipelineCollector {
         body = String, content_type = "text/plain; version=0.0.4; charset=utf-8")),
 )]
 pub async fn scrape(_: NoQuery, State(state): State<AppState>) -> Response {
+    if let Some(shared) = state.pipeline().shared()
+        && let Err(error) = shared.count_dead_letters().await
+    {
+        tracing::warn!(%error, "dead letters not counted: the last count is shown");
+    }
     let mut body = String::new();
     if let Err(error) = prometheus_client::encoding::text::encode(&mut body, state.registry()) {
         tracing::error!(%error, "encoding metrics failed");

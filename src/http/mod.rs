@@ -102,6 +102,13 @@ impl AppState {
     /// Refuses a write before anything of it is stored, once the data
     /// directory has failed.
     pub fn writable(&self) -> Result<(), ApiError> {
+        if let Some(shared) = self.0.pipeline.shared()
+            && !shared.connected()
+        {
+            return Err(ApiError::StoreUnavailable(
+                "the connection to NATS is lost; reconnecting".into(),
+            ));
+        }
         match self.0.data_dir.as_ref().and_then(|d| d.failure()) {
             Some(poisoned) => Err(poisoned.into()),
             None => Ok(()),

@@ -61,6 +61,9 @@ pub enum ApiError {
     /// The data directory could not be written: nothing is acknowledged.
     #[error(transparent)]
     Unavailable(#[from] Poisoned),
+    /// JetStream cannot be reached (`--nats-url`): try again.
+    #[error("NATS JetStream is unavailable: {0}")]
+    StoreUnavailable(String),
     /// The request asks for something this queue does not do.
     #[error("{0}")]
     Conflict(String),
@@ -92,7 +95,8 @@ impl ApiError {
             | ApiError::NotSettled { .. }
             | ApiError::ShuttingDown { .. }
             | ApiError::Busy { .. }
-            | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            | ApiError::Unavailable(_)
+            | ApiError::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
@@ -130,6 +134,7 @@ impl From<Refused> for ApiError {
         match refused {
             Refused::Overloaded(e) => e.into(),
             Refused::Full(e) => e.into(),
+            Refused::Unavailable(reason) => ApiError::StoreUnavailable(reason),
         }
     }
 }
@@ -147,7 +152,10 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = problem(self.status(), &self.to_string(), self.extensions());
-        if matches!(self, ApiError::Overloaded(_) | ApiError::Busy { .. }) {
+        if matches!(
+            self,
+            ApiError::Overloaded(_) | ApiError::Busy { .. } | ApiError::StoreUnavailable(_)
+        ) {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

@@ -60,7 +60,7 @@ pub async fn retry(
         .pipeline()
         .retry_publication(&video, &Cause::request(request))
         .map_err(|error| match error {
-            RetryError::NoVideo(_) => ApiError::NotFound(error.to_string()),
+            RetryError::NoVideo(_) | RetryError::NoSaga => ApiError::NotFound(error.to_string()),
             RetryError::NothingToRetry { .. } => ApiError::Conflict(error.to_string()),
             RetryError::Step(StepError::Full(full)) => ApiError::Full(full),
             RetryError::Step(StepError::Source(reason)) => ApiError::Internal(reason),

@@ -12,7 +12,10 @@ use utoipa::openapi::schema::{Object, ObjectBuilder, OneOfBuilder, Ref, Schema, 
 
 use crate::engine::handler::{Fault, HandlerStats};
 use crate::engine::queue::DeadLetter;
+use crate::engine::record::Timestamp;
+use crate::engine::store::StoreError;
 use crate::engine::{HandlerView, QueueSnapshot, QueueView};
+use crate::media::scale_out::SharedLetters;
 
 use super::openapi::QueuedEvent;
 use super::problem::Problem;
@@ -24,7 +27,8 @@ pub struct QueueList {
     queues: Vec<QueueSnapshot>,
 }
 
-/// Every queue with its depth, capacity and counters.
+/// Every queue with its depth, capacity and counters (on JetStream, this
+/// instance's, and in `cluster` the queue's over every instance).
 #[utoipa::path(
     get,
     path = "/queues",
@@ -32,15 +36,23 @@ pub struct QueueList {
     tag = "queues",
     responses((status = 200, description = "Every queue", body = QueueList)),
 )]
-pub async fn list(_: NoQuery, State(state): State<AppState>) -> Json<QueueList> {
-    let queues = state
+pub async fn list(_: NoQuery, State(state): State<AppState>) -> Result<Json<QueueList>, ApiError> {
+    let mut queues: Vec<QueueSnapshot> = state
         .pipeline()
         .engine
         .queues()
         .iter()
         .map(|q| q.snapshot())
         .collect();
-    Json(QueueList { queues })
+    if let Some(shared) = state.pipeline().shared() {
+        for queue in &mut queues {
+            if let Some((letters, counts)) = shared.counts(&queue.name).await {
+                queue.dead_letters = letters.map_err(unavailable)?;
+                queue.cluster = Some(counts.map_err(unavailable)?);
+            }
+        }
+    }
+    Ok(Json(QueueList { queues }))
 }
 
 fn queue<'a>(
@@ -77,9 +89,33 @@ pub async fn dead_letters(
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<Json<DeadLetters>, ApiError> {
-    Ok(Json(DeadLetters {
-        dead_letters: queue(&state, &name)?.dead_letters(),
-    }))
+    let queue = queue(&state, &name)?;
+    let dead_letters = match shared_letters(&state, &name) {
+        None => queue.dead_letters(),
+        Some(letters) => letters
+            .letters()
+            .await
+            .map_err(unavailable)?
+            .into_iter()
+            .map(|(number, letter)| DeadLetter {
+                event: letter.item,
+                error: letter.error,
+                attempts: letter.attempts,
+                failed_at: Timestamp::parse(&letter.failed_at).unwrap_or(Timestamp::EPOCH),
+                number,
+            })
+            .collect(),
+    };
+    Ok(Json(DeadLetters { dead_letters }))
+}
+
+/// On JetStream: the dead letters of the queue `name`, kept there.
+fn shared_letters<'a>(state: &'a AppState, name: &str) -> Option<&'a dyn SharedLetters> {
+    state.pipeline().shared()?.queue(name)
+}
+
+pub(super) fn unavailable(error: StoreError) -> ApiError {
+    ApiError::StoreUnavailable(error.to_string())
 }
 
 #[derive(Serialize, ToSchema)]
@@ -108,7 +144,10 @@ pub async fn redrive(
 ) -> Result<Json<Redriven>, ApiError> {
     let queue = queue(&state, &name)?;
     state.writable()?;
-    let redriven = queue.redrive();
+    let redriven = match shared_letters(&state, &name) {
+        None => queue.redrive(),
+        Some(letters) => letters.redrive_all().await.map_err(unavailable)?,
+    };
     state.durable().await?;
     Ok(Json(Redriven { redriven }))
 }
@@ -139,7 +178,10 @@ pub async fn discard(
 ) -> Result<Json<Discarded>, ApiError> {
     let queue = queue(&state, &name)?;
     state.writable()?;
-    let discarded = queue.discard();
+    let discarded = match shared_letters(&state, &name) {
+        None => queue.discard(),
+        Some(letters) => letters.discard_all().await.map_err(unavailable)?,
+    };
     state.durable().await?;
     Ok(Json(Discarded { discarded }))
 }
@@ -193,7 +235,16 @@ pub async fn replay(
     super::ingest::require_json(&super::ingest::essence(&headers)?)?;
     let body: ReplayBody = super::ingest::parse_object(&body, r#"{"after": <seq>}"#)?;
     state.writable()?;
-    let replayed = queue.replay(body.after).ok_or_else(|| {
+    let pipeline = state.pipeline();
+    let replayed = match pipeline.shared() {
+        None => queue.replay(body.after),
+        Some(shared) => match shared.replay(&pipeline.engine.log, &name, body.after).await {
+            Some(Err(error)) => return Err(unavailable(error)),
+            Some(Ok(replayed)) => Some(replayed),
+            None => None,
+        },
+    };
+    let replayed = replayed.ok_or_else(|| {
         ApiError::Conflict(format!(
             "queue `{name}` is not fed from the change log; only such queues replay"
         ))

@@ -22,7 +22,8 @@ pub struct Health {
 }
 
 /// Whether the server is serving: 503 once its data directory cannot be
-/// written (nothing more is acknowledged).
+/// written, or while its connection to NATS JetStream is lost (nothing
+/// more is acknowledged).
 #[utoipa::path(
     get,
     path = "/healthz",
@@ -54,6 +55,17 @@ pub enum StorageReport {
         #[serde(flatten)]
         disk: DiskReport,
     },
+    /// On NATS JetStream (`--nats-url`).
+    Nats {
+        /// The last state-stream sequence this instance has read.
+        durable_seq: u64,
+        /// The prefix of its streams and consumers.
+        prefix: String,
+        /// The NATS server's version.
+        server_version: String,
+        /// Whether this instance is connected now.
+        connected: bool,
+    },
 }
 
 /// Where the pipeline is kept: mode, bytes on disk, segments, the last
@@ -67,6 +79,14 @@ pub enum StorageReport {
 )]
 pub async fn storage(_: NoQuery, State(state): State<AppState>) -> Json<StorageReport> {
     let durable_seq = state.pipeline().engine.log.durable_seq();
+    if let Some(shared) = state.pipeline().shared() {
+        return Json(StorageReport::Nats {
+            durable_seq: shared.store.applied(),
+            prefix: shared.prefix.clone(),
+            server_version: shared.connection.version.to_string(),
+            connected: shared.connected(),
+        });
+    }
     Json(match state.data_dir() {
         None => StorageReport::Memory { durable_seq },
         Some(data_dir) => StorageReport::Disk {
@@ -124,26 +144,29 @@ pub async fn settle(
             format_args!("must be at most {MAX_SETTLE_MS}"),
         ));
     }
-    let engine = &state.pipeline().engine;
+    let pipeline = state.pipeline();
     // A long poll ends when shutdown starts, so that a pending settle does
     // not hold the server past its shutdown timeout.
     let stopping = state.stopping();
-    tokio::select! {
+    let settled = tokio::select! {
         biased;
-        settled = engine.settle(Duration::from_millis(timeout_ms)) => if settled {
+        settled = pipeline.settle(Duration::from_millis(timeout_ms)) => settled,
+        _ = stopping.cancelled() => return Err(ApiError::ShuttingDown {
+            outstanding: pipeline.engine.activity.outstanding(),
+        }),
+    };
+    match settled {
+        Ok(true) => {
             // On a data directory, what the handlers wrote is readable
             // (and survives a crash) once it is durable.
             state.durable().await?;
             Ok(Json(Settled { settled: true }))
-        } else {
-            Err(ApiError::NotSettled {
-                timeout_ms,
-                outstanding: engine.activity.outstanding(),
-            })
-        },
-        _ = stopping.cancelled() => Err(ApiError::ShuttingDown {
-            outstanding: engine.activity.outstanding(),
+        }
+        Ok(false) => Err(ApiError::NotSettled {
+            timeout_ms,
+            outstanding: pipeline.outstanding().await,
         }),
+        Err(error) => Err(super::queues::unavailable(error)),
     }
 }
 

@@ -57,6 +57,18 @@ impl Default for QueueOptions {
     }
 }
 
+/// A shared queue's counts over every process, from its consumer.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize, utoipa::ToSchema)]
+pub struct ClusterCounts {
+    /// Events no process has taken yet.
+    pub pending: u64,
+    /// Taken by some process and not yet finished (retries waiting
+    /// included).
+    pub in_flight: u64,
+    /// Events delivered more than once (a retry, or a process that died).
+    pub redelivered: u64,
+}
+
 /// A queue's durable consumer, as one process uses it.
 pub struct SharedQueue<T: QueueItem> {
     consumer: PullConsumer,
@@ -84,16 +96,22 @@ struct Back {
 
 impl Back {
     async fn send(&self, number: u64, item: &serde_json::Value) -> Result<(), StoreError> {
+        self.send_named(&number.to_string(), item).await
+    }
+
+    /// Sends `item` named `name` (a token of letters, digits and `-`): one
+    /// sent again under the same name is kept once.
+    async fn send_named(&self, name: &str, item: &serde_json::Value) -> Result<(), StoreError> {
         let unavailable = |e: &dyn std::fmt::Display| StoreError::Unavailable(e.to_string());
         let subject = if self.one_each {
-            format!("{}.{number}", self.subject)
+            format!("{}.{name}", self.subject)
         } else {
             self.subject.clone()
         };
         let payload = serde_json::to_vec(item).map_err(|e| unavailable(&e))?;
         let publish = PublishMessage::build()
             .payload(payload.into())
-            .message_id(format!("{}:{number}", self.subject));
+            .message_id(format!("{}:{name}", self.subject));
         self.jetstream
             .send_publish(subject, publish)
             .await
@@ -109,12 +127,17 @@ type Decode<T> = fn(&str, &[u8], u64, &mut Correlations) -> Result<Option<T>, St
 /// What settle asks of every shared queue, whatever it carries.
 pub trait Idle: Send + Sync {
     /// Whether nothing of the queue waits or is in flight anywhere.
-    fn idle(&self) -> BoxFuture<'_, Result<bool, StoreError>>;
+    fn idle(&self) -> BoxFuture<'_, Result<bool, StoreError>> {
+        Box::pin(async move { Ok(self.outstanding().await? == 0) })
+    }
+
+    /// How many of the queue's events wait or are in flight, anywhere.
+    fn outstanding(&self) -> BoxFuture<'_, Result<u64, StoreError>>;
 }
 
 impl<T: QueueItem> Idle for SharedQueue<T> {
-    fn idle(&self) -> BoxFuture<'_, Result<bool, StoreError>> {
-        Box::pin(SharedQueue::idle(self))
+    fn outstanding(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
+        Box::pin(SharedQueue::outstanding(self))
     }
 }
 
@@ -319,14 +342,46 @@ impl<T: QueueItem> SharedQueue<T> {
         Ok(kept.len())
     }
 
+    /// Puts `item` (as [`QueueItem::store`] keeps it) back on the queue,
+    /// for whichever process takes it, named `name` (letters, digits and
+    /// `-`): one put back again under the same name is delivered once.
+    pub async fn put_back(&self, name: &str, item: &serde_json::Value) -> Result<(), StoreError> {
+        self.back.send_named(name, item).await
+    }
+
     /// Whether no change of this queue waits or is in flight anywhere.
     pub async fn idle(&self) -> Result<bool, StoreError> {
+        Ok(self.outstanding().await? == 0)
+    }
+
+    /// How many of this queue's events wait or are in flight, anywhere.
+    pub async fn outstanding(&self) -> Result<u64, StoreError> {
         let mut consumer = self.consumer.clone();
         let info = consumer
             .info()
             .await
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        Ok(info.num_pending == 0 && info.num_ack_pending == 0)
+        Ok(info.num_pending + info.num_ack_pending as u64)
+    }
+
+    /// The queue's name.
+    pub fn name(&self) -> &str {
+        self.queue.name()
+    }
+
+    /// The queue's consumer: delivered, waiting and in-flight counts over
+    /// every process.
+    pub async fn cluster_counts(&self) -> Result<ClusterCounts, StoreError> {
+        let mut consumer = self.consumer.clone();
+        let info = consumer
+            .info()
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        Ok(ClusterCounts {
+            pending: info.num_pending,
+            in_flight: info.num_ack_pending as u64,
+            redelivered: info.num_redelivered as u64,
+        })
     }
 
     /// Pulls changes onto the local queue, for its workers, until `stop`.

@@ -8,3 +8,4 @@ pub mod projection;
 pub mod raw_handler;
 pub mod records;
 pub mod saga;
+pub mod scale_out;

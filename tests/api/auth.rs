@@ -7,7 +7,7 @@ use axum::http::{Method, Request, StatusCode, header};
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
-use crate::helpers::{Reply, TestApp};
+use crate::helpers::{Reply, TestApp, on_nats};
 use crate::temp_dir::TempDir;
 
 const READER: &str = "reader-token-0123456789";
@@ -17,7 +17,7 @@ const CAMERA: &str = "camera-token-0123456789";
 
 /// An app whose tokens file names a caller of each role, and a producer
 /// held to `urn:camera:` sources.
-fn secured() -> (TestApp, TempDir) {
+async fn secured() -> (TestApp, TempDir) {
     let dir = TempDir::new();
     std::fs::create_dir_all(&dir.0).unwrap();
     let file = dir.0.join("tokens");
@@ -30,7 +30,7 @@ fn secured() -> (TestApp, TempDir) {
         ),
     )
     .unwrap();
-    let app = TestApp::with(|c| c.auth_tokens_file = Some(file));
+    let app = TestApp::with(|c| c.auth_tokens_file = Some(file)).await;
     (app, dir)
 }
 
@@ -116,7 +116,7 @@ async fn head(app: &TestApp, request: Request<Body>) -> (StatusCode, axum::http:
 
 #[tokio::test]
 async fn every_route_answers_each_role_as_api_md_says() {
-    let (app, _dir) = secured();
+    let (app, _dir) = secured().await;
     let callers = [
         (None, 0),
         (Some("not-a-known-token-at-all"), 0),
@@ -190,7 +190,7 @@ fn the_document_lists_401_and_403_where_a_role_is_needed() {
 
 #[tokio::test]
 async fn a_refusal_names_the_role_needed_and_stores_nothing() {
-    let (app, _dir) = secured();
+    let (app, _dir) = secured().await;
     let movie = json!({"id": "m1", "title": "Heat"});
     let reply = app
         .send(request(
@@ -234,7 +234,7 @@ async fn a_refusal_names_the_role_needed_and_stores_nothing() {
 
 #[tokio::test]
 async fn a_producer_held_to_sources_sends_only_cloudevents_from_them() {
-    let (app, _dir) = secured();
+    let (app, _dir) = secured().await;
     let event = |source: &str, id: &str| {
         json!({"specversion": "1.0", "id": id, "source": source, "type": "com.example.movie",
                "data": {"id": id, "title": "T"}})
@@ -320,7 +320,7 @@ async fn a_producer_held_to_sources_sends_only_cloudevents_from_them() {
 
 #[tokio::test]
 async fn without_tokens_only_loopback_pages_may_change_anything() {
-    let app = TestApp::start();
+    let app = TestApp::start().await;
     let movie = json!({"id": "m1", "title": "Heat"}).to_string();
     let post = |host: &str, origin: Option<&str>| {
         let mut request = Request::builder()
@@ -399,7 +399,7 @@ fn with_request_id(mut request: Request<Body>, id: &str) -> Request<Body> {
 
 #[tokio::test]
 async fn every_operator_action_and_reconciliation_is_audited() {
-    let (app, _dir) = secured();
+    let (app, _dir) = secured().await;
     let op = Some(OPERATOR);
     let video = json!({"id": "v1", "title": "V", "renditions": [{"id": "r1", "codec": "h264", "height": 720}]});
     let fault = json!({"failure_rate": 1.0, "permanent": true});
@@ -466,8 +466,13 @@ async fn every_operator_action_and_reconciliation_is_audited() {
             "actors",
         ),
     ];
+    // Scenarios 5 and 6 do not run on JetStream: no saga to retry, no view
+    // to rebuild.
+    let steps = steps
+        .into_iter()
+        .filter(|(_, action, _)| !(on_nats() && matches!(*action, "saga.retry" | "rebuild")));
     let mut expected = Vec::new();
-    for (n, (request, action, target)) in steps.into_iter().enumerate() {
+    for (n, (request, action, target)) in steps.enumerate() {
         let id = format!("step-{n}");
         let reply = app.send(with_request_id(request, &id)).await;
         assert!(reply.status.is_success(), "step {n}: {}", reply.text);
@@ -503,14 +508,16 @@ async fn every_operator_action_and_reconciliation_is_audited() {
         .collect();
     assert_eq!(seen, expected, "{trail:#?}");
     let who: Vec<&str> = trail.iter().map(|r| r["who"].as_str().unwrap()).collect();
-    assert_eq!(
-        who,
-        ["ola", "ola", "ola", "ola", "ola", "ola", "ola", "pat"]
-    );
-    assert_eq!(
-        trail[2]["result"]["body"]["jobs"], 1,
-        "the retry's answer is kept"
-    );
+    let mut operators = vec!["ola"; trail.len() - 1];
+    operators.push("pat");
+    assert_eq!(who, operators);
+    assert_eq!(trail.len(), if on_nats() { 6 } else { 8 });
+    if !on_nats() {
+        assert_eq!(
+            trail[2]["result"]["body"]["jobs"], 1,
+            "the retry's answer is kept"
+        );
+    }
     for record in &trail {
         assert!(record["at"].is_string(), "{record}");
     }
@@ -537,7 +544,7 @@ fn request_settle() -> Request<Body> {
 
 #[tokio::test]
 async fn without_tokens_actions_are_audited_as_anonymous() {
-    let app = TestApp::start();
+    let app = TestApp::start().await;
     app.put("/faults/raw_handler", json!({"failure_rate": 0.5}))
         .await
         .ok();

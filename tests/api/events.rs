@@ -16,7 +16,7 @@ async fn events(app: &TestApp, query: &str) -> Vec<Value> {
 
 #[tokio::test]
 async fn the_log_pages_every_change_as_cloudevents() {
-    let app = TestApp::start();
+    let app = TestApp::start().await;
     app.outcomes(
         "movies",
         json!([{"id": "m1", "title": "A"}, {"id": "m2", "title": "B"}]),
@@ -73,7 +73,7 @@ async fn the_log_pages_every_change_as_cloudevents() {
 
 #[tokio::test]
 async fn a_chain_of_changes_carries_causation_and_the_request_id() {
-    let app = TestApp::start();
+    let app = TestApp::start().await;
     let request = Request::post("/raw/series")
         .header(header::CONTENT_TYPE, "application/json")
         .header("x-request-id", "chain-42")
@@ -119,7 +119,7 @@ async fn a_chain_of_changes_carries_causation_and_the_request_id() {
 
 #[tokio::test]
 async fn a_cursor_older_than_retention_is_gone() {
-    let app = TestApp::with(|c| c.event_retention = 4);
+    let app = TestApp::with(|c| c.event_retention = 4).await;
     let movies: Vec<_> = (0..10)
         .map(|i| json!({"id": format!("m{i}"), "title": "T"}))
         .collect();
@@ -148,7 +148,8 @@ async fn retention_never_drops_what_a_queue_has_not_received() {
         c.event_retention = 2;
         c.queue_capacity = 1;
         c.raw_workers = Some(1);
-    });
+    })
+    .await;
     app.put(
         "/faults/raw_handler",
         json!({"failure_rate": 0.0, "delay_ms": 20}),
@@ -223,7 +224,7 @@ pub(crate) async fn open_stream(app: &TestApp, query: &str, last_event_id: Optio
 
 #[tokio::test]
 async fn the_stream_replays_the_backlog_then_goes_live_and_resumes_from_last_event_id() {
-    let app = TestApp::start();
+    let app = TestApp::start().await;
     app.outcomes(
         "actors",
         json!([{"id": "a1", "name": "A"}, {"id": "a2", "name": "B"}]),
@@ -272,7 +273,7 @@ async fn the_stream_replays_the_backlog_then_goes_live_and_resumes_from_last_eve
 
 #[tokio::test]
 async fn a_client_too_slow_for_retention_gets_lagged_and_a_clean_close() {
-    let app = TestApp::with(|c| c.event_retention = 3);
+    let app = TestApp::with(|c| c.event_retention = 3).await;
     let mut stream = open_stream(&app, "?after=0", None).await;
     // The client reads nothing while far more than retention is written.
     let movies: Vec<_> = (0..20)
@@ -318,7 +319,7 @@ fn outcomes(reply: &crate::helpers::Reply) -> Vec<String> {
 
 #[tokio::test]
 async fn cloudevents_are_accepted_in_three_modes_and_duplicates_are_not_applied_again() {
-    let app = TestApp::start();
+    let app = TestApp::start().await;
     let structured = post_as(
         &app,
         "application/cloudevents+json",
@@ -391,7 +392,7 @@ async fn cloudevents_are_accepted_in_three_modes_and_duplicates_are_not_applied_
 
 #[tokio::test]
 async fn invalid_cloudevents_are_refused_with_nothing_stored() {
-    let app = TestApp::start();
+    let app = TestApp::start().await;
     let structured = "application/cloudevents+json";
     let cases = [
         json!({"id": "e", "source": "/s", "type": "t", "data": {"id": "m"}}),

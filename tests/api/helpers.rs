@@ -9,6 +9,7 @@ use tower::ServiceExt;
 
 use eventsys::{App, Config};
 
+use crate::nats::NatsServer;
 use crate::temp_dir::TempDir;
 
 pub struct TestApp {
@@ -16,16 +17,44 @@ pub struct TestApp {
     router: Router,
     /// With `EVENTSYS_TEST_STORAGE=disk`: the app's data directory.
     _dir: Option<TempDir>,
+    /// With `EVENTSYS_TEST_STORAGE=nats`: the app's own nats-server.
+    _nats: Option<NatsServer>,
 }
 
-/// Whether the suite runs on a data directory (`EVENTSYS_TEST_STORAGE=disk`)
-/// rather than in memory (the default).
-pub fn on_disk() -> bool {
+/// Where the suite keeps the pipeline: in memory (the default), on a data
+/// directory (`EVENTSYS_TEST_STORAGE=disk`) or on NATS JetStream
+/// (`EVENTSYS_TEST_STORAGE=nats`, each test on a nats-server of its own;
+/// see ../support/nats.rs for where the binary comes from).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Storage {
+    Memory,
+    Disk,
+    Nats,
+}
+
+pub fn storage() -> Storage {
     match std::env::var("EVENTSYS_TEST_STORAGE").as_deref() {
-        Ok("disk") => true,
-        Ok("memory") | Err(_) => false,
-        Ok(other) => panic!("EVENTSYS_TEST_STORAGE is `memory` or `disk`, not `{other}`"),
+        Ok("disk") => Storage::Disk,
+        Ok("nats") => Storage::Nats,
+        Ok("memory") | Err(_) => Storage::Memory,
+        Ok(other) => {
+            panic!("EVENTSYS_TEST_STORAGE is `memory`, `disk` or `nats`, not `{other}`")
+        }
     }
+}
+
+/// Whether the suite runs on NATS JetStream.
+pub fn on_nats() -> bool {
+    storage() == Storage::Nats
+}
+
+/// For a test of what does not run on JetStream (scenarios 5 and 6, see
+/// the README's Scale-out section): says so and returns `true` there.
+pub fn not_on_nats(what: &str) -> bool {
+    if on_nats() {
+        eprintln!("skipped on JetStream: {what} does not run there");
+    }
+    on_nats()
 }
 
 /// A response, with the body parsed as JSON when it is JSON.
@@ -88,32 +117,52 @@ pub fn test_config() -> Config {
 }
 
 impl TestApp {
-    pub fn start() -> Self {
-        Self::with(|_| {})
+    pub async fn start() -> Self {
+        Self::with(|_| {}).await
     }
 
-    pub fn with(adjust: impl FnOnce(&mut Config)) -> Self {
-        Self::build(on_disk(), adjust)
+    pub async fn with(adjust: impl FnOnce(&mut Config)) -> Self {
+        let mut config = test_config();
+        let mut nats = None;
+        let dir = match storage() {
+            Storage::Memory => None,
+            Storage::Disk => Some(TempDir::new()),
+            Storage::Nats => {
+                let server = NatsServer::start()
+                    .expect("EVENTSYS_TEST_STORAGE=nats needs a nats-server (see above)");
+                config.nats_url = Some(server.url.clone());
+                nats = Some(server);
+                None
+            }
+        };
+        config.data_dir = dir.as_ref().map(|d| d.0.clone());
+        adjust(&mut config);
+        let app = match App::connect(config).await {
+            Ok(app) => app,
+            Err(error) => panic!("cannot start: {error}"),
+        };
+        let router = app.router();
+        Self {
+            app,
+            router,
+            _dir: dir,
+            _nats: nats,
+        }
     }
 
     /// In memory whatever the suite runs on: for a test on paused time that
     /// times requests out, since paused time jumps ahead while a request
     /// waits for the log's writer thread.
     pub fn in_memory_with(adjust: impl FnOnce(&mut Config)) -> Self {
-        Self::build(false, adjust)
-    }
-
-    fn build(on_disk: bool, adjust: impl FnOnce(&mut Config)) -> Self {
         let mut config = test_config();
-        let dir = on_disk.then(TempDir::new);
-        config.data_dir = dir.as_ref().map(|d| d.0.clone());
         adjust(&mut config);
         let app = App::start(config);
         let router = app.router();
         Self {
             app,
             router,
-            _dir: dir,
+            _dir: None,
+            _nats: None,
         }
     }
 

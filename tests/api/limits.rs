@@ -19,7 +19,7 @@ fn movies(ids: &[&str]) -> Value {
 
 #[tokio::test]
 async fn a_table_at_its_limit_answers_507_naming_it_and_stores_nothing() {
-    let app = TestApp::with(|c| c.max_records = 3);
+    let app = TestApp::with(|c| c.max_records = 3).await;
     app.post("/raw/movies", movies(&["m1", "m2"])).await.ok();
 
     let refused = app.post("/raw/movies", movies(&["m1", "m3", "m4"])).await;
@@ -59,7 +59,7 @@ async fn a_table_at_its_limit_answers_507_naming_it_and_stores_nothing() {
 
 #[tokio::test]
 async fn a_parent_whose_children_would_not_fit_is_refused_whole() {
-    let app = TestApp::with(|c| c.max_records = 3);
+    let app = TestApp::with(|c| c.max_records = 3).await;
     let episodes: Vec<Value> = (1..=5)
         .map(|n| json!({"id": format!("s1e{n}"), "title": "E", "number": n}))
         .collect();

@@ -5,6 +5,8 @@ mod contract;
 mod events;
 mod helpers;
 mod limits;
+#[path = "../support/nats.rs"]
+mod nats;
 mod observability;
 mod openapi;
 mod projection;

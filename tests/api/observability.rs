@@ -41,7 +41,7 @@ fn get(samples: &HashMap<String, f64>, key: &str) -> f64 {
 
 #[tokio::test]
 async fn metrics_follow_writes_queues_handlers_and_requests() {
-    let app = TestApp::start();
+    let app = TestApp::start().await;
     let before = scrape(&app).await;
     let inserted = r#"eventsys_table_writes_total{table="raw_movies",outcome="inserted"}"#;
     assert_eq!(get(&before, inserted), 0.0);

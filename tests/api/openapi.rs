@@ -121,7 +121,7 @@ async fn probe(app: &TestApp, method: &str, path: &str) -> (StatusCode, String, 
 
 #[tokio::test]
 async fn the_document_is_openapi_3_and_describes_this_server() {
-    let app = TestApp::start();
+    let app = TestApp::start().await;
 
     let reply = app.get("/openapi.json").await;
 
@@ -136,7 +136,7 @@ async fn the_document_is_openapi_3_and_describes_this_server() {
 
 #[tokio::test]
 async fn every_documented_route_is_served() {
-    let app = TestApp::start();
+    let app = TestApp::start().await;
     let spec = app.get("/openapi.json").await.ok().clone();
 
     for (template, methods) in documented(&spec) {
@@ -158,7 +158,7 @@ async fn every_documented_route_is_served() {
 
 #[tokio::test]
 async fn no_undocumented_method_is_served_on_a_documented_path() {
-    let app = TestApp::start();
+    let app = TestApp::start().await;
     let spec = app.get("/openapi.json").await.ok().clone();
 
     for (template, methods) in documented(&spec) {
@@ -176,7 +176,7 @@ async fn no_undocumented_method_is_served_on_a_documented_path() {
 
 #[tokio::test]
 async fn every_route_in_the_source_is_documented_except_the_dashboard() {
-    let app = TestApp::start();
+    let app = TestApp::start().await;
     let spec = app.get("/openapi.json").await.ok().clone();
     let documented = documented(&spec);
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -221,7 +221,7 @@ async fn every_route_in_the_source_is_documented_except_the_dashboard() {
 
 #[tokio::test]
 async fn the_document_is_self_consistent() {
-    let app = TestApp::start();
+    let app = TestApp::start().await;
     let spec = app.get("/openapi.json").await.ok().clone();
     let schemas = spec["components"]["schemas"]
         .as_object()
@@ -292,7 +292,7 @@ struct Conformance {
 
 impl Conformance {
     async fn start(adjust: impl FnOnce(&mut eventsys::Config)) -> Self {
-        let app = TestApp::with(adjust);
+        let app = TestApp::with(adjust).await;
         let spec = app.get("/openapi.json").await.ok().clone();
         Self { app, spec }
     }

@@ -3,7 +3,7 @@
 
 use serde_json::json;
 
-use crate::helpers::TestApp;
+use crate::helpers::{TestApp, not_on_nats};
 
 fn movie(id: &str, title: &str, year: Option<i64>, cast: &[&str], at: &str) -> serde_json::Value {
     json!({"id": id, "title": title, "year": year, "actor_ids": cast, "updated_at": at})
@@ -11,7 +11,10 @@ fn movie(id: &str, title: &str, year: Option<i64>, cast: &[&str], at: &str) -> s
 
 #[tokio::test]
 async fn scenario_5_filmography_follows_actors_and_movies_in_any_order() {
-    let app = TestApp::start();
+    if not_on_nats("scenario 5 (views)") {
+        return;
+    }
+    let app = TestApp::start().await;
 
     // A movie naming an actor not yet known: no entry until the actor is live.
     app.outcomes(
@@ -113,7 +116,10 @@ async fn scenario_5_filmography_follows_actors_and_movies_in_any_order() {
 
 #[tokio::test]
 async fn scenario_5_series_overview_counts_live_episodes_listed_or_posted_alone() {
-    let app = TestApp::start();
+    if not_on_nats("scenario 5 (views)") {
+        return;
+    }
+    let app = TestApp::start().await;
     app.outcomes(
         "episodes",
         json!([
@@ -163,7 +169,10 @@ async fn scenario_5_series_overview_counts_live_episodes_listed_or_posted_alone(
 
 #[tokio::test]
 async fn a_view_is_rebuilt_from_the_standard_tables_and_only_views_are() {
-    let app = TestApp::start();
+    if not_on_nats("scenario 5 (views)") {
+        return;
+    }
+    let app = TestApp::start().await;
     app.outcomes(
         "actors",
         json!([{"id": "a1", "name": "Ada"}, {"id": "a2", "name": "Bo"}]),
@@ -206,7 +215,10 @@ async fn a_view_is_rebuilt_from_the_standard_tables_and_only_views_are() {
 
 #[tokio::test]
 async fn tables_list_views_as_their_own_kind() {
-    let app = TestApp::start();
+    if not_on_nats("scenario 5 (views)") {
+        return;
+    }
+    let app = TestApp::start().await;
     let tables = app.get("/tables").await.ok().clone();
     let kind = |name: &str| {
         tables["tables"]

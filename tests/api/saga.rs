@@ -4,7 +4,7 @@
 use serde_json::{Value, json};
 
 use crate::events::{open_stream, read_sse};
-use crate::helpers::TestApp;
+use crate::helpers::{TestApp, not_on_nats};
 
 fn video(id: &str, at: &str, renditions: &[(&str, u64)]) -> Value {
     let renditions: Vec<Value> = renditions
@@ -65,8 +65,11 @@ async fn counters_add_up(app: &TestApp) {
 
 #[tokio::test]
 async fn scenario_6_a_publication_is_pending_until_its_renditions_are_encoded() {
+    if not_on_nats("scenario 6 (the saga)") {
+        return;
+    }
     // Encodes that take a minute: the publication waits for them.
-    let app = TestApp::with(|c| c.encode_delay_ms = 60_000);
+    let app = TestApp::with(|c| c.encode_delay_ms = 60_000).await;
     let mut stream = open_stream(&app, "?after=0&table=publications", None).await;
     app.outcomes(
         "videos",
@@ -83,7 +86,10 @@ async fn scenario_6_a_publication_is_pending_until_its_renditions_are_encoded() 
 
 #[tokio::test]
 async fn scenario_6_all_encodes_succeed_and_the_video_is_published() {
-    let app = TestApp::start();
+    if not_on_nats("scenario 6 (the saga)") {
+        return;
+    }
+    let app = TestApp::start().await;
     app.outcomes(
         "videos",
         video("v1", "2024-01-01T00:00:00Z", &[("r1", 720), ("r2", 1080)]),
@@ -119,7 +125,10 @@ async fn scenario_6_all_encodes_succeed_and_the_video_is_published() {
 
 #[tokio::test]
 async fn scenario_6_a_video_without_renditions_is_published_at_once() {
-    let app = TestApp::start();
+    if not_on_nats("scenario 6 (the saga)") {
+        return;
+    }
+    let app = TestApp::start().await;
     app.outcomes(
         "videos",
         json!([
@@ -152,7 +161,10 @@ async fn scenario_6_a_video_without_renditions_is_published_at_once() {
 
 #[tokio::test]
 async fn scenario_6_a_dead_lettered_encode_is_compensated_and_a_retry_publishes() {
-    let app = TestApp::start();
+    if not_on_nats("scenario 6 (the saga)") {
+        return;
+    }
+    let app = TestApp::start().await;
     app.outcomes(
         "videos",
         video("v1", "2024-01-01T00:00:00Z", &[("r1", 720)]),
@@ -245,7 +257,10 @@ async fn scenario_6_a_dead_lettered_encode_is_compensated_and_a_retry_publishes(
 
 #[tokio::test]
 async fn scenario_6_a_redrive_of_the_dead_letters_starts_a_new_attempt() {
-    let app = TestApp::start();
+    if not_on_nats("scenario 6 (the saga)") {
+        return;
+    }
+    let app = TestApp::start().await;
     fail_encodes(&app).await;
     app.outcomes(
         "videos",
@@ -292,7 +307,10 @@ async fn scenario_6_a_redrive_of_the_dead_letters_starts_a_new_attempt() {
 
 #[tokio::test]
 async fn scenario_6_a_newer_version_mid_saga_supersedes_the_attempt() {
-    let app = TestApp::with(|c| c.encode_delay_ms = 20);
+    if not_on_nats("scenario 6 (the saga)") {
+        return;
+    }
+    let app = TestApp::with(|c| c.encode_delay_ms = 20).await;
     app.outcomes(
         "videos",
         video("v1", "2024-01-01T00:00:00Z", &[("r1", 720), ("r2", 1080)]),
@@ -327,7 +345,10 @@ async fn scenario_6_a_newer_version_mid_saga_supersedes_the_attempt() {
 
 #[tokio::test]
 async fn scenario_6_a_newer_version_after_compensation_starts_a_new_attempt() {
-    let app = TestApp::start();
+    if not_on_nats("scenario 6 (the saga)") {
+        return;
+    }
+    let app = TestApp::start().await;
     fail_encodes(&app).await;
     app.outcomes(
         "videos",
@@ -376,10 +397,13 @@ async fn scenario_6_a_newer_version_after_compensation_starts_a_new_attempt() {
 
 #[tokio::test]
 async fn scenario_6_a_newer_version_mid_compensation_is_compensated_then_retried() {
+    if not_on_nats("scenario 6 (the saga)") {
+        return;
+    }
     // The failure and a newer version race: both versions' encodes fail,
     // so whichever the saga sees, it ends compensated, never published,
     // and a retry publishes the newest version.
-    let app = TestApp::start();
+    let app = TestApp::start().await;
     fail_encodes(&app).await;
     app.outcomes(
         "videos",
@@ -412,7 +436,10 @@ async fn scenario_6_a_newer_version_mid_compensation_is_compensated_then_retried
 
 #[tokio::test]
 async fn scenario_6_deleting_the_video_mid_saga_deletes_its_publication() {
-    let app = TestApp::with(|c| c.encode_delay_ms = 20);
+    if not_on_nats("scenario 6 (the saga)") {
+        return;
+    }
+    let app = TestApp::with(|c| c.encode_delay_ms = 20).await;
     app.outcomes(
         "videos",
         video("v1", "2024-01-01T00:00:00Z", &[("r1", 720), ("r2", 1080)]),
@@ -446,7 +473,10 @@ async fn scenario_6_deleting_the_video_mid_saga_deletes_its_publication() {
 
 #[tokio::test]
 async fn a_publication_is_rebuilt_from_the_videos_and_encodes() {
-    let app = TestApp::start();
+    if not_on_nats("scenario 6 (the saga)") {
+        return;
+    }
+    let app = TestApp::start().await;
     app.outcomes(
         "videos",
         video("v1", "2024-01-01T00:00:00Z", &[("r1", 720)]),
