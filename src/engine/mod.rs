@@ -113,6 +113,11 @@ pub struct QueueSnapshot {
     /// the other counters are this instance's.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster: Option<crate::jetstream::queue::ClusterCounts>,
+    /// On JetStream: events this instance took that an earlier delivery
+    /// had not finished (a retry handed back, or an instance that died or
+    /// stopped answering).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub taken_again: Option<u64>,
 }
 
 struct RegisteredQueue<T> {
@@ -135,6 +140,7 @@ impl<T: QueueItem> QueueView for RegisteredQueue<T> {
             backlog: self.feed.as_ref().map_or(0, |(log, sub)| log.backlog(*sub)),
             dead_letters: self.queue.dead_letter_count(),
             cluster: None,
+            taken_again: None,
         }
     }
 

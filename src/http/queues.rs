@@ -49,6 +49,7 @@ pub async fn list(_: NoQuery, State(state): State<AppState>) -> Result<Json<Queu
             if let Some((letters, counts)) = shared.counts(&queue.name).await {
                 queue.dead_letters = letters.map_err(unavailable)?;
                 queue.cluster = Some(counts.map_err(unavailable)?);
+                queue.taken_again = shared.taken_again(&queue.name);
             }
         }
     }

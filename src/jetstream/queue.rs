@@ -15,6 +15,7 @@
 //! and is gone from the stream once acked.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -24,7 +25,7 @@ use async_nats::jetstream::message::{Acker, PublishMessage};
 use async_nats::jetstream::stream::{self, RetentionPolicy, StorageType};
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -46,6 +47,10 @@ pub struct QueueOptions {
     pub ack_wait: Duration,
     /// Changes taken and not yet finished, over every process.
     pub max_ack_pending: i64,
+    /// Changes one process holds at once, taken and not yet finished: a
+    /// few batches for its workers, so that it does not hoard what other
+    /// processes could be doing.
+    pub held: usize,
 }
 
 impl Default for QueueOptions {
@@ -53,6 +58,7 @@ impl Default for QueueOptions {
         Self {
             ack_wait: Duration::from_secs(30),
             max_ack_pending: 4_096,
+            held: 64,
         }
     }
 }
@@ -65,7 +71,8 @@ pub struct ClusterCounts {
     /// Taken by some process and not yet finished (retries waiting
     /// included).
     pub in_flight: u64,
-    /// Events delivered more than once (a retry, or a process that died).
+    /// Of those waiting or in flight, the ones delivered before (a retry,
+    /// or a process that died or stopped answering).
     pub redelivered: u64,
 }
 
@@ -78,6 +85,11 @@ pub struct SharedQueue<T: QueueItem> {
     acks: Arc<StoreAcks>,
     queue: Arc<Queue<T>>,
     acker: Mutex<Option<mpsc::UnboundedReceiver<Finish>>>,
+    /// How often the changes this process holds are told to JetStream as
+    /// still in progress, so that a slow one is not given to another.
+    progress_every: Duration,
+    /// Messages this process took that had been delivered before.
+    taken_again: AtomicU64,
     /// What a message holds: an item, or nothing to do (acked at once).
     decode: Decode<T>,
     /// Where redriven items go.
@@ -144,7 +156,10 @@ impl<T: QueueItem> Idle for SharedQueue<T> {
 /// The acks of the items this process has taken, by ticket (their
 /// stream sequence), sent by one task so that no worker waits on them.
 struct StoreAcks {
-    taken: Mutex<HashMap<u64, Acker>>,
+    taken: Mutex<HashMap<u64, Arc<Acker>>>,
+    /// Room for the changes this process may hold (see
+    /// [`QueueOptions::held`]): taken when one is, given back as it ends.
+    room: Arc<Semaphore>,
     send: mpsc::UnboundedSender<Finish>,
     /// Where the queue's dead letters go, and the queue's name.
     dead: OnceLock<(DeadLetters, String)>,
@@ -152,17 +167,28 @@ struct StoreAcks {
 
 /// How the ack task ends an item.
 enum Finish {
-    Ack(Acker, AckKind),
+    Ack(Arc<Acker>, AckKind),
     /// Keeps the letter, then acks.
-    Dead(Acker, Box<Letter>),
+    Dead(Arc<Acker>, Box<Letter>),
 }
 
 impl StoreAcks {
-    fn take(&self, ticket: u64) -> Option<Acker> {
-        self.taken
+    fn take(&self, ticket: u64) -> Option<Arc<Acker>> {
+        let acker = self
+            .taken
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(&ticket)
+            .remove(&ticket);
+        if acker.is_some() {
+            self.room.add_permits(1);
+        }
+        acker
+    }
+
+    /// Everything this process holds, to tell JetStream it is in progress.
+    fn held(&self) -> Vec<Arc<Acker>> {
+        let taken = self.taken.lock().unwrap_or_else(|e| e.into_inner());
+        taken.values().cloned().collect()
     }
 
     fn finish(&self, ticket: u64, kind: AckKind) {
@@ -230,6 +256,7 @@ impl SharedQueue<Arc<Change>> {
             queue,
             decode_change,
             back,
+            options,
         ))
     }
 }
@@ -270,7 +297,14 @@ impl<T: QueueItem> SharedQueue<T> {
             subject,
             one_each: false,
         };
-        Ok(Self::made(consumer, None, queue, decode_item, back))
+        Ok(Self::made(
+            consumer,
+            None,
+            queue,
+            decode_item,
+            back,
+            options,
+        ))
     }
 
     fn made(
@@ -279,10 +313,12 @@ impl<T: QueueItem> SharedQueue<T> {
         queue: Arc<Queue<T>>,
         decode: Decode<T>,
         back: Back,
+        options: &QueueOptions,
     ) -> Arc<Self> {
         let (send, receive) = mpsc::unbounded_channel();
         let acks = Arc::new(StoreAcks {
             taken: Mutex::new(HashMap::new()),
+            room: Arc::new(Semaphore::new(options.held.max(1))),
             send,
             dead: OnceLock::new(),
         });
@@ -293,6 +329,8 @@ impl<T: QueueItem> SharedQueue<T> {
             acks,
             queue,
             acker: Mutex::new(Some(receive)),
+            progress_every: (options.ack_wait / 3).max(Duration::from_millis(100)),
+            taken_again: AtomicU64::new(0),
             decode,
             back,
         })
@@ -364,6 +402,12 @@ impl<T: QueueItem> SharedQueue<T> {
         Ok(info.num_pending + info.num_ack_pending as u64)
     }
 
+    /// How many messages this process took that had been delivered before
+    /// (to it or to another).
+    pub fn taken_again(&self) -> u64 {
+        self.taken_again.load(Ordering::Relaxed)
+    }
+
     /// The queue's name.
     pub fn name(&self) -> &str {
         self.queue.name()
@@ -389,8 +433,13 @@ impl<T: QueueItem> SharedQueue<T> {
         let receive = self.acker.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(receive) = receive {
             tokio::spawn(send_acks(receive, self.acks.clone()));
+            tokio::spawn(send_progress(
+                self.acks.clone(),
+                self.progress_every,
+                stop.clone(),
+            ));
         }
-        let batch = self.queue.capacity().clamp(1, 64);
+        let batch = self.acks.room.available_permits().clamp(1, 64);
         let mut correlations = Correlations::default();
         loop {
             let messages = self
@@ -449,22 +498,39 @@ impl<T: QueueItem> SharedQueue<T> {
         let item = match item {
             Ok(Some(item)) => item,
             Ok(None) => {
-                let _ = self.acks.send.send(Finish::Ack(acker, AckKind::Ack));
+                let _ = self
+                    .acks
+                    .send
+                    .send(Finish::Ack(Arc::new(acker), AckKind::Ack));
                 return true;
             }
             Err(error) => {
                 tracing::warn!(queue = %self.queue.name(), %subject, seq, %error,
                     "a state message no handler can read; left");
-                let _ = self.acks.send.send(Finish::Ack(acker, AckKind::Term));
+                let _ = self
+                    .acks
+                    .send
+                    .send(Finish::Ack(Arc::new(acker), AckKind::Term));
                 return true;
             }
         };
+        // Waits for room while this process holds its share; the ones it
+        // holds are told in progress meanwhile, so none is given away.
+        let acker = Arc::new(acker);
+        let room = self.acks.room.clone().acquire_owned().await;
+        let Ok(room) = room else {
+            return false;
+        };
+        room.forget();
         self.acks
             .taken
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(seq, acker);
         let attempts = u32::try_from(delivered.saturating_sub(1)).unwrap_or(u32::MAX);
+        if delivered > 1 {
+            self.taken_again.fetch_add(1, Ordering::Relaxed);
+        }
         if let Some(replica) = &self.replica {
             // A handler reads the tables as of this change at least.
             replica.caught_up(seq).await;
@@ -583,6 +649,24 @@ async fn send_acks(mut receive: mpsc::UnboundedReceiver<Finish>, acks: Arc<Store
             // Not acked: JetStream delivers it again after `ack_wait`, and
             // handlers are safe to redo.
             tracing::warn!(%error, "ack not sent");
+        }
+    }
+}
+
+/// Tells JetStream, every `every`, that the changes this process holds
+/// are in progress (reset their `ack_wait`), until `stop`: one that waits
+/// for a worker, or whose handler is slow, stays with this process while it
+/// lives, and goes to another within `ack_wait` once it dies.
+async fn send_progress(acks: Arc<StoreAcks>, every: Duration, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        for acker in acks.held() {
+            if let Err(error) = acker.ack_with(AckKind::Progress).await {
+                tracing::debug!(%error, "progress not sent");
+            }
         }
     }
 }

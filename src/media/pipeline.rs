@@ -45,6 +45,11 @@ use super::raw_handler::{ChildRecords, ChildSink, EncodeJobs, Parent, RawHandler
 use super::records::{ByKind, Kind};
 use super::saga::{Publication, PublicationHandler, RetryError, Saga, StepError};
 
+/// Changes a raw_handler worker takes at a time.
+pub(crate) const RAW_BATCH: usize = 32;
+/// Jobs an encode_handler worker takes at a time.
+pub(crate) const ENCODE_BATCH: usize = 1;
+
 /// Everything the pipeline's shape and speed depend on.
 #[derive(Clone, Debug)]
 pub struct PipelineConfig {
@@ -296,7 +301,7 @@ impl Pipeline {
             },
             HandlerConfig {
                 workers: config.raw_workers,
-                batch: 32,
+                batch: RAW_BATCH,
                 retry: config.retry,
                 breaker: config.breaker,
             },
@@ -310,7 +315,7 @@ impl Pipeline {
             },
             HandlerConfig {
                 workers: config.encode_workers,
-                batch: 1,
+                batch: ENCODE_BATCH,
                 retry: config.retry,
                 breaker: config.breaker,
             },

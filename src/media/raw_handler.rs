@@ -191,7 +191,8 @@ impl RawHandler {
 
     /// [`RawHandler::refresh`] on a shared store, where other processes
     /// refresh the same parent at the same time: begun, applied and
-    /// finished as [`Children::begin`] says, again until it finishes.
+    /// finished as [`Children::begin`] says, again until it finishes. The
+    /// encode jobs are sent here; none are returned.
     async fn refresh_shared(
         &self,
         route: &Route,
@@ -224,10 +225,21 @@ impl RawHandler {
                 .derive(id, change.seq, version, data, cause)
                 .await
                 .map_err(failure)?;
+            // Sent before the mark says the change is applied: a process
+            // that dies between the two leaves the change to be done again
+            // (the jobs' ids are their video, rendition and listing
+            // version, so the work stream keeps each once), where the other
+            // order would leave a mark that skips it and jobs never sent.
+            for job in jobs {
+                self.encode_queue
+                    .send_enlisted(0, job)
+                    .await
+                    .map_err(|e| Failure::Transient(e.to_string()))?;
+            }
             let finished = parent.children.finish(plan).await;
             if finished.map_err(|e| Failure::Transient(e.to_string()))? {
                 self.became_visible(change, outcome);
-                return Ok(self.encode_queue.enlist(jobs));
+                return Ok(Vec::new());
             }
             again = true;
         }

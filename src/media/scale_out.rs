@@ -39,7 +39,7 @@ use crate::jetstream::state::{BadPrefix, Names, OpenError, Replicas, StateOption
 use crate::jetstream::{self, ConnectError, Connection};
 
 use super::encode_handler::EncodeJob;
-use super::pipeline::{Pipeline, PipelineConfig, Refused};
+use super::pipeline::{ENCODE_BATCH, Pipeline, PipelineConfig, RAW_BATCH, Refused};
 use super::records::Kind;
 
 /// Where the pipeline's JetStream is, and how its streams are made.
@@ -105,6 +105,18 @@ impl Shared {
             Some(&*self.raw_queue)
         } else if name == self.encode_queue.name() {
             Some(&*self.encode_queue)
+        } else {
+            None
+        }
+    }
+
+    /// How many of the shared queue `name`'s messages this instance took
+    /// that had been delivered before.
+    pub fn taken_again(&self, name: &str) -> Option<u64> {
+        if name == self.raw_queue.name() {
+            Some(self.raw_queue.taken_again())
+        } else if name == self.encode_queue.name() {
+            Some(self.encode_queue.taken_again())
         } else {
             None
         }
@@ -276,10 +288,17 @@ impl Pipeline {
             "reading the JetStream state into this instance"
         );
         store.caught_up(last).await;
-        let queue_options = QueueOptions {
+        // Each process holds two batches per worker at most.
+        let config = pipeline.config();
+        let queue_options = |workers: usize, batch: usize| QueueOptions {
             ack_wait: options.ack_wait,
+            held: (workers * batch * 2).max(4),
             ..QueueOptions::default()
         };
+        let (raw_options, encode_options) = (
+            queue_options(config.raw_workers, RAW_BATCH),
+            queue_options(config.encode_workers, ENCODE_BATCH),
+        );
         let per_queue = pipeline.config().max_dead_letters;
         let letters = || DeadLetters::open(&connection, names.clone(), per_queue, options.replicas);
         let raw_queue = SharedQueue::open(
@@ -287,7 +306,7 @@ impl Pipeline {
             &names,
             pipeline.raw_queue.clone(),
             &fed,
-            &queue_options,
+            &raw_options,
         )
         .await?;
         raw_queue.keep_dead_letters(letters().await?);
@@ -295,7 +314,7 @@ impl Pipeline {
             &connection,
             &names,
             pipeline.encode_queue.clone(),
-            &queue_options,
+            &encode_options,
             options.replicas,
         )
         .await?;
