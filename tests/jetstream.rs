@@ -831,8 +831,7 @@ impl Process<Arc<Change>> for Refresher {
                     plan.current.as_ref(),
                     &cause,
                 )
-                .await
-                .map_err(Failure::Transient)?;
+                .await?;
             if self
                 .children
                 .finish(plan)

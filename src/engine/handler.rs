@@ -37,6 +37,12 @@ pub enum Failure {
     /// Will never work (such as a record that cannot be standardised).
     #[error("{0}")]
     Permanent(String),
+    /// The shared store could not be reached. Tried again after the retry
+    /// delay however many attempts were made, and never dead-lettered: the
+    /// event is safe in the store until it answers again, and nothing is
+    /// wrong with the event itself.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// The work a handler does for one event.
@@ -513,9 +519,10 @@ impl<T: QueueItem, P: Process<T>> Handler<T, P> {
                 self.queue
                     .dead_letter(envelope.ticket, envelope.item, error, attempts);
             }
-            Failure::Transient(error) => {
+            Failure::Transient(error) | Failure::Unavailable(error) => {
                 self.breaker.failed();
-                let delay = self.config.retry.delay(attempts);
+                let max = self.config.retry.max_attempts;
+                let delay = self.config.retry.delay(attempts.min(max));
                 tracing::debug!(%error, ?delay, "failed; retrying");
                 if self.queue.hand_back(envelope.ticket, delay) {
                     return;

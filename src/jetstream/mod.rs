@@ -88,7 +88,8 @@ impl Connection {
     }
 }
 
-/// Connects to `url`, failing within `within` if the server cannot be
+/// Connects to `url` (one server's URL, or a cluster's separated by
+/// commas), failing within `within` if the server cannot be
 /// reached, and refuses a server older than [`MIN_SERVER`] or one without
 /// JetStream. Once connected, the client reconnects on its own.
 pub async fn connect(url: &str, within: Duration) -> Result<Connection, ConnectError> {
@@ -100,7 +101,14 @@ pub async fn connect(url: &str, within: Duration) -> Result<Connection, ConnectE
     let options = async_nats::ConnectOptions::new()
         .name("eventsys")
         .connection_timeout(within);
-    let client = match tokio::time::timeout(within, options.connect(url)).await {
+    // One server, or several of a cluster separated by commas.
+    let servers: Vec<&str> = url
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    let connecting = options.connect(&servers[..]);
+    let client = match tokio::time::timeout(within, connecting).await {
         Ok(Ok(client)) => client,
         Ok(Err(error)) => return Err(unreachable(error.to_string())),
         Err(_) => return Err(unreachable("timed out".to_owned())),

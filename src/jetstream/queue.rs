@@ -408,6 +408,12 @@ impl<T: QueueItem> SharedQueue<T> {
         self.taken_again.load(Ordering::Relaxed)
     }
 
+    /// Whether the consumer has events no process has taken.
+    async fn waiting(&self) -> bool {
+        let mut consumer = self.consumer.clone();
+        consumer.info().await.is_ok_and(|info| info.num_pending > 0)
+    }
+
     /// The queue's name.
     pub fn name(&self) -> &str {
         self.queue.name()
@@ -461,18 +467,26 @@ impl<T: QueueItem> SharedQueue<T> {
             loop {
                 let message = tokio::select! {
                     () = stop.cancelled() => return,
-                    message = messages.next() => message,
+                    message = tokio::time::timeout(STALL, messages.next()) => message,
                 };
                 match message {
-                    Some(Ok(message)) => {
+                    Ok(Some(Ok(message))) => {
                         if !self.take(message, &mut correlations).await {
                             return;
                         }
                     }
-                    Some(Err(error)) => {
+                    Ok(Some(Err(error))) => {
                         tracing::warn!(queue = %self.queue.name(), %error, "pulling");
                     }
-                    None => break,
+                    Ok(None) => break,
+                    // Nothing came while some wait: the pull may have been
+                    // left on a NATS node that died, which the client can
+                    // take a minute to notice. Pulled again.
+                    Err(_) if self.waiting().await => {
+                        tracing::warn!(queue = %self.queue.name(), "pulling stalled; pulling again");
+                        break;
+                    }
+                    Err(_) => {}
                 }
             }
         }
@@ -671,6 +685,10 @@ async fn send_progress(acks: Arc<StoreAcks>, every: Duration, stop: Cancellation
     }
 }
 
+/// How long a pull may bring nothing while the consumer has events
+/// waiting before it is made again.
+const STALL: Duration = Duration::from_secs(2);
+
 /// How often [`settle`] asks JetStream how the queues stand.
 const SETTLE_POLL: Duration = Duration::from_millis(20);
 
@@ -688,20 +706,33 @@ pub async fn settle(
     let deadline = tokio::time::Instant::now() + timeout;
     let mut quiet_at = None;
     loop {
-        let last = store.last().await?;
-        let mut idle = true;
-        for queue in queues {
-            idle &= queue.idle().await?;
+        // JetStream not answering (a node lost, a leader being elected) is
+        // asked again until the deadline, and reported only then.
+        match quiet(store, queues).await {
+            Ok(Some(last)) if quiet_at == Some(last) => {
+                return Ok(tokio::time::timeout_at(deadline, store.caught_up(last))
+                    .await
+                    .is_ok());
+            }
+            Ok(now) => quiet_at = now,
+            Err(error) if tokio::time::Instant::now() >= deadline => return Err(error),
+            Err(_) => quiet_at = None,
         }
-        if idle && quiet_at == Some(last) {
-            return Ok(tokio::time::timeout_at(deadline, store.caught_up(last))
-                .await
-                .is_ok());
-        }
-        quiet_at = idle.then_some(last);
         if tokio::time::Instant::now() >= deadline {
             return Ok(false);
         }
         tokio::time::sleep(SETTLE_POLL).await;
     }
+}
+
+/// The state stream's last sequence if no queue has anything waiting or in
+/// flight, `None` if one has.
+async fn quiet(store: &StateStore, queues: &[Arc<dyn Idle>]) -> Result<Option<u64>, StoreError> {
+    let last = store.last().await?;
+    for queue in queues {
+        if !queue.idle().await? {
+            return Ok(None);
+        }
+    }
+    Ok(Some(last))
 }

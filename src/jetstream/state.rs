@@ -38,6 +38,10 @@ use crate::engine::store::{Key, Store, StoreError, Stored};
 use crate::engine::table::Table;
 use crate::storage::effect::{self, Correlations, CurrentFrame, MarkFrame, StateFrame};
 
+/// How long the stream's reader may send nothing while the stream has
+/// more before it is made again (see [`StateStore::follow`]).
+const STALL: Duration = Duration::from_secs(2);
+
 /// How stream, subject and consumer names are made from a prefix, so that
 /// several pipelines can share one NATS account.
 #[derive(Clone, Debug)]
@@ -313,6 +317,12 @@ impl StateStore {
 
     /// Follows the stream into `tables` and `log` until `stop`: every
     /// state, in stream order, from the oldest kept.
+    ///
+    /// The ordered consumer is made again from the next sequence to apply
+    /// whenever it ends, or when it has sent nothing for [`STALL`] while
+    /// the stream has more: a consumer on a NATS node that died can take a
+    /// minute to notice it on its own, and every write through this
+    /// process waits for the replica meanwhile.
     pub async fn follow(
         self: Arc<Self>,
         replicas: Replicas,
@@ -320,50 +330,82 @@ impl StateStore {
         stop: CancellationToken,
     ) {
         log.become_replica();
-        let config = pull::OrderedConfig {
-            filter_subjects: self.names.stream_subjects(),
-            deliver_policy: DeliverPolicy::All,
-            ..Default::default()
-        };
-        let mut messages = loop {
-            let consumer = self.stream.create_consumer(config.clone()).await;
-            match consumer {
+        let mut correlations = Correlations::default();
+        loop {
+            let Some(mut messages) = self.reader(&stop).await else {
+                return;
+            };
+            loop {
+                let message = tokio::select! {
+                    () = stop.cancelled() => return,
+                    message = tokio::time::timeout(STALL, messages.next()) => message,
+                };
+                let message = match message {
+                    Ok(Some(Ok(message))) => message,
+                    Ok(Some(Err(error))) => {
+                        tracing::warn!(%error, "reading the state stream");
+                        continue;
+                    }
+                    Ok(None) => break,
+                    Err(_) => match self.last().await {
+                        Ok(last) if last > self.applied() => {
+                            tracing::warn!(
+                                applied = self.applied(),
+                                last,
+                                "the state stream's reader stalled; reading it again"
+                            );
+                            break;
+                        }
+                        _ => continue,
+                    },
+                };
+                let seq = match message.info() {
+                    Ok(info) => info.stream_sequence,
+                    Err(error) => {
+                        tracing::warn!(%error, "a state message without its sequence");
+                        continue;
+                    }
+                };
+                if seq <= self.applied() {
+                    // Sent again by a reader made again.
+                    continue;
+                }
+                if let Err(error) = self.apply(&replicas, &log, &message, seq, &mut correlations) {
+                    tracing::warn!(subject = %message.subject, seq, %error, "state message ignored");
+                }
+                self.applied.send_replace(seq);
+            }
+        }
+    }
+
+    /// An ordered consumer of the stream from the first sequence not yet
+    /// applied, made again every half second until it can be; `None` once
+    /// `stop`.
+    async fn reader(&self, stop: &CancellationToken) -> Option<pull::Ordered> {
+        loop {
+            let next = self.applied() + 1;
+            let config = pull::OrderedConfig {
+                filter_subjects: self.names.stream_subjects(),
+                deliver_policy: if next == 1 {
+                    DeliverPolicy::All
+                } else {
+                    DeliverPolicy::ByStartSequence {
+                        start_sequence: next,
+                    }
+                },
+                ..Default::default()
+            };
+            match self.stream.create_consumer(config).await {
                 Ok(consumer) => match consumer.messages().await {
-                    Ok(messages) => break messages,
+                    Ok(messages) => return Some(messages),
                     Err(error) => tracing::warn!(%error, "cannot read the state stream"),
                 },
                 Err(error) => tracing::warn!(%error, "cannot follow the state stream"),
             }
             tokio::select! {
-                () = stop.cancelled() => return,
+                () = stop.cancelled() => return None,
                 () = tokio::time::sleep(Duration::from_millis(500)) => {}
             }
-        };
-        let mut correlations = Correlations::default();
-        loop {
-            let message = tokio::select! {
-                () = stop.cancelled() => return,
-                message = messages.next() => message,
-            };
-            let message = match message {
-                Some(Ok(message)) => message,
-                Some(Err(error)) => {
-                    tracing::warn!(%error, "reading the state stream");
-                    continue;
-                }
-                None => return,
-            };
-            let seq = match message.info() {
-                Ok(info) => info.stream_sequence,
-                Err(error) => {
-                    tracing::warn!(%error, "a state message without its sequence");
-                    continue;
-                }
-            };
-            if let Err(error) = self.apply(&replicas, &log, &message, seq, &mut correlations) {
-                tracing::warn!(subject = %message.subject, seq, %error, "state message ignored");
-            }
-            self.applied.send_replace(seq);
         }
     }
 

@@ -28,7 +28,7 @@ use uuid::Uuid;
 use crate::engine::children::{Children, Listing, RefreshError};
 use crate::engine::handler::{Failure, Process};
 use crate::engine::log::{Cause, Change, ChangeKind, TableName};
-use crate::engine::queue::Queue;
+use crate::engine::queue::{Queue, SendError};
 use crate::engine::record::{Data, RecordId, Tie, Version};
 use crate::engine::table::{Outcome, Table, WriteError};
 
@@ -49,7 +49,7 @@ pub trait ChildSink: Send + Sync {
         previous: Option<&'a Listing>,
         current: Option<&'a Listing>,
         cause: &'a Cause,
-    ) -> BoxFuture<'a, Result<Vec<EncodeJob>, String>>;
+    ) -> BoxFuture<'a, Result<Vec<EncodeJob>, Failure>>;
 
     /// The table the children are written to.
     fn table(&self) -> &Arc<Table>;
@@ -120,7 +120,7 @@ impl Process<Arc<Change>> for RawHandler {
             self.encode_queue
                 .send_enlisted(ticket, job)
                 .await
-                .map_err(|e| Failure::Transient(e.to_string()))?;
+                .map_err(send_failure)?;
         }
         Ok(())
     }
@@ -168,7 +168,10 @@ impl RawHandler {
             .children
             .refresh(id, change.seq, |previous, current| {
                 let (version, data) = parent_record(route, parent, change, current)?;
-                let jobs = at_once(parent.sink.apply(id, change, previous, current, cause))?;
+                let jobs = at_once(async {
+                    let jobs = parent.sink.apply(id, change, previous, current, cause);
+                    jobs.await.map_err(|f| f.to_string())
+                })?;
                 // Into the outbox before the listing is marked applied, so
                 // that after a crash the jobs are sent even if this change
                 // is not processed again.
@@ -206,7 +209,7 @@ impl RawHandler {
             let plan = parent.children.begin(id, change.seq, again).await;
             let Some(plan) = plan.map_err(|e| match e {
                 RefreshError::Listing(e) => Failure::Permanent(e),
-                RefreshError::Unavailable(e) => Failure::Transient(e),
+                RefreshError::Unavailable(e) => Failure::Unavailable(e),
             })?
             else {
                 return Ok(Vec::new());
@@ -217,8 +220,7 @@ impl RawHandler {
             let jobs = parent
                 .sink
                 .apply(id, change, previous, current, cause)
-                .await
-                .map_err(Failure::Transient)?;
+                .await?;
             let outcome = route
                 .standard
                 .writer()
@@ -234,10 +236,10 @@ impl RawHandler {
                 self.encode_queue
                     .send_enlisted(0, job)
                     .await
-                    .map_err(|e| Failure::Transient(e.to_string()))?;
+                    .map_err(send_failure)?;
             }
             let finished = parent.children.finish(plan).await;
-            if finished.map_err(|e| Failure::Transient(e.to_string()))? {
+            if finished.map_err(|e| Failure::Unavailable(e.to_string()))? {
                 self.became_visible(change, outcome);
                 return Ok(Vec::new());
             }
@@ -272,8 +274,17 @@ fn parent_record(
 /// by waiting, an unreachable store may come back.
 pub(crate) fn failure(error: WriteError) -> Failure {
     match error {
-        WriteError::Unavailable(e) => Failure::Transient(e),
+        WriteError::Unavailable(e) => Failure::Unavailable(e),
         e => Failure::Permanent(e.to_string()),
+    }
+}
+
+/// A job that could not be put on its queue: the shared store was out of
+/// reach, or the queue is closing.
+fn send_failure(error: SendError) -> Failure {
+    match error {
+        SendError::Unavailable(e) => Failure::Unavailable(e),
+        e @ SendError::Closed(_) => Failure::Transient(e.to_string()),
     }
 }
 
@@ -322,7 +333,7 @@ impl ChildSink for ChildRecords {
         previous: Option<&'a Listing>,
         current: Option<&'a Listing>,
         cause: &'a Cause,
-    ) -> BoxFuture<'a, Result<Vec<EncodeJob>, String>> {
+    ) -> BoxFuture<'a, Result<Vec<EncodeJob>, Failure>> {
         Box::pin(self.list(parent, change, previous, current, cause))
     }
 }
@@ -335,15 +346,16 @@ impl ChildRecords {
         previous: Option<&Listing>,
         current: Option<&Listing>,
         cause: &Cause,
-    ) -> Result<Vec<EncodeJob>, String> {
-        self.room(parent, previous, current)?;
+    ) -> Result<Vec<EncodeJob>, Failure> {
+        self.room(parent, previous, current)
+            .map_err(Failure::Permanent)?;
         let removed = Version::delete(change.version.at);
         let writer = self.table.writer();
         for child in dropped(previous, current) {
             writer
                 .list(child, parent, None, removed.clone(), cause)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(failure)?;
         }
         for (child, data) in current.iter().flat_map(|c| c.children.iter()) {
             let unchanged = previous.is_some_and(|p| {
@@ -357,7 +369,7 @@ impl ChildRecords {
                 writer
                     .list(child, parent, listing, removed.clone(), cause)
                     .await
-                    .map_err(|e| e.to_string())?;
+                    .map_err(failure)?;
             }
         }
         Ok(Vec::new())
@@ -386,7 +398,7 @@ impl ChildSink for EncodeJobs {
         previous: Option<&'a Listing>,
         current: Option<&'a Listing>,
         cause: &'a Cause,
-    ) -> BoxFuture<'a, Result<Vec<EncodeJob>, String>> {
+    ) -> BoxFuture<'a, Result<Vec<EncodeJob>, Failure>> {
         Box::pin(self.jobs(video, change, previous, current, cause))
     }
 }
@@ -399,8 +411,9 @@ impl EncodeJobs {
         previous: Option<&Listing>,
         current: Option<&Listing>,
         cause: &Cause,
-    ) -> Result<Vec<EncodeJob>, String> {
-        self.room(video, previous, current)?;
+    ) -> Result<Vec<EncodeJob>, Failure> {
+        self.room(video, previous, current)
+            .map_err(Failure::Permanent)?;
         for rendition in dropped(previous, current) {
             self.encodes
                 .writer()
@@ -412,7 +425,7 @@ impl EncodeJobs {
                     cause,
                 )
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(failure)?;
         }
         let Some(current) = current else {
             return Ok(Vec::new());
@@ -422,8 +435,9 @@ impl EncodeJobs {
             .iter()
             .filter(|(id, data)| previous.and_then(|p| p.child(id)) != Some(data))
             .map(|(id, data)| {
-                let rendition: Rendition = serde_json::from_str(data.as_str())
-                    .map_err(|e| format!("rendition `{id}` of video `{video}`: {e}"))?;
+                let rendition: Rendition = serde_json::from_str(data.as_str()).map_err(|e| {
+                    Failure::Permanent(format!("rendition `{id}` of video `{video}`: {e}"))
+                })?;
                 Ok(EncodeJob {
                     id: job_id(video, id, &current.version),
                     video_id: video.clone(),

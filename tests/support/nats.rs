@@ -152,7 +152,11 @@ impl NatsCluster {
             thread::spawn(move || {
                 let mut sent = false;
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    if !sent && line.contains("new metadata leader") {
+                    // "JetStream cluster new metadata leader: n0/local", or
+                    // on the leader "Self is new JetStream cluster metadata
+                    // leader".
+                    let elected = line.contains("metadata leader") && line.contains(" new ");
+                    if !sent && elected {
                         sent = tx.send(()).is_ok();
                     }
                 }
