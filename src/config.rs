@@ -41,7 +41,8 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub queue_capacity: u32,
 
-    /// Concurrent raw_handler workers [default: number of cores].
+    /// Concurrent raw_handler workers [default: number of cores; 32 with
+    /// --nats-url, where a worker mostly waits on JetStream].
     #[arg(long, env = "EVENTSYS_RAW_WORKERS", value_parser = clap::value_parser!(u16).range(1..))]
     pub raw_workers: Option<u16>,
 
@@ -226,12 +227,19 @@ impl Default for Config {
     }
 }
 
+/// raw_handler workers on JetStream unless `--raw-workers` says: each
+/// write is a round trip there, so a worker spends most of its time
+/// waiting, and a few per core keep the cores busy.
+const SHARED_RAW_WORKERS: usize = 32;
+
 impl Config {
     pub fn raw_workers(&self) -> usize {
-        self.raw_workers.map_or_else(
-            || std::thread::available_parallelism().map_or(2, |n| n.get()),
-            usize::from,
-        )
+        let cores = || std::thread::available_parallelism().map_or(2, |n| n.get());
+        match (self.raw_workers, &self.nats_url) {
+            (Some(workers), _) => workers.into(),
+            (None, Some(_)) => SHARED_RAW_WORKERS.max(cores()),
+            (None, None) => cores(),
+        }
     }
 
     pub fn shutdown_timeout(&self) -> Duration {

@@ -24,6 +24,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::StreamExt;
+
 use crate::engine::dedup::DedupKey;
 use crate::engine::log::{Cause, Change, Gone, TableName};
 use crate::engine::queue::QueueItem;
@@ -88,6 +90,9 @@ pub struct Shared {
     /// which are read without waiting).
     dead_counted: std::sync::Mutex<HashMap<String, usize>>,
 }
+
+/// Records of one ingest request written to JetStream at once.
+const WRITES_AT_ONCE: usize = 64;
 
 impl Shared {
     /// Whether the connection to NATS is up now.
@@ -288,11 +293,12 @@ impl Pipeline {
             "reading the JetStream state into this instance"
         );
         store.caught_up(last).await;
-        // Each process holds two batches per worker at most.
+        // Each process holds two batches per worker at most, and no more
+        // than 256 events of a queue.
         let config = pipeline.config();
         let queue_options = |workers: usize, batch: usize| QueueOptions {
             ack_wait: options.ack_wait,
-            held: (workers * batch * 2).max(4),
+            held: (workers * batch * 2).clamp(4, 256),
             ..QueueOptions::default()
         };
         let (raw_options, encode_options) = (
@@ -377,12 +383,35 @@ impl Pipeline {
     ) -> Result<Vec<(RecordId, Outcome)>, Refused> {
         let lists = self.lists(kind, &writes);
         let _room = self.admit_all(kind, writes.iter(), &lists)?;
-        let mut results = Vec::with_capacity(writes.len());
-        for (write, list) in writes.into_iter().zip(lists) {
-            let id = write.id.clone();
-            results.push((id, self.write_shared(kind, write, list, cause).await?));
+        // Each write is a round trip to JetStream: the records of a batch
+        // are written side by side, the writes of one record in order.
+        let n = writes.len();
+        let mut groups: Vec<Vec<(usize, Write, Option<Write>)>> = Vec::new();
+        let mut group_of: HashMap<RecordId, usize> = HashMap::new();
+        for (i, (write, list)) in writes.into_iter().zip(lists).enumerate() {
+            let g = *group_of.entry(write.id.clone()).or_insert_with(|| {
+                groups.push(Vec::new());
+                groups.len() - 1
+            });
+            groups[g].push((i, write, list));
         }
-        Ok(results)
+        let mut written = futures_util::stream::iter(groups)
+            .map(|group| async move {
+                let mut outcomes = Vec::with_capacity(group.len());
+                for (i, write, list) in group {
+                    let id = write.id.clone();
+                    outcomes.push((i, id, self.write_shared(kind, write, list, cause).await?));
+                }
+                Ok::<_, WriteError>(outcomes)
+            })
+            .buffer_unordered(WRITES_AT_ONCE);
+        let mut results: Vec<Option<(RecordId, Outcome)>> = vec![None; n];
+        while let Some(outcomes) = written.next().await {
+            for (i, id, outcome) in outcomes? {
+                results[i] = Some((id, outcome));
+            }
+        }
+        Ok(results.into_iter().flatten().collect())
     }
 
     /// One raw write on JetStream, its child list first (see
