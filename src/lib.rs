@@ -124,9 +124,7 @@ impl App {
         let data_dir = match config.storage() {
             Some(options) => {
                 let data_dir = DataDir::open(&pipeline, options)?;
-                if let Some(models) = &pipeline.read_models {
-                    models.views.invalidate();
-                }
+                pipeline.read_models.views.invalidate();
                 let stop = pipeline.engine.shutdown_token();
                 tokio::spawn(data_dir.clone().snapshot_while(pipeline.clone(), stop));
                 Some(data_dir)

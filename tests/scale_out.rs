@@ -227,6 +227,17 @@ fn three_instances_share_one_pipeline_and_agree_with_memory() {
     assert!(shared["movies"].len() > 5, "{:?}", shared["movies"]);
     assert!(shared["episodes"].len() > 3, "{:?}", shared["episodes"]);
     assert!(shared["encodes"].len() > 3, "{:?}", shared["encodes"]);
+    // Every instance keeps scenario 5's views of the whole log.
+    assert!(
+        shared["filmography"].len() > 3,
+        "{:?}",
+        shared["filmography"]
+    );
+    assert!(
+        shared["series_overview"].len() > 1,
+        "{:?}",
+        shared["series_overview"]
+    );
     for (n, addr) in addrs.iter().enumerate() {
         settle(*addr);
         assert_eq!(

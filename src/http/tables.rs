@@ -222,14 +222,12 @@ pub async fn rebuild(
     state.writable()?;
     let pipeline = state.pipeline().clone();
     let cause = Cause::request(request);
-    let view = name.clone();
-    let rebuilt = tokio::task::spawn_blocking(move || pipeline.rebuild(&view, &cause))
-        .await
-        .map_err(|e| ApiError::Internal(format!("the rebuild stopped: {e}")))?
+    let rebuilt = (pipeline.rebuild(name.clone(), cause).await)
         .ok_or_else(|| ApiError::NotFound(format!("no view named `{name}`")))?
         .map_err(|error| match error {
             ViewError::Full(full) => ApiError::Full(full),
             ViewError::Source(reason) => ApiError::Internal(reason),
+            ViewError::Unavailable(reason) => ApiError::StoreUnavailable(reason),
         })?;
     state.durable().await?;
     tracing::info!(view = %name, rebuilt, "rebuilt a view");

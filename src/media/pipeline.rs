@@ -165,11 +165,11 @@ impl Views {
 
     /// Recomputes the view named `name` from the standard tables: how many
     /// records it holds after; `None` if no view has that name.
-    pub fn rebuild(&self, name: &str, cause: &Cause) -> Option<Result<u64, ViewError>> {
+    pub async fn rebuild(&self, name: &str, cause: &Cause) -> Option<Result<u64, ViewError>> {
         if name == Filmography::NAME {
-            Some(self.filmography.rebuild(cause))
+            Some(self.filmography.rebuild(cause).await)
         } else if name == Overview::NAME {
-            Some(self.overview.rebuild(cause))
+            Some(self.overview.rebuild(cause).await)
         } else {
             None
         }
@@ -177,21 +177,28 @@ impl Views {
 }
 
 /// Scenarios 5 and 6: the read models and the saga, which follow the
-/// standard tables through the change log of this process.
+/// standard tables through the change log of this process (on JetStream,
+/// this instance's replica of the shared one).
 pub struct ReadModels {
     pub views: Views,
-    pub saga: Arc<Saga>,
     projection_feed: SubscriberId,
     pub projection_queue: Arc<Queue<Arc<Change>>>,
+    /// Scenario 6; `None` on JetStream (see the README's Scale-out
+    /// section).
+    pub saga: Option<SagaModel>,
+}
+
+/// Scenario 6: the saga and the queue that feeds it.
+pub struct SagaModel {
+    pub saga: Arc<Saga>,
     publication_feed: SubscriberId,
     pub publication_queue: Arc<Queue<Arc<Change>>>,
 }
 
 pub struct Pipeline {
     pub engine: Engine,
-    /// Scenarios 5 and 6; `None` on JetStream (see the README's Scale-out
-    /// section).
-    pub read_models: Option<ReadModels>,
+    /// Scenarios 5 and 6.
+    pub read_models: ReadModels,
     raw: ByKind<Arc<Table>>,
     /// Parent kinds' child lists and where the children go (`None` for
     /// kinds without children).
@@ -223,7 +230,7 @@ impl Pipeline {
 
     /// [`Pipeline::start`]; `shared`: for JetStream, where the change log
     /// is a replica, `raw_queue` is fed by its consumer there, and
-    /// scenarios 5 and 6 do not run.
+    /// scenario 6 does not run.
     pub(super) fn build(config: PipelineConfig, shared: bool) -> Self {
         let mut engine = Engine::new(EngineConfig {
             event_retention: config.event_retention,
@@ -320,22 +327,20 @@ impl Pipeline {
                 breaker: config.breaker,
             },
         );
-        let read_models = (!shared).then(|| {
-            let renditions = children
-                .get(Kind::Videos)
-                .clone()
-                .expect("videos list renditions");
-            read_models(
-                &mut engine,
-                &standard,
-                &encodes,
-                renditions,
-                &encode_queue,
-                &config,
-            )
-        });
+        let renditions = children
+            .get(Kind::Videos)
+            .clone()
+            .expect("videos list renditions");
+        let read_models = read_models(
+            &mut engine,
+            &standard,
+            &encodes,
+            (!shared).then_some(renditions),
+            &encode_queue,
+            &config,
+        );
         let audit_trail = engine.add_system_table("audit");
-        describe(&mut engine.topology, read_models.is_some());
+        describe(&mut engine.topology, read_models.saga.is_some());
         Self {
             audit_trail,
             read_models,
@@ -356,15 +361,24 @@ impl Pipeline {
     /// Recomputes the view named `name` (scenario 5's from the standard
     /// tables, scenario 6's publications from the videos and encodes):
     /// how many records it holds after; `None` if no view has that name.
-    pub fn rebuild(&self, name: &str, cause: &Cause) -> Option<Result<u64, ViewError>> {
-        let models = self.read_models.as_ref()?;
+    pub async fn rebuild(
+        self: Arc<Self>,
+        name: String,
+        cause: Cause,
+    ) -> Option<Result<u64, ViewError>> {
         if name == Saga::NAME {
-            return Some(models.saga.rebuild(cause).map_err(|error| match error {
-                StepError::Full(full) => ViewError::Full(full),
-                StepError::Source(reason) => ViewError::Source(reason),
-            }));
+            let saga = self.read_models.saga.as_ref()?.saga.clone();
+            // The saga reads and writes in memory, all of it at once.
+            let rebuilt = tokio::task::spawn_blocking(move || saga.rebuild(&cause)).await;
+            return Some(match rebuilt {
+                Ok(rebuilt) => rebuilt.map_err(|error| match error {
+                    StepError::Full(full) => ViewError::Full(full),
+                    StepError::Source(reason) => ViewError::Source(reason),
+                }),
+                Err(stopped) => Err(ViewError::Source(format!("the rebuild stopped: {stopped}"))),
+            });
         }
-        models.views.rebuild(name, cause)
+        self.read_models.views.rebuild(&name, &cause).await
     }
 
     /// An operator's retry of a compensated publication: a new attempt,
@@ -374,7 +388,7 @@ impl Pipeline {
         video: &RecordId,
         cause: &Cause,
     ) -> Result<(Publication, usize), RetryError> {
-        let models = self.read_models.as_ref().ok_or(RetryError::NoSaga)?;
+        let models = self.read_models.saga.as_ref().ok_or(RetryError::NoSaga)?;
         let (publication, jobs) = models.saga.retry(video, cause)?;
         let count = jobs.len();
         self.engine.put_back(&self.encode_queue, jobs);
@@ -426,12 +440,13 @@ impl Pipeline {
             c.depth + c.in_flight + c.retrying
         }
         let log = &self.engine.log;
-        let models = self.read_models.as_ref().map_or(0, |m| {
-            log.backlog(m.projection_feed)
-                + log.backlog(m.publication_feed)
-                + outstanding(m.projection_queue.counts())
-                + outstanding(m.publication_queue.counts())
+        let views = &self.read_models;
+        let saga = views.saga.as_ref().map_or(0, |m| {
+            log.backlog(m.publication_feed) + outstanding(m.publication_queue.counts())
         });
+        let models = log.backlog(views.projection_feed)
+            + outstanding(views.projection_queue.counts())
+            + saga;
         self.raw_feed.map_or(0, |feed| log.backlog(feed))
             + outstanding(self.raw_queue.counts())
             + outstanding(self.encode_queue.counts())
@@ -707,13 +722,14 @@ impl Pipeline {
     }
 }
 
-/// Scenarios 5 and 6: the views, fed from the standard tables, and the
-/// saga, fed from the videos, their rendition lists and their encodes.
+/// Scenarios 5 and 6: the views, fed from the standard tables, and (given
+/// the videos' rendition lists) the saga, fed from the videos, their
+/// rendition lists and their encodes.
 fn read_models(
     engine: &mut Engine,
     standard: &ByKind<Arc<Table>>,
     encodes: &Arc<Table>,
-    renditions: Arc<Children>,
+    renditions: Option<Arc<Children>>,
     encode_queue: &Arc<Queue<EncodeJob>>,
     config: &PipelineConfig,
 ) -> ReadModels {
@@ -763,9 +779,26 @@ fn read_models(
             breaker: config.breaker,
         },
     );
-    // Scenario 6: the saga follows videos, their rendition lists and
-    // their encodes through the change log, and alone writes
-    // publications.
+    let saga = renditions
+        .map(|renditions| saga_model(engine, standard, encodes, renditions, encode_queue, config));
+    ReadModels {
+        views,
+        projection_feed,
+        projection_queue,
+        saga,
+    }
+}
+
+/// Scenario 6: the saga follows videos, their rendition lists and their
+/// encodes through the change log, and alone writes publications.
+fn saga_model(
+    engine: &mut Engine,
+    standard: &ByKind<Arc<Table>>,
+    encodes: &Arc<Table>,
+    renditions: Arc<Children>,
+    encode_queue: &Arc<Queue<EncodeJob>>,
+    config: &PipelineConfig,
+) -> SagaModel {
     let publications = engine.add_table(Saga::NAME, TableKind::View);
     let sources = [&standard.videos, &renditions.listing, encodes];
     let (publication_queue, publication_feed) =
@@ -793,18 +826,15 @@ fn read_models(
             breaker: config.breaker,
         },
     );
-    ReadModels {
-        views,
+    SagaModel {
         saga,
-        projection_feed,
-        projection_queue,
         publication_feed,
         publication_queue,
     }
 }
 
 /// The six scenarios as edges of the one topology.
-fn describe(t: &mut Topology, read_models: bool) {
+fn describe(t: &mut Topology, saga: bool) {
     t.scenario(
         1,
         "Overloaded queue",
@@ -857,9 +887,6 @@ fn describe(t: &mut Topology, read_models: bool) {
         "encoded (or failed) rendition",
         &[3, 6],
     );
-    if !read_models {
-        return;
-    }
     t.scenario(
         5,
         "Projection (CQRS)",
@@ -872,6 +899,9 @@ fn describe(t: &mut Topology, read_models: bool) {
     t.edge("projection_queue", "projection_handler", "event", &[5]);
     t.edge("projection_handler", Filmography::NAME, "view record", &[5]);
     t.edge("projection_handler", Overview::NAME, "view record", &[5]);
+    if !saga {
+        return;
+    }
     t.scenario(
         6,
         "Saga with compensation",

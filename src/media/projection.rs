@@ -26,6 +26,13 @@
 //! after a restart, so that index and view agree from then on whatever the
 //! log replays.
 //!
+//! On JetStream every instance follows the whole change log into its
+//! tables, and each runs this handler over all of it, as one more
+//! subscriber: each computes every view record from the same log, and
+//! writes it at the position it read, so the first write of a record at a
+//! position is kept and the others' writes of it are stale (most are not
+//! even sent: the record is already what they computed).
+//!
 //! The handler only marks the owners a change moves; the view's own tasks
 //! recompute them in rounds (see [`View`]), and settle waits for them. Each
 //! round first reads the change-log position, then the tables, so what it
@@ -37,6 +44,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tokio::sync::Notify;
@@ -46,7 +54,7 @@ use crate::engine::handler::{Failure, Process};
 use crate::engine::log::{Cause, Change, ChangeLog};
 use crate::engine::record::{Data, RecordId, Tie, Timestamp, Version};
 use crate::engine::settle::Activity;
-use crate::engine::table::{Full, Record, Table};
+use crate::engine::table::{Full, Record, Table, WriteError};
 
 /// What a view is computed from: the record it keeps per live owner.
 pub trait Rule: Send + Sync + 'static {
@@ -251,8 +259,11 @@ struct State {
     /// never recomputed by two rounds at once, so that the later one reads
     /// after the earlier one's write.
     computing: HashSet<RecordId>,
+    /// Rebuilds writing the view now, outside the lock.
+    rebuilding: usize,
     /// Whether settle is told that work is outstanding (one unit while
-    /// anything is dirty or computing, or the index unbuilt).
+    /// anything is dirty, computing or being rebuilt, or the index
+    /// unbuilt).
     owed: bool,
 }
 
@@ -283,10 +294,44 @@ pub enum ViewError {
     Full(#[from] Full),
     #[error("{0}")]
     Source(String),
+    /// The shared store could not be reached (never in memory): the
+    /// record is computed again later.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl From<WriteError> for ViewError {
+    fn from(error: WriteError) -> Self {
+        match error {
+            WriteError::Full(full) => ViewError::Full(full),
+            WriteError::Unavailable(reason) => ViewError::Unavailable(reason),
+            // A derived write has no precondition.
+            WriteError::PreconditionFailed(failed) => ViewError::Source(failed.to_string()),
+        }
+    }
 }
 
 /// Owners one round takes at a time.
 const CHUNK: usize = 256;
+
+/// View records a rebuild writes at once (each is a round trip on
+/// JetStream).
+const WRITES_AT_ONCE: usize = 64;
+
+/// How long a round waits before it writes again to a shared store that
+/// did not answer.
+const UNAVAILABLE_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// What one round of a view's task did.
+enum Flushed {
+    /// Nothing is left for this round.
+    Done,
+    /// More owners are dirty.
+    More,
+    /// The shared store did not answer; what was not written is dirty
+    /// again.
+    Unavailable,
+}
 
 impl<R: Rule> View<R> {
     pub fn new(
@@ -326,6 +371,7 @@ impl<R: Rule> View<R> {
             && state.index.is_some()
             && state.dirty.is_empty()
             && state.computing.is_empty()
+            && state.rebuilding == 0
         {
             state.owed = false;
             self.activity.end(1);
@@ -338,13 +384,14 @@ impl<R: Rule> View<R> {
     }
 
     /// Marks what `change` (of the owner or member table) can move.
-    pub fn apply(&self, change: &Change) -> Result<(), ViewError> {
+    pub async fn apply(&self, change: &Change) -> Result<(), ViewError> {
+        let cause = Cause::caused_by(change);
+        let unbuilt = self.lock().index.is_none();
+        if unbuilt {
+            self.rebuild(&cause).await?;
+        }
         let mut state = self.lock();
         let state = &mut *state;
-        let cause = Cause::caused_by(change);
-        if state.index.is_none() {
-            self.rebuild_locked(state, &cause)?;
-        }
         let Some(index) = state.index.as_mut() else {
             return Ok(());
         };
@@ -369,12 +416,41 @@ impl<R: Rule> View<R> {
     }
 
     /// Recomputes the whole view and its index from the tables; how many
-    /// records the view holds after.
-    pub fn rebuild(&self, cause: &Cause) -> Result<u64, ViewError> {
+    /// records the view holds after. The index is built at once, under
+    /// the lock; the records are written after, outside it (what changes
+    /// meanwhile is marked as usual, and written at a later position).
+    pub async fn rebuild(&self, cause: &Cause) -> Result<u64, ViewError> {
+        let (at, work) = {
+            let mut state = self.lock();
+            self.index_locked(&mut state)
+        };
+        let mut written = Ok(());
+        let mut writing = futures_util::stream::FuturesUnordered::new();
+        for (owner, members) in &work {
+            if writing.len() >= WRITES_AT_ONCE
+                && let Some(result) = writing.next().await
+            {
+                written = written.and(result);
+            }
+            writing.push(self.refresh(owner, members, at, cause));
+        }
+        while let Some(result) = writing.next().await {
+            written = written.and(result);
+        }
+        drop(writing);
         let mut state = self.lock();
-        self.rebuild_locked(&mut state, cause)?;
+        state.rebuilding -= 1;
+        if let Err(ViewError::Unavailable(_)) = &written {
+            // The rounds write it, once the store answers again.
+            for (owner, _) in work {
+                state.dirty.entry(owner).or_insert_with(|| cause.clone());
+            }
+            self.owe(&mut state);
+            self.wake.notify_one();
+        }
         self.settle_if_done(&mut state);
-        Ok(self.table.len())
+        drop(state);
+        written.map(|()| self.table.len())
     }
 
     /// Forgets the index, so that it is rebuilt with the whole view (after
@@ -387,7 +463,10 @@ impl<R: Rule> View<R> {
         self.wake.notify_one();
     }
 
-    fn rebuild_locked(&self, state: &mut State, cause: &Cause) -> Result<(), ViewError> {
+    /// Builds the index from the tables and starts a rebuild: the position
+    /// read before the tables, and every owner and view record with the
+    /// members naming it, to be written at that position.
+    fn index_locked(&self, state: &mut State) -> (u64, Vec<(RecordId, Vec<RecordId>)>) {
         let at = self.position();
         let mut index = Index::default();
         for member in self.members.snapshot() {
@@ -396,29 +475,42 @@ impl<R: Rule> View<R> {
         let mut keys: BTreeSet<RecordId> =
             self.owners.snapshot().into_iter().map(|r| r.id).collect();
         keys.extend(self.table.snapshot().into_iter().map(|r| r.id));
-        for key in &keys {
-            self.refresh(key, &index.members_of(key), at, cause)?;
-        }
+        let work = keys
+            .into_iter()
+            .map(|key| {
+                let members = index.members_of(&key);
+                (key, members)
+            })
+            .collect();
         state.index = Some(index);
         state.dirty.clear();
-        Ok(())
+        state.rebuilding += 1;
+        self.owe(state);
+        (at, work)
     }
 
     /// Recomputes up to [`CHUNK`] dirty owners (none another round is
-    /// computing), reading the tables outside the lock; whether any are
-    /// left for this round to take.
-    fn flush_some(&self) -> bool {
+    /// computing), reading the tables outside the lock.
+    async fn flush_some(&self) -> Flushed {
+        let unbuilt = self.lock().index.is_none();
+        if unbuilt {
+            match self.rebuild(&Cause::request("recovery")).await {
+                Ok(_) => {}
+                Err(ViewError::Unavailable(error)) => {
+                    tracing::warn!(view = R::NAME, %error, "the view waits for its store to rebuild");
+                    return Flushed::Unavailable;
+                }
+                Err(error) => {
+                    tracing::error!(view = R::NAME, %error, "the view could not be rebuilt");
+                    return Flushed::Done;
+                }
+            }
+        }
         let picked: Vec<(RecordId, Cause, Vec<RecordId>)> = {
             let mut state = self.lock();
             let state = &mut *state;
-            if state.index.is_none()
-                && let Err(error) = self.rebuild_locked(state, &Cause::request("recovery"))
-            {
-                tracing::error!(view = R::NAME, %error, "the view could not be rebuilt");
-                return false;
-            }
             let Some(index) = &state.index else {
-                return false;
+                return Flushed::Done;
             };
             let owners: Vec<RecordId> = (state.dirty.keys())
                 .filter(|o| !state.computing.contains(*o))
@@ -428,7 +520,7 @@ impl<R: Rule> View<R> {
             if owners.is_empty() {
                 // Nothing to take: a rebuild just now may have been all.
                 self.settle_if_done(state);
-                return false;
+                return Flushed::Done;
             }
             owners
                 .into_iter()
@@ -443,15 +535,29 @@ impl<R: Rule> View<R> {
         // Read after what the picked members say: every change up to `at`
         // is in the tables read below.
         let at = self.position();
+        let mut unwritten = Vec::new();
         for (owner, cause, members) in &picked {
-            if let Err(error) = self.refresh(owner, members, at, cause) {
-                tracing::warn!(view = R::NAME, owner = %owner.as_str(), %error,
-                    "a view record could not be written");
+            match self.refresh(owner, members, at, cause).await {
+                Ok(()) => {}
+                Err(ViewError::Unavailable(error)) => {
+                    tracing::warn!(view = R::NAME, owner = %owner.as_str(), %error,
+                        "a view record waits for its store");
+                    unwritten.push((owner.clone(), cause.clone()));
+                }
+                Err(error) => {
+                    tracing::warn!(view = R::NAME, owner = %owner.as_str(), %error,
+                        "a view record could not be written");
+                }
             }
         }
         let mut state = self.lock();
         for (owner, ..) in &picked {
             state.computing.remove(owner);
+        }
+        let waits = !unwritten.is_empty();
+        for (owner, cause) in unwritten {
+            // A newer change's cause, if one came meanwhile, is kept.
+            state.dirty.entry(owner).or_insert(cause);
         }
         self.settle_if_done(&mut state);
         let more = !state.dirty.is_empty();
@@ -459,7 +565,11 @@ impl<R: Rule> View<R> {
             // Another round may be waiting for an owner this one held.
             self.wake.notify_one();
         }
-        more
+        match (waits, more) {
+            (true, _) => Flushed::Unavailable,
+            (false, true) => Flushed::More,
+            (false, false) => Flushed::Done,
+        }
     }
 
     /// Recomputes dirty owners whenever there are some, until `stop`.
@@ -470,9 +580,17 @@ impl<R: Rule> View<R> {
                 _ = stop.cancelled() => return,
                 _ = self.wake.notified() => {}
             }
-            while self.flush_some() {
-                // Let the handler mark more meanwhile: they join this round.
-                tokio::task::yield_now().await;
+            loop {
+                match self.flush_some().await {
+                    Flushed::Done => break,
+                    // Let the handler mark more meanwhile: they join this
+                    // round.
+                    Flushed::More => tokio::task::yield_now().await,
+                    Flushed::Unavailable => tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(UNAVAILABLE_RETRY) => {}
+                    },
+                }
             }
         }
     }
@@ -483,7 +601,7 @@ impl<R: Rule> View<R> {
     /// `members` are those the index says name it: what the handler has
     /// seen of them (a member whose change is still on its way marks this
     /// owner again once seen).
-    fn refresh(
+    async fn refresh(
         &self,
         owner: &RecordId,
         members: &[RecordId],
@@ -511,7 +629,9 @@ impl<R: Rule> View<R> {
                 tie: Tie::Tombstone,
             },
         };
-        self.table.derive(owner, at, version, record, cause)?;
+        (self.table.writer())
+            .derive(owner, at, version, record, cause)
+            .await?;
         Ok(())
     }
 }
@@ -532,15 +652,18 @@ impl ProjectionHandler {
 impl Process<Arc<Change>> for ProjectionHandler {
     async fn process(&self, change: &Arc<Change>) -> Result<(), Failure> {
         let applied = if Self::feeds(&self.filmography, change) {
-            self.filmography.apply(change)
+            self.filmography.apply(change).await
         } else if Self::feeds(&self.overview, change) {
-            self.overview.apply(change)
+            self.overview.apply(change).await
         } else {
             return Err(Failure::Permanent(format!(
                 "no view is computed from `{}`",
                 change.table
             )));
         };
-        applied.map_err(|e| Failure::Permanent(e.to_string()))
+        applied.map_err(|error| match error {
+            ViewError::Unavailable(reason) => Failure::Unavailable(reason),
+            error => Failure::Permanent(error.to_string()),
+        })
     }
 }

@@ -526,9 +526,10 @@ mod tests {
     use crate::media::pipeline::{Pipeline, PipelineConfig};
     use crate::media::records::{Kind, parse_record};
 
-    fn models(pipeline: &Pipeline) -> &crate::media::pipeline::ReadModels {
+    fn models(pipeline: &Pipeline) -> &crate::media::pipeline::SagaModel {
         pipeline
             .read_models
+            .saga
             .as_ref()
             .expect("in memory, scenario 6 runs")
     }
@@ -580,10 +581,7 @@ mod tests {
         let video = RecordId::parse("v1").expect("an id");
         // A change of the video the compensation had seen (one redelivered)
         // starts no attempt; only a later one would.
-        let stepped = pipeline
-            .read_models
-            .as_ref()
-            .expect("in memory, scenario 6 runs")
+        let stepped = models(&pipeline)
             .saga
             .step(&video, Trigger::Video(compensated.since), &cause)
             .expect("a step");

@@ -16,9 +16,11 @@
 //! - dead letters of both queues, and the CloudEvents dedup window, are
 //!   streams of their own.
 //!
-//! Scenarios 5 and 6 (views and the saga) keep in-process state that
-//! several processes would each keep differently, so they do not run here;
-//! the README's Scale-out section says so.
+//! Each process also runs scenario 5's projection over the whole change
+//! log it follows, and writes the view records to the state stream (see
+//! `projection`). Scenario 6 (the saga) keeps in-process state that
+//! several processes would each keep differently, so it does not run
+//! here; the README's Scale-out section says so.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -357,7 +359,16 @@ impl Pipeline {
     pub async fn settle(&self, timeout: Duration) -> Result<bool, StoreError> {
         match &self.shared {
             None => Ok(self.engine.settle(timeout).await),
-            Some(shared) => jetstream::queue::settle(&shared.store, &shared.idle(), timeout).await,
+            Some(shared) => {
+                // The cluster first; then what this instance does with the
+                // changes it follows (its views).
+                let deadline = tokio::time::Instant::now() + timeout;
+                if !jetstream::queue::settle(&shared.store, &shared.idle(), timeout).await? {
+                    return Ok(false);
+                }
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                Ok(self.engine.settle(left).await)
+            }
         }
     }
 

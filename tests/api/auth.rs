@@ -466,11 +466,10 @@ async fn every_operator_action_and_reconciliation_is_audited() {
             "actors",
         ),
     ];
-    // Scenarios 5 and 6 do not run on JetStream: no saga to retry, no view
-    // to rebuild.
+    // Scenario 6 does not run on JetStream: no saga to retry.
     let steps = steps
         .into_iter()
-        .filter(|(_, action, _)| !(on_nats() && matches!(*action, "saga.retry" | "rebuild")));
+        .filter(|(_, action, _)| !(on_nats() && *action == "saga.retry"));
     let mut expected = Vec::new();
     for (n, (request, action, target)) in steps.enumerate() {
         let id = format!("step-{n}");
@@ -511,7 +510,7 @@ async fn every_operator_action_and_reconciliation_is_audited() {
     let mut operators = vec!["ola"; trail.len() - 1];
     operators.push("pat");
     assert_eq!(who, operators);
-    assert_eq!(trail.len(), if on_nats() { 6 } else { 8 });
+    assert_eq!(trail.len(), if on_nats() { 7 } else { 8 });
     if !on_nats() {
         assert_eq!(
             trail[2]["result"]["body"]["jobs"], 1,

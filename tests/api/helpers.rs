@@ -48,8 +48,8 @@ pub fn on_nats() -> bool {
     storage() == Storage::Nats
 }
 
-/// For a test of what does not run on JetStream (scenarios 5 and 6, see
-/// the README's Scale-out section): says so and returns `true` there.
+/// For a test of what does not run on JetStream (scenario 6, see the
+/// README's Scale-out section): says so and returns `true` there.
 pub fn not_on_nats(what: &str) -> bool {
     if on_nats() {
         eprintln!("skipped on JetStream: {what} does not run there");

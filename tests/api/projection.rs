@@ -3,7 +3,7 @@
 
 use serde_json::json;
 
-use crate::helpers::{TestApp, not_on_nats};
+use crate::helpers::TestApp;
 
 fn movie(id: &str, title: &str, year: Option<i64>, cast: &[&str], at: &str) -> serde_json::Value {
     json!({"id": id, "title": title, "year": year, "actor_ids": cast, "updated_at": at})
@@ -11,9 +11,6 @@ fn movie(id: &str, title: &str, year: Option<i64>, cast: &[&str], at: &str) -> s
 
 #[tokio::test]
 async fn scenario_5_filmography_follows_actors_and_movies_in_any_order() {
-    if not_on_nats("scenario 5 (views)") {
-        return;
-    }
     let app = TestApp::start().await;
 
     // A movie naming an actor not yet known: no entry until the actor is live.
@@ -116,9 +113,6 @@ async fn scenario_5_filmography_follows_actors_and_movies_in_any_order() {
 
 #[tokio::test]
 async fn scenario_5_series_overview_counts_live_episodes_listed_or_posted_alone() {
-    if not_on_nats("scenario 5 (views)") {
-        return;
-    }
     let app = TestApp::start().await;
     app.outcomes(
         "episodes",
@@ -169,9 +163,6 @@ async fn scenario_5_series_overview_counts_live_episodes_listed_or_posted_alone(
 
 #[tokio::test]
 async fn a_view_is_rebuilt_from_the_standard_tables_and_only_views_are() {
-    if not_on_nats("scenario 5 (views)") {
-        return;
-    }
     let app = TestApp::start().await;
     app.outcomes(
         "actors",
@@ -215,9 +206,6 @@ async fn a_view_is_rebuilt_from_the_standard_tables_and_only_views_are() {
 
 #[tokio::test]
 async fn tables_list_views_as_their_own_kind() {
-    if not_on_nats("scenario 5 (views)") {
-        return;
-    }
     let app = TestApp::start().await;
     let tables = app.get("/tables").await.ok().clone();
     let kind = |name: &str| {

@@ -13,8 +13,8 @@ use crate::helpers::{TestApp, on_nats};
 async fn faults_are_set_listed_validated_and_cleared() {
     let app = TestApp::start().await;
     let faults = if on_nats() {
-        // Scenarios 5 and 6 do not run on JetStream.
-        json!({"raw_handler": null, "encode_handler": null})
+        // Scenario 6 does not run on JetStream.
+        json!({"raw_handler": null, "encode_handler": null, "projection_handler": null})
     } else {
         json!({"raw_handler": null, "encode_handler": null, "projection_handler": null,
             "publication_handler": null})
