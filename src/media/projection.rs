@@ -424,9 +424,15 @@ impl<R: Rule> View<R> {
             let mut state = self.lock();
             self.index_locked(&mut state)
         };
+        let mut rebuild = Rebuild {
+            view: self,
+            work,
+            cause: cause.clone(),
+            finished: false,
+        };
         let mut written = Ok(());
         let mut writing = futures_util::stream::FuturesUnordered::new();
-        for (owner, members) in &work {
+        for (owner, members) in &rebuild.work {
             if writing.len() >= WRITES_AT_ONCE
                 && let Some(result) = writing.next().await
             {
@@ -438,18 +444,9 @@ impl<R: Rule> View<R> {
             written = written.and(result);
         }
         drop(writing);
-        let mut state = self.lock();
-        state.rebuilding -= 1;
-        if let Err(ViewError::Unavailable(_)) = &written {
-            // The rounds write it, once the store answers again.
-            for (owner, _) in work {
-                state.dirty.entry(owner).or_insert_with(|| cause.clone());
-            }
-            self.owe(&mut state);
-            self.wake.notify_one();
-        }
-        self.settle_if_done(&mut state);
-        drop(state);
+        // Unless the store did not answer, what was to be written is.
+        rebuild.finished = !matches!(written, Err(ViewError::Unavailable(_)));
+        drop(rebuild);
         written.map(|()| self.table.len())
     }
 
@@ -633,6 +630,35 @@ impl<R: Rule> View<R> {
             .derive(owner, at, version, record, cause)
             .await?;
         Ok(())
+    }
+}
+
+/// A rebuild writing its view: ended when dropped. If it did not finish
+/// (the store did not answer, or its caller went away mid-way), the
+/// records it was to write are left dirty, for the rounds to write.
+struct Rebuild<'v, R: Rule> {
+    view: &'v View<R>,
+    work: Vec<(RecordId, Vec<RecordId>)>,
+    cause: Cause,
+    finished: bool,
+}
+
+impl<R: Rule> Drop for Rebuild<'_, R> {
+    fn drop(&mut self) {
+        let view = self.view;
+        let mut state = view.lock();
+        state.rebuilding -= 1;
+        if !self.finished {
+            for (owner, _) in self.work.drain(..) {
+                state
+                    .dirty
+                    .entry(owner)
+                    .or_insert_with(|| self.cause.clone());
+            }
+            view.owe(&mut state);
+            view.wake.notify_one();
+        }
+        view.settle_if_done(&mut state);
     }
 }
 
