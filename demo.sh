@@ -952,24 +952,35 @@ durable_bin() {
   printf '%s' "$bin"
 }
 
+# wait_listening SECONDS PID LOG WHO COMMAND...: runs COMMAND on LOG every
+# 0.1 s until it prints where WHO (process PID) listens, and leaves that in
+# LISTENING; stops the tour if WHO exits first or says nothing in SECONDS.
+wait_listening() {
+  local seconds=$1 pid=$2 log=$3 who=$4 i
+  shift 4
+  LISTENING=''
+  for ((i = 0; i < seconds * 10; i++)); do
+    LISTENING=$("$@" "$log" 2>/dev/null | head -n 1)
+    [[ -n $LISTENING ]] && return
+    kill -0 "$pid" 2>/dev/null || die "$who exited during start-up:" "$(tail -n 5 "$log")"
+    sleep 0.1
+  done
+  die "$who did not say where it listens within $seconds s."
+}
+
 # spawn_eventsys LOG ARG...: starts the binary on port 0 with ARGs, logging
 # JSON to LOG, and leaves its pid in SPAWNED_PID and its URL in SPAWNED_URL
 # once it says where it listens (it reads its storage before it opens the port).
 spawn_eventsys() {
-  local log=$1 i addr=''
+  local log=$1
   shift
   printf '  %s$ %s --addr 127.0.0.1:0 %s --log-format json &%s\n' "$DIM" "$(basename "$BIN")" "$*" "$RESET"
   "$BIN" --addr 127.0.0.1:0 "$@" --log-format json >"$log" 2>&1 &
   SPAWNED_PID=$!
   SPAWNED+=("$SPAWNED_PID")
-  for ((i = 0; i < 300; i++)); do   # up to ~30 s
-    addr=$(jq -r 'select(.fields.message | startswith("eventsys listening")) | .fields.addr' "$log" 2>/dev/null | head -n 1)
-    [[ -n $addr ]] && break
-    kill -0 "$SPAWNED_PID" 2>/dev/null || die "The server exited during start-up:" "$(tail -n 5 "$log")"
-    sleep 0.1
-  done
-  [[ -n $addr ]] || die "The server did not start within 30 s."
-  SPAWNED_URL="http://$addr"
+  wait_listening 30 "$SPAWNED_PID" "$log" "The server" \
+    jq -r 'select(.fields.message | startswith("eventsys listening")) | .fields.addr'
+  SPAWNED_URL="http://$LISTENING"
   say "It listens on $SPAWNED_URL (pid $SPAWNED_PID)."
 }
 
@@ -1068,15 +1079,9 @@ else
   printf '  %s$ nats-server -js -a 127.0.0.1 -p -1 -sd %s &%s\n' "$DIM" "$TMP/nats" "$RESET"
   "$NATS_BIN" -js -a 127.0.0.1 -p -1 -sd "$TMP/nats" >"$NATS_LOG" 2>&1 &
   NATS_PID=$!
-  NATS_ADDR=''
-  for ((i = 0; i < 200; i++)); do   # up to ~20 s
-    NATS_ADDR=$(sed -n 's/.*Listening for client connections on //p' "$NATS_LOG" | head -n 1)
-    [[ -n $NATS_ADDR ]] && break
-    kill -0 "$NATS_PID" 2>/dev/null || die "nats-server exited during start-up:" "$(tail -n 5 "$NATS_LOG")"
-    sleep 0.1
-  done
-  [[ -n $NATS_ADDR ]] || die "nats-server did not say where it listens within 20 s."
-  NATS_URL="nats://$NATS_ADDR"
+  wait_listening 20 "$NATS_PID" "$NATS_LOG" "nats-server" \
+    sed -n 's/.*Listening for client connections on //p'
+  NATS_URL="nats://$LISTENING"
   say "$("$NATS_BIN" --version) listens on $NATS_URL."
 
   step "Start two eventsys instances on it"
