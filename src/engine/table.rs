@@ -1464,13 +1464,27 @@ impl Table {
             step.before = said;
             step.changed |= entry.in_set != marked;
             entry.announced = step.after.is_some();
+            let step_live = entry.announced;
             let changed = step.changed;
             let change = self.change_of(step);
             if changed || change.is_some() {
                 let frame = self.state_frame(id, &entry, change, cause);
                 let key = Key::Record(id.as_str());
                 match store.put(&self.name, key, expected, frame).await {
-                    Ok(_) => {}
+                    // The replica takes the state now, as the store's
+                    // message will bring it (which then leaves it as it
+                    // is): a read or a write of the record after this one
+                    // sees it. Its change reaches the log in the store's
+                    // order.
+                    Ok(rev) => {
+                        let entry = if entry.is_empty() {
+                            Entry::default()
+                        } else {
+                            entry
+                        };
+                        self.install(id, rev, entry, step_live)
+                            .map_err(WriteError::Unavailable)?;
+                    }
                     Err(StoreError::Conflict) => {
                         // Worked out again from the latest state (only
                         // judged again, if it was written already).
@@ -1678,7 +1692,10 @@ impl Table {
                 ids: candidate.ids.clone(),
             });
             match store.put(&self.name, Key::Current, judge.rev, frame).await {
-                Ok(_) => return Ok(()),
+                Ok(rev) => {
+                    store.reach(rev).await;
+                    return Ok(());
+                }
                 Err(StoreError::Conflict) => {
                     let latest = store
                         .latest(&self.name, Key::Current)
