@@ -1464,7 +1464,6 @@ impl Table {
             step.before = said;
             step.changed |= entry.in_set != marked;
             entry.announced = step.after.is_some();
-            let step_live = entry.announced;
             let changed = step.changed;
             let change = self.change_of(step);
             if changed || change.is_some() {
@@ -1477,12 +1476,13 @@ impl Table {
                     // sees it. Its change reaches the log in the store's
                     // order.
                     Ok(rev) => {
+                        let live = entry.announced;
                         let entry = if entry.is_empty() {
                             Entry::default()
                         } else {
                             entry
                         };
-                        self.install(id, rev, entry, step_live)
+                        self.install(id, rev, entry, live)
                             .map_err(WriteError::Unavailable)?;
                     }
                     Err(StoreError::Conflict) => {
