@@ -202,7 +202,6 @@ impl Children {
                 .await
             {
                 Ok(rev) => {
-                    store.reach(rev).await;
                     let done = applied.map_or(0, |a| a.seq);
                     return Ok(Some(Plan {
                         parent: parent.clone(),
@@ -234,10 +233,7 @@ impl Children {
         });
         let key = Key::Mark(plan.parent.as_str());
         match store.put(self.listing.name(), key, plan.rev, frame).await {
-            Ok(rev) => {
-                store.reach(rev).await;
-                Ok(true)
-            }
+            Ok(_) => Ok(true),
             Err(StoreError::Conflict) => {
                 self.refresh_mark(store, &plan.parent).await?;
                 Ok(false)

@@ -52,10 +52,8 @@ pub struct Stored {
 pub trait Store: Send + Sync + 'static {
     /// Takes `frame` as the new state of `table`'s `key` if its latest
     /// revision is `expected` (0: the store has none), and returns the new
-    /// revision once the store has it. This process's replica gets it
-    /// later, in the store's order ([`Store::reach`]); a table puts the
-    /// state it wrote in its replica at once, so that a read of the record
-    /// after the write sees it.
+    /// revision once this process's replica has it (so a read after a write
+    /// sees it).
     fn put<'a>(
         &'a self,
         table: &'a str,
@@ -67,10 +65,6 @@ pub trait Store: Send + Sync + 'static {
     /// How far this process's replica has applied the store: everything
     /// read from the replica now is at least as new as this revision.
     fn applied(&self) -> u64;
-
-    /// Waits until this process's replica has applied the store up to
-    /// `rev`.
-    fn reach(&self, rev: u64) -> BoxFuture<'_, ()>;
 
     /// The latest state of `table`'s `key`, read from the store itself
     /// (the replica may be behind).

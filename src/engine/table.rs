@@ -1470,21 +1470,7 @@ impl Table {
                 let frame = self.state_frame(id, &entry, change, cause);
                 let key = Key::Record(id.as_str());
                 match store.put(&self.name, key, expected, frame).await {
-                    // The replica takes the state now, as the store's
-                    // message will bring it (which then leaves it as it
-                    // is): a read or a write of the record after this one
-                    // sees it. Its change reaches the log in the store's
-                    // order.
-                    Ok(rev) => {
-                        let live = entry.announced;
-                        let entry = if entry.is_empty() {
-                            Entry::default()
-                        } else {
-                            entry
-                        };
-                        self.install(id, rev, entry, live)
-                            .map_err(WriteError::Unavailable)?;
-                    }
+                    Ok(_) => {}
                     Err(StoreError::Conflict) => {
                         // Worked out again from the latest state (only
                         // judged again, if it was written already).
@@ -1692,10 +1678,7 @@ impl Table {
                 ids: candidate.ids.clone(),
             });
             match store.put(&self.name, Key::Current, judge.rev, frame).await {
-                Ok(rev) => {
-                    store.reach(rev).await;
-                    return Ok(());
-                }
+                Ok(_) => return Ok(()),
                 Err(StoreError::Conflict) => {
                     let latest = store
                         .latest(&self.name, Key::Current)

@@ -115,26 +115,6 @@ impl AppState {
         }
     }
 
-    /// Waits, before the change log is read, until it holds the change of
-    /// every write this instance has answered. At once but on JetStream,
-    /// where the log is what this instance has read back of the state
-    /// stream, and takes a write's change in the stream's order, a little
-    /// after the write was answered.
-    pub async fn log_has_own_writes(&self) -> Result<(), ApiError> {
-        let Some(shared) = self.0.pipeline.shared() else {
-            return Ok(());
-        };
-        tokio::time::timeout(OWN_WRITES_WITHIN, shared.store.caught_up_with_writes())
-            .await
-            .map_err(|_| {
-                ApiError::StoreUnavailable(format!(
-                    "this instance has not read its own writes back from the state stream \
-                     within {} s",
-                    OWN_WRITES_WITHIN.as_secs()
-                ))
-            })
-    }
-
     /// Waits, before a write is acknowledged, until its effects are on
     /// disk (at once in memory); an error once the disk has failed.
     pub async fn durable(&self) -> Result<(), ApiError> {
@@ -285,10 +265,6 @@ fn secure(document: &mut utoipa::openapi::OpenApi) {
         }
     }
 }
-
-/// How long a read of the change log waits for this instance's own
-/// writes to reach it ([`AppState::log_has_own_writes`]).
-const OWN_WRITES_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The routes of API.md: the dashboard, and the API described by
 /// [`openapi()`].

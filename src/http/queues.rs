@@ -236,7 +236,6 @@ pub async fn replay(
     super::ingest::require_json(&super::ingest::essence(&headers)?)?;
     let body: ReplayBody = super::ingest::parse_object(&body, r#"{"after": <seq>}"#)?;
     state.writable()?;
-    state.log_has_own_writes().await?;
     let pipeline = state.pipeline();
     let replayed = match pipeline.shared() {
         None => queue.replay(body.after),

@@ -18,7 +18,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{DeliverPolicy, pull};
@@ -256,8 +255,6 @@ pub struct StateStore {
     /// The stream sequence of the last message this process's replica has
     /// applied.
     applied: watch::Sender<u64>,
-    /// The greatest stream sequence of a state this process wrote.
-    written: AtomicU64,
 }
 
 impl StateStore {
@@ -283,7 +280,6 @@ impl StateStore {
             stream,
             names,
             applied: watch::Sender::new(0),
-            written: AtomicU64::new(0),
         }))
     }
 
@@ -314,20 +310,9 @@ impl StateStore {
 
     /// Waits until this process has applied the stream up to `seq`.
     pub async fn caught_up(&self, seq: u64) {
-        if self.applied() >= seq {
-            return;
-        }
         let mut applied = self.applied.subscribe();
         // The sender lives as long as `self`, so this cannot fail.
         let _ = applied.wait_for(|applied| *applied >= seq).await;
-    }
-
-    /// Waits until this process has applied every state it wrote, so that
-    /// what it reads of the change log holds the changes of every write it
-    /// has answered (a table holds its own writes at once; the log takes
-    /// them in the stream's order).
-    pub async fn caught_up_with_writes(&self) {
-        self.caught_up(self.written.load(Ordering::Acquire)).await;
     }
 
     /// Follows the stream into `tables` and `log` until `stop`: every
@@ -504,13 +489,9 @@ impl Store for StateStore {
                 }
                 Err(error) => return Err(unavailable(&error)),
             };
-            self.written.fetch_max(seq, Ordering::AcqRel);
+            self.caught_up(seq).await;
             Ok(seq)
         })
-    }
-
-    fn reach(&self, rev: u64) -> BoxFuture<'_, ()> {
-        Box::pin(self.caught_up(rev))
     }
 
     fn latest<'a>(
