@@ -45,7 +45,7 @@ use crate::engine::handler::{Failure, Process};
 use crate::engine::log::{Cause, Change, ChangeKind, ChangeLog};
 use crate::engine::queue::Queue;
 use crate::engine::record::{Data, RecordId, Tie, Timestamp, Version};
-use crate::engine::table::{Full, Table};
+use crate::engine::table::{Full, Record, Table};
 
 use super::encode_handler::EncodeJob;
 use super::raw_handler::{attempt_job_id, encode_id};
@@ -170,6 +170,16 @@ pub struct Saga {
     step: Mutex<()>,
 }
 
+/// The tables as one step read them, at position `at`.
+struct Reading {
+    at: u64,
+    /// The video, while live.
+    live: Option<Record>,
+    stored: Option<Publication>,
+    /// Read while the video is live.
+    progress: Option<Progress>,
+}
+
 /// How the encodes of a video's current renditions stand for an attempt.
 struct Progress {
     renditions: Vec<Rendition>,
@@ -258,6 +268,42 @@ impl Saga {
         Ok(progress)
     }
 
+    /// What a step reads of `video`, and the position it is as of.
+    ///
+    /// Handlers write the tables while a step reads them, and a state read
+    /// newer than its position would make a change the step has already
+    /// seen look new: the video change that reaches the saga after a
+    /// compensation read its own state would start a second attempt. So
+    /// the read is taken again while the change log moved during it; after
+    /// a few tries under constant writes, it keeps the position from before
+    /// its last read, whose only cost is an attempt more, never one missed.
+    fn read(&self, video: &RecordId) -> Result<Reading, StepError> {
+        const TRIES: usize = 8;
+        let mut tries = 0;
+        loop {
+            let at = self.position();
+            // Live in both tables: the rendition list counts only while the
+            // raw video is live, and the standard one may not follow it yet.
+            let live = (self.videos.get(video.as_str()))
+                .filter(|_| self.renditions.parent.get(video.as_str()).is_some());
+            let stored = self.stored(video)?;
+            let since = stored.as_ref().map_or(0, |p| p.since);
+            let progress = match live {
+                Some(_) => Some(self.progress(video, since)?),
+                None => None,
+            };
+            tries += 1;
+            if self.position() == at || tries == TRIES {
+                return Ok(Reading {
+                    at,
+                    live,
+                    stored,
+                    progress,
+                });
+            }
+        }
+    }
+
     /// Takes one step of `video`'s saga for `trigger`.
     pub fn step(
         &self,
@@ -271,24 +317,23 @@ impl Saga {
         // twice on one thread: no caller of a step holds it.)
         let _together = self.log.journal().map(|journal| journal.group());
         let _step = self.step.lock().unwrap_or_else(|e| e.into_inner());
-        let at = self.position();
-        // Live in both tables: the rendition list counts only while the raw
-        // video is live, and the standard one may not follow it yet.
-        let live = (self.videos.get(video.as_str()))
-            .filter(|_| self.renditions.parent.get(video.as_str()).is_some());
-        let Some(live) = live else {
+        let Reading {
+            at,
+            live,
+            stored,
+            progress,
+        } = self.read(video)?;
+        let Some((live, progress)) = live.zip(progress) else {
             if matches!(trigger, Trigger::Retry) {
                 return Err(RetryError::NoVideo(video.clone()));
             }
             self.write(video, None, at, cause)?;
             return Ok(Stepped::Recorded(None));
         };
-        let stored = self.stored(video)?;
         let (attempt, since) = stored.as_ref().map_or((1, 0), |p| (p.attempt, p.since));
         let compensated = stored
             .as_ref()
             .is_some_and(|p| p.status == Status::Compensated);
-        let progress = self.progress(video, since)?;
         let retryable = compensated || progress.failure.is_some();
         let new_attempt = match trigger {
             Trigger::Retry | Trigger::Redrive => retryable,
