@@ -1532,7 +1532,9 @@ impl Table {
         effect::encode(&StateFrame {
             t: &*self.name,
             id: id.as_str(),
-            e: (!entry.is_empty()).then(|| entry.image()),
+            // A derived delete of a record never written still holds its
+            // sequence: an older source change's write after it is stale.
+            e: (!entry.is_empty() || entry.seq > 0).then(|| entry.image()),
             live: entry.announced,
             change,
         })
