@@ -238,6 +238,14 @@ fn three_instances_share_one_pipeline_and_agree_with_memory() {
         "{:?}",
         shared["series_overview"]
     );
+    // And scenario 6's saga: with no faults, every live video published.
+    let publications = &shared["publications"];
+    assert!(publications.len() > 3, "{publications:?}");
+    assert_eq!(publications.len(), shared["videos"].len());
+    assert!(
+        publications.values().all(|p| p["status"] == "published"),
+        "{publications:?}"
+    );
     for (n, addr) in addrs.iter().enumerate() {
         settle(*addr);
         assert_eq!(
@@ -267,6 +275,117 @@ fn three_instances_share_one_pipeline_and_agree_with_memory() {
         processed >= memory_raw["processed"].as_u64().expect("processed"),
         "the instances processed {processed} raw changes in all, fewer than memory's {memory_raw}"
     );
+}
+
+/// Scenario 6 over two instances, which both take every step of the saga:
+/// a dead-lettered job compensates once (one attempt, whoever sees it
+/// first), a redrive through one instance starts one new attempt for every
+/// video (each job run once), and a newer version supersedes it on both.
+#[test]
+fn two_instances_run_one_saga() {
+    let Some(nats) = NatsServer::start() else {
+        return;
+    };
+    let instances: Vec<Server> = (0..2).map(|_| instance(&nats.url, "saga", &[])).collect();
+    let addrs: Vec<SocketAddr> = instances.iter().map(|s| s.addr).collect();
+    let fault = json!({"failure_rate": 1.0, "permanent": true});
+    for addr in &addrs {
+        let (status, text) = http(*addr, "PUT", "/faults/encode_handler", Some(&fault));
+        assert_eq!(status, 200, "{text}");
+    }
+    let videos = 12;
+    let video = |n: usize, height: u32| {
+        json!({"id": format!("v{n}"), "title": "V", "renditions": [
+            {"id": "a", "codec": "h264", "height": height},
+            {"id": "b", "codec": "av1", "height": 2 * height}]})
+    };
+    thread::scope(|scope| {
+        for n in 0..videos {
+            let (addrs, body) = (&addrs, video(n, 360));
+            scope.spawn(move || send(addrs[n % 2], &("POST", "/raw/videos".into(), body)));
+        }
+    });
+    settle(addrs[0]);
+    settle(addrs[1]);
+    let attempts = |addr: SocketAddr, status: &str, attempt: u64| {
+        let publications = table(addr, "publications");
+        assert_eq!(publications.len(), videos, "{publications:?}");
+        for (id, p) in &publications {
+            assert_eq!(
+                (p["status"].as_str(), p["attempt"].as_u64()),
+                (Some(status), Some(attempt)),
+                "{id}: {p}"
+            );
+        }
+    };
+    for addr in &addrs {
+        attempts(*addr, "compensated", 1);
+        assert!(table(*addr, "encodes").is_empty(), "compensated");
+    }
+    let letters = get(addrs[0], "/queues/encode_queue/dead-letters")["dead_letters"].clone();
+    let letters = letters.as_array().expect("dead letters");
+    assert_eq!(letters.len(), 2 * videos, "each job dead-lettered once");
+
+    // Faults off, the letters redriven through one instance.
+    for addr in &addrs {
+        let (status, text) = http(*addr, "DELETE", "/faults/encode_handler", None);
+        assert_eq!(status, 200, "{text}");
+    }
+    let (status, text) = http(
+        addrs[1],
+        "POST",
+        "/queues/encode_queue/dead-letters/redrive",
+        None,
+    );
+    assert_eq!(status, 200, "{text}");
+    settle(addrs[0]);
+    settle(addrs[1]);
+    for addr in &addrs {
+        attempts(*addr, "published", 2);
+        assert_eq!(table(*addr, "encodes").len(), 2 * videos);
+    }
+    let processed: u64 = (addrs.iter())
+        .map(|addr| queue(*addr, "encode_queue")["processed"].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        processed,
+        2 * videos as u64,
+        "the new attempt's jobs ran once each"
+    );
+
+    // A newer version of every video supersedes attempt 2, from the change
+    // log alone: both instances agree on it.
+    for n in 0..videos {
+        send(addrs[n % 2], &("POST", "/raw/videos".into(), video(n, 480)));
+    }
+    settle(addrs[0]);
+    settle(addrs[1]);
+    let mine = table(addrs[0], "publications");
+    assert_eq!(
+        mine,
+        table(addrs[1], "publications"),
+        "both instances agree"
+    );
+    for (id, p) in &mine {
+        assert_eq!(
+            (
+                p["status"].as_str(),
+                p["done"].as_u64(),
+                p["total"].as_u64()
+            ),
+            (Some("published"), Some(2), Some(2)),
+            "{id}: {p}"
+        );
+    }
+    let encodes = table(addrs[1], "encodes");
+    assert!(
+        encodes
+            .values()
+            .all(|e| e["height"] == 480 || e["height"] == 960),
+        "{encodes:?}"
+    );
+    let letters = get(addrs[0], "/queues/encode_queue/dead-letters")["dead_letters"].clone();
+    assert!(letters.as_array().expect("dead letters").is_empty());
 }
 
 /// Writes videos from clients until stopped, recording each one

@@ -59,11 +59,13 @@ pub async fn retry(
     let (publication, jobs) = state
         .pipeline()
         .retry_publication(&video, &Cause::request(request))
+        .await
         .map_err(|error| match error {
-            RetryError::NoVideo(_) | RetryError::NoSaga => ApiError::NotFound(error.to_string()),
+            RetryError::NoVideo(_) => ApiError::NotFound(error.to_string()),
             RetryError::NothingToRetry { .. } => ApiError::Conflict(error.to_string()),
             RetryError::Step(StepError::Full(full)) => ApiError::Full(full),
             RetryError::Step(StepError::Source(reason)) => ApiError::Internal(reason),
+            RetryError::Step(StepError::Unavailable(reason)) => ApiError::StoreUnavailable(reason),
         })?;
     state.durable().await?;
     tracing::info!(video = %video, attempt = publication.attempt, jobs, "publication retried");

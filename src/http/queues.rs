@@ -145,9 +145,9 @@ pub async fn redrive(
 ) -> Result<Json<Redriven>, ApiError> {
     let queue = queue(&state, &name)?;
     state.writable()?;
-    let redriven = match shared_letters(&state, &name) {
+    let redriven = match state.pipeline().redrive_shared(&name).await {
         None => queue.redrive(),
-        Some(letters) => letters.redrive_all().await.map_err(unavailable)?,
+        Some(redriven) => redriven.map_err(unavailable)?,
     };
     state.durable().await?;
     Ok(Json(Redriven { redriven }))

@@ -367,11 +367,27 @@ impl<T: QueueItem> SharedQueue<T> {
     /// letter's number, so a redrive cut short and done again puts it
     /// back once.
     pub async fn redrive(&self) -> Result<usize, StoreError> {
+        self.redrive_taking(|_| async { false }).await
+    }
+
+    /// [`SharedQueue::redrive`], where `take` may take a letter's item
+    /// over instead (it is then dropped with the others, not put back): a
+    /// redrive cut short and done again asks `take` again.
+    pub async fn redrive_taking<F, Taken>(&self, mut take: F) -> Result<usize, StoreError>
+    where
+        F: FnMut(T) -> Taken,
+        Taken: std::future::Future<Output = bool>,
+    {
         let Some((letters, queue)) = self.acks.dead.get() else {
             return Ok(0);
         };
         let kept = letters.list(queue).await?;
         for (number, letter) in &kept {
+            if let Some(item) = T::restore(letter.item.clone())
+                && take(item).await
+            {
+                continue;
+            }
             self.back.send(*number, &letter.item).await?;
         }
         if let Some((last, _)) = kept.last() {

@@ -183,9 +183,8 @@ pub struct ReadModels {
     pub views: Views,
     projection_feed: SubscriberId,
     pub projection_queue: Arc<Queue<Arc<Change>>>,
-    /// Scenario 6; `None` on JetStream (see the README's Scale-out
-    /// section).
-    pub saga: Option<SagaModel>,
+    /// Scenario 6.
+    pub saga: SagaModel,
 }
 
 /// Scenario 6: the saga and the queue that feeds it.
@@ -335,12 +334,12 @@ impl Pipeline {
             &mut engine,
             &standard,
             &encodes,
-            (!shared).then_some(renditions),
+            renditions,
             &encode_queue,
             &config,
         );
         let audit_trail = engine.add_system_table("audit");
-        describe(&mut engine.topology, read_models.saga.is_some());
+        describe(&mut engine.topology);
         Self {
             audit_trail,
             read_models,
@@ -367,13 +366,18 @@ impl Pipeline {
         cause: Cause,
     ) -> Option<Result<u64, ViewError>> {
         if name == Saga::NAME {
-            let saga = self.read_models.saga.as_ref()?.saga.clone();
-            // The saga reads and writes in memory, all of it at once.
-            let rebuilt = tokio::task::spawn_blocking(move || saga.rebuild(&cause)).await;
+            let saga = self.read_models.saga.saga.clone();
+            let rebuilt = if saga.publications.is_shared() {
+                Ok(saga.rebuild_shared(&cause).await)
+            } else {
+                // In memory the saga reads and writes all of it at once.
+                tokio::task::spawn_blocking(move || saga.rebuild(&cause)).await
+            };
             return Some(match rebuilt {
                 Ok(rebuilt) => rebuilt.map_err(|error| match error {
                     StepError::Full(full) => ViewError::Full(full),
                     StepError::Source(reason) => ViewError::Source(reason),
+                    StepError::Unavailable(reason) => ViewError::Unavailable(reason),
                 }),
                 Err(stopped) => Err(ViewError::Source(format!("the rebuild stopped: {stopped}"))),
             });
@@ -383,14 +387,13 @@ impl Pipeline {
 
     /// An operator's retry of a compensated publication: a new attempt,
     /// whose jobs go on `encode_queue` without waiting for room.
-    pub fn retry_publication(
+    pub async fn retry_publication(
         &self,
         video: &RecordId,
         cause: &Cause,
     ) -> Result<(Publication, usize), RetryError> {
-        let models = self.read_models.saga.as_ref().ok_or(RetryError::NoSaga)?;
-        let (publication, jobs) = models.saga.retry(video, cause)?;
-        let count = jobs.len();
+        let saga = &self.read_models.saga.saga;
+        let (publication, jobs, count) = saga.retry(video, cause).await?;
         self.engine.put_back(&self.encode_queue, jobs);
         Ok((publication, count))
     }
@@ -441,9 +444,8 @@ impl Pipeline {
         }
         let log = &self.engine.log;
         let views = &self.read_models;
-        let saga = views.saga.as_ref().map_or(0, |m| {
-            log.backlog(m.publication_feed) + outstanding(m.publication_queue.counts())
-        });
+        let m = &views.saga;
+        let saga = log.backlog(m.publication_feed) + outstanding(m.publication_queue.counts());
         let models = log.backlog(views.projection_feed)
             + outstanding(views.projection_queue.counts())
             + saga;
@@ -729,7 +731,7 @@ fn read_models(
     engine: &mut Engine,
     standard: &ByKind<Arc<Table>>,
     encodes: &Arc<Table>,
-    renditions: Option<Arc<Children>>,
+    renditions: Arc<Children>,
     encode_queue: &Arc<Queue<EncodeJob>>,
     config: &PipelineConfig,
 ) -> ReadModels {
@@ -779,8 +781,7 @@ fn read_models(
             breaker: config.breaker,
         },
     );
-    let saga = renditions
-        .map(|renditions| saga_model(engine, standard, encodes, renditions, encode_queue, config));
+    let saga = saga_model(engine, standard, encodes, renditions, encode_queue, config);
     ReadModels {
         views,
         projection_feed,
@@ -834,7 +835,7 @@ fn saga_model(
 }
 
 /// The six scenarios as edges of the one topology.
-fn describe(t: &mut Topology, saga: bool) {
+fn describe(t: &mut Topology) {
     t.scenario(
         1,
         "Overloaded queue",
@@ -899,9 +900,6 @@ fn describe(t: &mut Topology, saga: bool) {
     t.edge("projection_queue", "projection_handler", "event", &[5]);
     t.edge("projection_handler", Filmography::NAME, "view record", &[5]);
     t.edge("projection_handler", Overview::NAME, "view record", &[5]);
-    if !saga {
-        return;
-    }
     t.scenario(
         6,
         "Saga with compensation",

@@ -45,7 +45,7 @@ use crate::engine::handler::{Failure, Process};
 use crate::engine::log::{Cause, Change, ChangeKind, ChangeLog};
 use crate::engine::queue::Queue;
 use crate::engine::record::{Data, RecordId, Tie, Timestamp, Version};
-use crate::engine::table::{Full, Record, Table};
+use crate::engine::table::{Full, Record, Table, WriteError};
 
 use super::encode_handler::EncodeJob;
 use super::raw_handler::{attempt_job_id, encode_id};
@@ -110,6 +110,21 @@ pub enum Stepped {
     Recorded(Option<Publication>),
     /// A new attempt started; these jobs are enlisted on `encode_queue`.
     Started(Publication, Vec<(u64, EncodeJob)>),
+    /// On JetStream: a new attempt started, and its jobs (this many) are
+    /// on `encode_queue`'s work stream already.
+    Sent(Publication, usize),
+}
+
+/// What a step writes, in the order that keeps a torn write safe.
+enum Plan {
+    /// The record as the tables say (`None`: no record), unless it is so.
+    Record(Option<Publication>),
+    /// Compensated, and staying so: nothing.
+    Keep(Option<Publication>),
+    /// A new attempt: its jobs, then its record.
+    Start(Publication, Vec<EncodeJob>),
+    /// A compensation: its record, then a delete of each encode.
+    Compensate(Publication, Vec<RecordId>),
 }
 
 /// Why a retry was refused.
@@ -124,9 +139,6 @@ pub enum RetryError {
     NothingToRetry { id: RecordId, status: Status },
     #[error(transparent)]
     Step(#[from] StepError),
-    /// On JetStream, where scenario 6 does not run.
-    #[error("the publication saga (scenario 6) does not run on JetStream")]
-    NoSaga,
 }
 
 /// Why a step could not be taken.
@@ -136,6 +148,21 @@ pub enum StepError {
     Full(#[from] Full),
     #[error("{0}")]
     Source(String),
+    /// JetStream could not be reached (never in memory): the step is
+    /// taken again later.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl From<WriteError> for StepError {
+    fn from(error: WriteError) -> Self {
+        match error {
+            WriteError::Full(full) => StepError::Full(full),
+            WriteError::Unavailable(reason) => StepError::Unavailable(reason),
+            // A derived write has no precondition.
+            WriteError::PreconditionFailed(failed) => StepError::Source(failed.to_string()),
+        }
+    }
 }
 
 /// An encode record's fields the saga reads.
@@ -168,6 +195,8 @@ pub struct Saga {
     log: Arc<ChangeLog>,
     /// Held for a whole step: steps never overlap.
     step: Mutex<()>,
+    /// [`Saga::step`]'s lock on JetStream, held across its writes.
+    shared_step: tokio::sync::Mutex<()>,
 }
 
 /// The tables as one step read them, at position `at`.
@@ -208,6 +237,7 @@ impl Saga {
             encode_queue,
             log,
             step: Mutex::new(()),
+            shared_step: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -304,42 +334,41 @@ impl Saga {
         }
     }
 
-    /// Takes one step of `video`'s saga for `trigger`.
-    pub fn step(
+    /// What a step of `video`'s saga for `trigger` does, from what it
+    /// read: the position it writes at, and its writes.
+    fn decide(
         &self,
         video: &RecordId,
         trigger: Trigger,
         cause: &Cause,
-    ) -> Result<Stepped, RetryError> {
-        // On a data directory, a step's frames go to the disk in one write,
-        // so a crash cannot keep a compensation's deletes without its
-        // record, or a new attempt's record without its jobs. (Never taken
-        // twice on one thread: no caller of a step holds it.)
-        let _together = self.log.journal().map(|journal| journal.group());
-        let _step = self.step.lock().unwrap_or_else(|e| e.into_inner());
+        reading: Reading,
+    ) -> Result<(u64, Plan), RetryError> {
         let Reading {
             at,
             live,
             stored,
             progress,
-        } = self.read(video)?;
+        } = reading;
         let Some((live, progress)) = live.zip(progress) else {
             if matches!(trigger, Trigger::Retry) {
                 return Err(RetryError::NoVideo(video.clone()));
             }
-            self.write(video, None, at, cause)?;
-            return Ok(Stepped::Recorded(None));
+            return Ok((at, Plan::Record(None)));
         };
         let (attempt, since) = stored.as_ref().map_or((1, 0), |p| (p.attempt, p.since));
         let compensated = stored
             .as_ref()
             .is_some_and(|p| p.status == Status::Compensated);
         let retryable = compensated || progress.failure.is_some();
-        let new_attempt = match trigger {
-            Trigger::Retry | Trigger::Redrive => retryable,
+        // Where a new attempt starts. For a change of the video, at that
+        // change: every process that follows the log takes this step for
+        // it, and so starts the same attempt with the same jobs (one each
+        // on a shared work stream), whatever position each read at.
+        let (new_attempt, start) = match trigger {
+            Trigger::Retry | Trigger::Redrive => (retryable, at),
             // A change of the video recorded after the compensation.
-            Trigger::Video(seq) => compensated && seq > since,
-            Trigger::Encode => false,
+            Trigger::Video(seq) => (compensated && seq > since, seq),
+            Trigger::Encode => (false, at),
         };
         let total = progress.renditions.len() as u64;
         let record = |status, attempt, since, done, reason| Publication {
@@ -357,24 +386,20 @@ impl Saga {
             } else {
                 Status::Pending
             };
-            let publication = record(status, attempt + 1, at, 0, None);
+            let publication = record(status, attempt + 1, start, 0, None);
             let version = progress.version.unwrap_or_else(|| live.version.clone());
             let jobs = (progress.renditions.into_iter())
                 .map(|rendition| EncodeJob {
                     id: attempt_job_id(video, &rendition.id, &version, attempt + 1),
                     video_id: video.clone(),
                     rendition,
-                    seq: at,
+                    seq: start,
                     version: version.clone(),
                     cause: cause.clone(),
                     attempt: attempt + 1,
                 })
                 .collect();
-            // The jobs first, like raw_handler's: a torn write that keeps the
-            // record keeps its jobs too.
-            let jobs = self.encode_queue.enlist(jobs);
-            self.write(video, Some(&publication), at, cause)?;
-            return Ok(Stepped::Started(publication, jobs));
+            return Ok((at, Plan::Start(publication, jobs)));
         }
         match (trigger, &stored) {
             (Trigger::Retry, Some(p)) => {
@@ -393,38 +418,156 @@ impl Saga {
             _ => {}
         }
         if compensated {
-            return Ok(Stepped::Recorded(stored));
+            return Ok((at, Plan::Keep(stored)));
         }
-        let publication = if let Some(reason) = progress.failure {
+        let plan = if let Some(reason) = progress.failure {
             // Compensate: delete what this attempt encoded, and whatever
             // it is still encoding will be stale when it ends.
-            let deleted = Version {
-                at: Timestamp::now(),
-                tie: Tie::Tombstone,
-            };
             let ids: Vec<RecordId> = (progress.renditions.iter())
                 .map(|rendition| encode_id(video, &rendition.id))
                 .collect();
-            // Room for every delete (a tombstone is an entry) before any,
-            // and the record before the deletes: a torn write keeps a
-            // compensated record with encodes still to delete (a retry
-            // encodes them again), never deletes without the record.
-            self.encodes.room_for(&ids).map_err(StepError::from)?;
             let publication = record(Status::Compensated, attempt, at, 0, Some(reason));
-            self.write(video, Some(&publication), at, cause)?;
-            for id in &ids {
-                self.encodes
-                    .derive(id, at, deleted.clone(), None, cause)
-                    .map_err(StepError::from)?;
-            }
-            return Ok(Stepped::Recorded(Some(publication)));
+            Plan::Compensate(publication, ids)
         } else if progress.done == total {
-            record(Status::Published, attempt, since, total, None)
+            Plan::Record(Some(record(Status::Published, attempt, since, total, None)))
         } else {
-            record(Status::Pending, attempt, since, progress.done, None)
+            Plan::Record(Some(record(
+                Status::Pending,
+                attempt,
+                since,
+                progress.done,
+                None,
+            )))
         };
-        self.write(video, Some(&publication), at, cause)?;
-        Ok(Stepped::Recorded(Some(publication)))
+        Ok((at, plan))
+    }
+
+    /// Takes one step of `video`'s saga for `trigger` (in memory or on a
+    /// data directory: see [`Saga::step_shared`] for JetStream).
+    pub fn step(
+        &self,
+        video: &RecordId,
+        trigger: Trigger,
+        cause: &Cause,
+    ) -> Result<Stepped, RetryError> {
+        // On a data directory, a step's frames go to the disk in one write,
+        // so a crash cannot keep a compensation's deletes without its
+        // record, or a new attempt's record without its jobs. (Never taken
+        // twice on one thread: no caller of a step holds it.)
+        let _together = self.log.journal().map(|journal| journal.group());
+        let _step = self.step.lock().unwrap_or_else(|e| e.into_inner());
+        let (at, plan) = self.decide(video, trigger, cause, self.read(video)?)?;
+        Ok(match plan {
+            Plan::Record(publication) => {
+                self.write(video, publication.as_ref(), at, cause)?;
+                Stepped::Recorded(publication)
+            }
+            Plan::Keep(publication) => Stepped::Recorded(publication),
+            Plan::Start(publication, jobs) => {
+                // The jobs first, like raw_handler's: a torn write that
+                // keeps the record keeps its jobs too.
+                let jobs = self.encode_queue.enlist(jobs);
+                self.write(video, Some(&publication), at, cause)?;
+                Stepped::Started(publication, jobs)
+            }
+            Plan::Compensate(publication, ids) => {
+                // Room for every delete (a tombstone is an entry) before
+                // any, and the record before the deletes: a torn write
+                // keeps a compensated record with encodes still to delete
+                // (a retry encodes them again), never deletes without the
+                // record.
+                self.encodes.room_for(&ids).map_err(StepError::from)?;
+                self.write(video, Some(&publication), at, cause)?;
+                for id in &ids {
+                    (self.encodes)
+                        .derive(id, at, deleted(), None, cause)
+                        .map_err(StepError::from)?;
+                }
+                Stepped::Recorded(Some(publication))
+            }
+        })
+    }
+
+    /// [`Saga::step`] on JetStream, where every process takes the steps of
+    /// the whole change log it follows and writes what they imply at the
+    /// position it read (the newest position's write is kept; one that
+    /// finds the record already so sends nothing). A new attempt's jobs
+    /// are sent before its record: a process that stops between the two
+    /// leaves the record to whichever takes the step again, and the jobs,
+    /// named by video, rendition, version and attempt, are kept once.
+    pub async fn step_shared(
+        &self,
+        video: &RecordId,
+        trigger: Trigger,
+        cause: &Cause,
+    ) -> Result<Stepped, RetryError> {
+        let _step = self.shared_step.lock().await;
+        let (at, plan) = self.decide(video, trigger, cause, self.read(video)?)?;
+        Ok(match plan {
+            Plan::Record(publication) => {
+                self.write_shared(video, publication.as_ref(), at, cause)
+                    .await?;
+                Stepped::Recorded(publication)
+            }
+            Plan::Keep(publication) => Stepped::Recorded(publication),
+            Plan::Start(publication, jobs) => {
+                let sent = jobs.len();
+                for job in jobs {
+                    (self.encode_queue.send_enlisted(0, job).await)
+                        .map_err(|e| StepError::Unavailable(e.to_string()))?;
+                }
+                self.write_shared(video, Some(&publication), at, cause)
+                    .await?;
+                Stepped::Sent(publication, sent)
+            }
+            Plan::Compensate(publication, ids) => {
+                self.write_shared(video, Some(&publication), at, cause)
+                    .await?;
+                for id in &ids {
+                    (self.encodes.writer())
+                        .derive(id, at, deleted(), None, cause)
+                        .await
+                        .map_err(StepError::from)?;
+                }
+                Stepped::Recorded(Some(publication))
+            }
+        })
+    }
+
+    /// A step on whichever store the saga's tables are on.
+    pub async fn step_anywhere(
+        &self,
+        video: &RecordId,
+        trigger: Trigger,
+        cause: &Cause,
+    ) -> Result<Stepped, RetryError> {
+        if self.publications.is_shared() {
+            self.step_shared(video, trigger, cause).await
+        } else {
+            self.step(video, trigger, cause)
+        }
+    }
+
+    /// The version and data `video`'s publication is written with to be
+    /// `publication` (`None` deletes it); `None` if it is so already.
+    fn change_to(
+        &self,
+        video: &RecordId,
+        publication: Option<&Publication>,
+    ) -> Result<Option<(Version, Option<Data>)>, StepError> {
+        let data = publication
+            .map(Data::canonical)
+            .transpose()
+            .map_err(|e| StepError::Source(e.to_string()))?;
+        let stored = self.publications.get(video.as_str()).map(|r| r.data);
+        if stored == data {
+            return Ok(None);
+        }
+        let version = match &data {
+            Some(data) => Version::write(Timestamp::now(), data.clone()),
+            None => deleted(),
+        };
+        Ok(Some((version, data)))
     }
 
     /// Writes `video`'s publication at position `at`, unless it is so.
@@ -435,66 +578,82 @@ impl Saga {
         at: u64,
         cause: &Cause,
     ) -> Result<(), StepError> {
-        let data = publication
-            .map(Data::canonical)
-            .transpose()
-            .map_err(|e| StepError::Source(e.to_string()))?;
-        let stored = self.publications.get(video.as_str()).map(|r| r.data);
-        if stored == data {
-            return Ok(());
+        if let Some((version, data)) = self.change_to(video, publication)? {
+            self.publications.derive(video, at, version, data, cause)?;
         }
-        let version = match &data {
-            Some(data) => Version::write(Timestamp::now(), data.clone()),
-            None => Version {
-                at: Timestamp::now(),
-                tie: Tie::Tombstone,
-            },
-        };
-        self.publications.derive(video, at, version, data, cause)?;
         Ok(())
     }
 
-    /// An operator's retry: a new attempt for a compensated publication;
-    /// the jobs it enlisted, to put on `encode_queue`.
-    pub fn retry(
+    /// [`Saga::write`] on JetStream.
+    async fn write_shared(
+        &self,
+        video: &RecordId,
+        publication: Option<&Publication>,
+        at: u64,
+        cause: &Cause,
+    ) -> Result<(), StepError> {
+        if let Some((version, data)) = self.change_to(video, publication)? {
+            (self.publications.writer())
+                .derive(video, at, version, data, cause)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// An operator's retry: a new attempt for a compensated publication,
+    /// and how many jobs it put on `encode_queue` (sent already on
+    /// JetStream; in memory, returned to be put there).
+    pub async fn retry(
         &self,
         video: &RecordId,
         cause: &Cause,
-    ) -> Result<(Publication, Vec<(u64, EncodeJob)>), RetryError> {
-        match self.step(video, Trigger::Retry, cause)? {
-            Stepped::Started(publication, jobs) => Ok((publication, jobs)),
+    ) -> Result<(Publication, Vec<(u64, EncodeJob)>, usize), RetryError> {
+        match self.step_anywhere(video, Trigger::Retry, cause).await? {
+            Stepped::Started(publication, jobs) => {
+                let n = jobs.len();
+                Ok((publication, jobs, n))
+            }
+            Stepped::Sent(publication, n) => Ok((publication, Vec::new(), n)),
             // A retry either starts an attempt or is refused.
             Stepped::Recorded(_) => Err(RetryError::NoVideo(video.clone())),
         }
     }
 
-    /// Redriven dead letters of `encode_queue`: for each video whose
-    /// publication they can restart, a new attempt replaces them (they are
-    /// finished); a job older than its video's attempt is a superseded
-    /// attempt's and is finished too. The rest go back as they were.
+    /// Whether a redriven dead letter of `encode_queue` is taken over,
+    /// given what its video's redrive step did: yes if it started a new
+    /// attempt (which replaces it), or if the job is older than its
+    /// video's attempt (a superseded attempt's). The rest go back as they
+    /// were.
+    fn takes(&self, job: &EncodeJob, stepped: Result<Stepped, RetryError>) -> bool {
+        match stepped {
+            Ok(Stepped::Started(publication, _) | Stepped::Sent(publication, _)) => {
+                tracing::info!(video = %job.video_id, attempt = publication.attempt,
+                    "a redrive started a new publication attempt");
+                true
+            }
+            Ok(Stepped::Recorded(_)) | Err(RetryError::NoVideo(_)) => false,
+            Err(RetryError::NothingToRetry { .. }) => {
+                let since = (self.stored(&job.video_id).ok().flatten()).map_or(0, |p| p.since);
+                job.seq < since
+            }
+            Err(RetryError::Step(error)) => {
+                tracing::warn!(%error, job = %job.id, "a redriven job could not be stepped");
+                false
+            }
+        }
+    }
+
+    /// Redriven dead letters of `encode_queue` (in memory): those
+    /// [`Saga::takes`] are finished, with the jobs of the attempts they
+    /// started put in their place; the rest go back as they were.
     pub fn redriven(&self, letters: Vec<(u64, EncodeJob)>) -> Vec<(u64, EncodeJob)> {
         let mut back = Vec::new();
         for (ticket, job) in letters {
-            let taken = match self.step(&job.video_id, Trigger::Redrive, &job.cause) {
-                Ok(Stepped::Started(publication, jobs)) => {
-                    tracing::info!(video = %job.video_id, attempt = publication.attempt,
-                        "a redrive started a new publication attempt");
-                    back.extend(jobs);
-                    true
-                }
-                Ok(Stepped::Recorded(_)) | Err(RetryError::NoVideo(_) | RetryError::NoSaga) => {
-                    false
-                }
-                Err(RetryError::NothingToRetry { .. }) => {
-                    let since = (self.stored(&job.video_id).ok().flatten()).map_or(0, |p| p.since);
-                    job.seq < since
-                }
-                Err(RetryError::Step(error)) => {
-                    tracing::warn!(%error, job = %job.id, "a redriven job could not be stepped");
-                    false
-                }
-            };
-            if taken {
+            let stepped = self.step(&job.video_id, Trigger::Redrive, &job.cause);
+            if let Ok(Stepped::Started(_, jobs)) = &stepped {
+                back.extend(jobs.iter().cloned());
+            }
+            if self.takes(&job, stepped) {
                 self.encode_queue.finished(ticket);
             } else {
                 back.push((ticket, job));
@@ -503,20 +662,55 @@ impl Saga {
         back
     }
 
-    /// Recomputes every publication from the tables (`POST
-    /// /tables/publications/rebuild`); how many there are after.
-    pub fn rebuild(&self, cause: &Cause) -> Result<u64, StepError> {
+    /// A redriven dead letter of `encode_queue` on JetStream: whether it
+    /// is taken over (see [`Saga::takes`]); a new attempt's jobs are sent.
+    pub async fn redriven_shared(&self, job: &EncodeJob) -> bool {
+        let stepped = self
+            .step_shared(&job.video_id, Trigger::Redrive, &job.cause)
+            .await;
+        self.takes(job, stepped)
+    }
+
+    /// The videos a rebuild steps: every one with a video or a record.
+    fn rebuilt(&self) -> BTreeSet<RecordId> {
         let mut videos: BTreeSet<RecordId> =
             self.videos.snapshot().into_iter().map(|r| r.id).collect();
         videos.extend(self.publications.snapshot().into_iter().map(|r| r.id));
-        for video in &videos {
-            match self.step(video, Trigger::Encode, cause) {
-                Ok(_) => {}
-                Err(RetryError::Step(error)) => return Err(error),
-                Err(error) => return Err(StepError::Source(error.to_string())),
-            }
+        videos
+    }
+
+    /// Recomputes every publication from the tables (`POST
+    /// /tables/publications/rebuild`); how many there are after.
+    pub fn rebuild(&self, cause: &Cause) -> Result<u64, StepError> {
+        for video in &self.rebuilt() {
+            rebuilt(self.step(video, Trigger::Encode, cause))?;
         }
         Ok(self.publications.len())
+    }
+
+    /// [`Saga::rebuild`] on JetStream.
+    pub async fn rebuild_shared(&self, cause: &Cause) -> Result<u64, StepError> {
+        for video in &self.rebuilt() {
+            rebuilt(self.step_shared(video, Trigger::Encode, cause).await)?;
+        }
+        Ok(self.publications.len())
+    }
+}
+
+/// A rebuild's step: only a failed write stops it.
+fn rebuilt(stepped: Result<Stepped, RetryError>) -> Result<(), StepError> {
+    match stepped {
+        Ok(_) => Ok(()),
+        Err(RetryError::Step(error)) => Err(error),
+        Err(error) => Err(StepError::Source(error.to_string())),
+    }
+}
+
+/// The version a delete is recorded with.
+fn deleted() -> Version {
+    Version {
+        at: Timestamp::now(),
+        tie: Tie::Tombstone,
     }
 }
 
@@ -543,11 +737,18 @@ impl Process<Arc<Change>> for PublicationHandler {
             (change.key.clone(), Trigger::Video(change.seq))
         };
         let cause = Cause::caused_by(change);
-        match saga.step(&video, trigger, &cause) {
+        let started = |publication: &Publication| {
+            tracing::info!(video = %video, attempt = publication.attempt,
+                "a newer video version started a new publication attempt");
+        };
+        match saga.step_anywhere(&video, trigger, &cause).await {
             Ok(Stepped::Recorded(_)) => Ok(()),
+            Ok(Stepped::Sent(publication, _)) => {
+                started(&publication);
+                Ok(())
+            }
             Ok(Stepped::Started(publication, jobs)) => {
-                tracing::info!(video = %video, attempt = publication.attempt,
-                    "a newer video version started a new publication attempt");
+                started(&publication);
                 for (ticket, job) in jobs {
                     saga.encode_queue
                         .send_enlisted(ticket, job)
@@ -555,6 +756,9 @@ impl Process<Arc<Change>> for PublicationHandler {
                         .map_err(|e| Failure::Transient(e.to_string()))?;
                 }
                 Ok(())
+            }
+            Err(RetryError::Step(StepError::Unavailable(reason))) => {
+                Err(Failure::Unavailable(reason))
             }
             Err(error) => Err(Failure::Permanent(error.to_string())),
         }
@@ -572,11 +776,7 @@ mod tests {
     use crate::media::records::{Kind, parse_record};
 
     fn models(pipeline: &Pipeline) -> &crate::media::pipeline::SagaModel {
-        pipeline
-            .read_models
-            .saga
-            .as_ref()
-            .expect("in memory, scenario 6 runs")
+        &pipeline.read_models.saga
     }
 
     fn publication(pipeline: &Pipeline, id: &str) -> Publication {
@@ -631,7 +831,10 @@ mod tests {
             .step(&video, Trigger::Video(compensated.since), &cause)
             .expect("a step");
         assert!(matches!(stepped, Stepped::Recorded(Some(p)) if p == compensated));
-        pipeline.retry_publication(&video, &cause).expect("retried");
+        pipeline
+            .retry_publication(&video, &cause)
+            .await
+            .expect("retried");
         assert!(settle().await);
         let published = publication(&pipeline, "v1");
         assert_eq!(

@@ -16,11 +16,12 @@
 //! - dead letters of both queues, and the CloudEvents dedup window, are
 //!   streams of their own.
 //!
-//! Each process also runs scenario 5's projection over the whole change
-//! log it follows, and writes the view records to the state stream (see
-//! `projection`). Scenario 6 (the saga) keeps in-process state that
-//! several processes would each keep differently, so it does not run
-//! here; the README's Scale-out section says so.
+//! Each process also runs scenario 5's projection and scenario 6's saga
+//! over the whole change log it follows, and writes the view and
+//! publication records to the state stream at the positions it read (see
+//! `projection` and `saga`): the newest position's write is kept, and the
+//! jobs of a saga's new attempt, named alike by every process, are kept
+//! once on the work stream.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -354,6 +355,26 @@ impl Pipeline {
         self.shared.as_ref()
     }
 
+    /// On JetStream: redrives the dead letters of the shared queue `name`
+    /// (`None` if it is not one). Those of `encode_queue` go through the
+    /// saga first, as in memory: a letter whose attempt it restarts, or
+    /// that a newer attempt superseded, is dropped rather than put back.
+    pub async fn redrive_shared(&self, name: &str) -> Option<Result<usize, StoreError>> {
+        let shared = self.shared.as_ref()?;
+        let saga = self.read_models.saga.saga.clone();
+        if name != shared.encode_queue.name() {
+            return Some(shared.queue(name)?.redrive_all().await);
+        }
+        let redriven = shared
+            .encode_queue
+            .redrive_taking(|job: EncodeJob| {
+                let saga = saga.clone();
+                async move { saga.redriven_shared(&job).await }
+            })
+            .await;
+        Some(redriven)
+    }
+
     /// Waits until nothing is left to do (in every process, on JetStream);
     /// `false` if `timeout` passed first.
     pub async fn settle(&self, timeout: Duration) -> Result<bool, StoreError> {
@@ -361,13 +382,23 @@ impl Pipeline {
             None => Ok(self.engine.settle(timeout).await),
             Some(shared) => {
                 // The cluster first; then what this instance does with the
-                // changes it follows (its views).
+                // changes it follows (its views and its saga), and again
+                // while that put new work on the cluster's queues (a saga's
+                // new attempt).
                 let deadline = tokio::time::Instant::now() + timeout;
-                if !jetstream::queue::settle(&shared.store, &shared.idle(), timeout).await? {
-                    return Ok(false);
+                loop {
+                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    if !jetstream::queue::settle(&shared.store, &shared.idle(), left).await? {
+                        return Ok(false);
+                    }
+                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    if !self.engine.settle(left).await {
+                        return Ok(false);
+                    }
+                    if self.outstanding().await == 0 {
+                        return Ok(true);
+                    }
                 }
-                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-                Ok(self.engine.settle(left).await)
             }
         }
     }

@@ -7,7 +7,7 @@ use axum::http::{Method, Request, StatusCode, header};
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
-use crate::helpers::{Reply, TestApp, on_nats};
+use crate::helpers::{Reply, TestApp};
 use crate::temp_dir::TempDir;
 
 const READER: &str = "reader-token-0123456789";
@@ -466,12 +466,8 @@ async fn every_operator_action_and_reconciliation_is_audited() {
             "actors",
         ),
     ];
-    // Scenario 6 does not run on JetStream: no saga to retry.
-    let steps = steps
-        .into_iter()
-        .filter(|(_, action, _)| !(on_nats() && *action == "saga.retry"));
     let mut expected = Vec::new();
-    for (n, (request, action, target)) in steps.enumerate() {
+    for (n, (request, action, target)) in steps.into_iter().enumerate() {
         let id = format!("step-{n}");
         let reply = app.send(with_request_id(request, &id)).await;
         assert!(reply.status.is_success(), "step {n}: {}", reply.text);
@@ -510,13 +506,11 @@ async fn every_operator_action_and_reconciliation_is_audited() {
     let mut operators = vec!["ola"; trail.len() - 1];
     operators.push("pat");
     assert_eq!(who, operators);
-    assert_eq!(trail.len(), if on_nats() { 7 } else { 8 });
-    if !on_nats() {
-        assert_eq!(
-            trail[2]["result"]["body"]["jobs"], 1,
-            "the retry's answer is kept"
-        );
-    }
+    assert_eq!(trail.len(), 8);
+    assert_eq!(
+        trail[2]["result"]["body"]["jobs"], 1,
+        "the retry's answer is kept"
+    );
     for record in &trail {
         assert!(record["at"].is_string(), "{record}");
     }

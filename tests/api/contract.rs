@@ -5,7 +5,7 @@ use axum::body::Body;
 use axum::http::{Method, Request, header};
 use serde_json::json;
 
-use crate::helpers::{TestApp, on_nats};
+use crate::helpers::TestApp;
 
 /// Nothing at all was written anywhere.
 async fn assert_nothing_stored(app: &TestApp) {
@@ -399,18 +399,12 @@ async fn inspection_endpoints_describe_the_pipeline() {
             )
         })
         .collect();
-    // On JetStream scenario 6 does not run: no publications, no
-    // publication_queue or its handler.
-    let saga = !on_nats();
-    assert_eq!(names.len(), if saga { 17 } else { 16 });
+    assert_eq!(names.len(), 17);
     assert!(names.contains(&("audit".into(), "system".into())));
     assert!(names.contains(&("raw_series".into(), "raw".into())));
     assert!(names.contains(&("filmography".into(), "view".into())));
     assert!(names.contains(&("series_overview".into(), "view".into())));
-    assert_eq!(
-        names.contains(&("publications".into(), "view".into())),
-        saga
-    );
+    assert!(names.contains(&("publications".into(), "view".into())));
     assert!(names.contains(&("raw_series_episodes".into(), "raw".into())));
     assert!(names.contains(&("raw_videos_renditions".into(), "raw".into())));
     assert!(names.contains(&("encodes".into(), "standard".into())));
@@ -433,7 +427,7 @@ async fn inspection_endpoints_describe_the_pipeline() {
     }
     let handlers = app.get("/handlers").await;
     let handlers = handlers.ok()["handlers"].as_array().unwrap().clone();
-    assert_eq!(handlers.len(), if saga { 4 } else { 3 });
+    assert_eq!(handlers.len(), 4);
     assert_eq!(handlers[0]["circuit"], "closed");
     assert_eq!(
         handlers[0]["workers"],
@@ -442,13 +436,9 @@ async fn inspection_endpoints_describe_the_pipeline() {
 
     let topology = app.get("/topology").await;
     let topology = topology.ok();
-    let (nodes, scenarios) = if saga {
-        (16 + 4 + 4, 6)
-    } else {
-        (15 + 3 + 3, 5)
-    };
-    assert_eq!(topology["nodes"].as_array().unwrap().len(), nodes);
-    assert_eq!(topology["scenarios"].as_array().unwrap().len(), scenarios);
+    // 16 tables beside audit, 4 queues, 4 handlers.
+    assert_eq!(topology["nodes"].as_array().unwrap().len(), 16 + 4 + 4);
+    assert_eq!(topology["scenarios"].as_array().unwrap().len(), 6);
     let edge = |from: &str, to: &str| {
         topology["edges"]
             .as_array()
@@ -463,13 +453,11 @@ async fn inspection_endpoints_describe_the_pipeline() {
         "pub/sub: a second subscriber"
     );
     assert!(edge("projection_handler", "series_overview"));
-    if saga {
-        assert!(
-            edge("encodes", "publication_queue"),
-            "the saga hears of encodes"
-        );
-        assert!(edge("publication_handler", "encode_queue"), "a new attempt");
-    }
+    assert!(
+        edge("encodes", "publication_queue"),
+        "the saga hears of encodes"
+    );
+    assert!(edge("publication_handler", "encode_queue"), "a new attempt");
     assert_eq!(app.get("/healthz").await.ok()["status"], "ok");
     let page = app.get("/").await;
     assert!(page.text.contains("<html"), "the dashboard is served");

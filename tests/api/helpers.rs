@@ -48,15 +48,6 @@ pub fn on_nats() -> bool {
     storage() == Storage::Nats
 }
 
-/// For a test of what does not run on JetStream (scenario 6, see the
-/// README's Scale-out section): says so and returns `true` there.
-pub fn not_on_nats(what: &str) -> bool {
-    if on_nats() {
-        eprintln!("skipped on JetStream: {what} does not run there");
-    }
-    on_nats()
-}
-
 /// A response, with the body parsed as JSON when it is JSON.
 #[derive(Debug)]
 pub struct Reply {

@@ -7,18 +7,13 @@ use std::time::Duration;
 use axum::http::{StatusCode, header};
 use serde_json::json;
 
-use crate::helpers::{TestApp, on_nats};
+use crate::helpers::TestApp;
 
 #[tokio::test]
 async fn faults_are_set_listed_validated_and_cleared() {
     let app = TestApp::start().await;
-    let faults = if on_nats() {
-        // Scenario 6 does not run on JetStream.
-        json!({"raw_handler": null, "encode_handler": null, "projection_handler": null})
-    } else {
-        json!({"raw_handler": null, "encode_handler": null, "projection_handler": null,
-            "publication_handler": null})
-    };
+    let faults = json!({"raw_handler": null, "encode_handler": null, "projection_handler": null,
+        "publication_handler": null});
     assert_eq!(app.get("/faults").await.ok()["faults"], faults);
     let set = app
         .put(
@@ -85,15 +80,7 @@ async fn dead_letters_can_be_redriven_once_the_fault_is_gone() {
         && l["error"] == "injected fault"
         && l["failed_at"].is_string()));
     assert_eq!(letters[0]["event"]["type"], "eventsys.encode.requested");
-    if on_nats() {
-        // No saga compensates on JetStream: the failures stay, as failed.
-        for id in ["v:a", "v:b"] {
-            let encode = app.record("encodes", id).await.expect("a failed encode");
-            assert_eq!(encode["status"], "failed", "{encode}");
-        }
-    } else {
-        assert!(app.ids("encodes").await.is_empty(), "compensated");
-    }
+    assert!(app.ids("encodes").await.is_empty(), "compensated");
     assert_eq!(
         app.record("videos", "v").await.unwrap()["rendition_ids"],
         json!(["a", "b"]),

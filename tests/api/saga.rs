@@ -4,7 +4,7 @@
 use serde_json::{Value, json};
 
 use crate::events::{open_stream, read_sse};
-use crate::helpers::{TestApp, not_on_nats};
+use crate::helpers::TestApp;
 
 fn video(id: &str, at: &str, renditions: &[(&str, u64)]) -> Value {
     let renditions: Vec<Value> = renditions
@@ -65,9 +65,6 @@ async fn counters_add_up(app: &TestApp) {
 
 #[tokio::test]
 async fn scenario_6_a_publication_is_pending_until_its_renditions_are_encoded() {
-    if not_on_nats("scenario 6 (the saga)") {
-        return;
-    }
     // Encodes that take a minute: the publication waits for them.
     let app = TestApp::with(|c| c.encode_delay_ms = 60_000).await;
     let mut stream = open_stream(&app, "?after=0&table=publications", None).await;
@@ -86,9 +83,6 @@ async fn scenario_6_a_publication_is_pending_until_its_renditions_are_encoded() 
 
 #[tokio::test]
 async fn scenario_6_all_encodes_succeed_and_the_video_is_published() {
-    if not_on_nats("scenario 6 (the saga)") {
-        return;
-    }
     let app = TestApp::start().await;
     app.outcomes(
         "videos",
@@ -125,9 +119,6 @@ async fn scenario_6_all_encodes_succeed_and_the_video_is_published() {
 
 #[tokio::test]
 async fn scenario_6_a_video_without_renditions_is_published_at_once() {
-    if not_on_nats("scenario 6 (the saga)") {
-        return;
-    }
     let app = TestApp::start().await;
     app.outcomes(
         "videos",
@@ -161,9 +152,6 @@ async fn scenario_6_a_video_without_renditions_is_published_at_once() {
 
 #[tokio::test]
 async fn scenario_6_a_dead_lettered_encode_is_compensated_and_a_retry_publishes() {
-    if not_on_nats("scenario 6 (the saga)") {
-        return;
-    }
     let app = TestApp::start().await;
     app.outcomes(
         "videos",
@@ -257,9 +245,6 @@ async fn scenario_6_a_dead_lettered_encode_is_compensated_and_a_retry_publishes(
 
 #[tokio::test]
 async fn scenario_6_a_redrive_of_the_dead_letters_starts_a_new_attempt() {
-    if not_on_nats("scenario 6 (the saga)") {
-        return;
-    }
     let app = TestApp::start().await;
     fail_encodes(&app).await;
     app.outcomes(
@@ -307,9 +292,6 @@ async fn scenario_6_a_redrive_of_the_dead_letters_starts_a_new_attempt() {
 
 #[tokio::test]
 async fn scenario_6_a_newer_version_mid_saga_supersedes_the_attempt() {
-    if not_on_nats("scenario 6 (the saga)") {
-        return;
-    }
     let app = TestApp::with(|c| c.encode_delay_ms = 20).await;
     app.outcomes(
         "videos",
@@ -345,9 +327,6 @@ async fn scenario_6_a_newer_version_mid_saga_supersedes_the_attempt() {
 
 #[tokio::test]
 async fn scenario_6_a_newer_version_after_compensation_starts_a_new_attempt() {
-    if not_on_nats("scenario 6 (the saga)") {
-        return;
-    }
     let app = TestApp::start().await;
     fail_encodes(&app).await;
     app.outcomes(
@@ -397,9 +376,6 @@ async fn scenario_6_a_newer_version_after_compensation_starts_a_new_attempt() {
 
 #[tokio::test]
 async fn scenario_6_a_newer_version_mid_compensation_is_compensated_then_retried() {
-    if not_on_nats("scenario 6 (the saga)") {
-        return;
-    }
     // The failure and a newer version race: both versions' encodes fail,
     // so whichever the saga sees, it ends compensated, never published,
     // and a retry publishes the newest version.
@@ -436,9 +412,6 @@ async fn scenario_6_a_newer_version_mid_compensation_is_compensated_then_retried
 
 #[tokio::test]
 async fn scenario_6_deleting_the_video_mid_saga_deletes_its_publication() {
-    if not_on_nats("scenario 6 (the saga)") {
-        return;
-    }
     let app = TestApp::with(|c| c.encode_delay_ms = 20).await;
     app.outcomes(
         "videos",
@@ -473,9 +446,6 @@ async fn scenario_6_deleting_the_video_mid_saga_deletes_its_publication() {
 
 #[tokio::test]
 async fn a_publication_is_rebuilt_from_the_videos_and_encodes() {
-    if not_on_nats("scenario 6 (the saga)") {
-        return;
-    }
     let app = TestApp::start().await;
     app.outcomes(
         "videos",

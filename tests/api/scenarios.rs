@@ -2,7 +2,7 @@
 
 use serde_json::json;
 
-use crate::helpers::{TestApp, on_nats};
+use crate::helpers::TestApp;
 
 #[tokio::test]
 async fn scenario_1_one_queue_carries_every_schema_and_drops_stale_and_no_op_writes() {
@@ -334,13 +334,8 @@ async fn an_encode_job_has_the_same_id_wherever_and_whenever_it_is_made() {
     assert_eq!(first.len(), 1);
     assert_eq!(first[0].1, 1, "raw_handler's job is the first attempt's");
     assert_eq!(again.len(), 1);
-    if on_nats() {
-        // No saga on JetStream: the redrive puts the same job back.
-        assert_eq!(again, first, "the same job failed again");
-    } else {
-        assert_eq!(again[0].1, 2, "the redrive started a second attempt");
-        assert_ne!(first[0].0, again[0].0, "a new attempt is a new job");
-    }
+    assert_eq!(again[0].1, 2, "the redrive started a second attempt");
+    assert_ne!(first[0].0, again[0].0, "a new attempt is a new job");
     assert_eq!(rounds[0], rounds[1], "the same jobs have the same ids");
 }
 
