@@ -8,7 +8,8 @@ use utoipa::ToSchema;
 
 use crate::engine::log::Cause;
 use crate::engine::record::RecordId;
-use crate::media::saga::{RetryError, StepError};
+use crate::media::projection::ViewError;
+use crate::media::saga::RetryError;
 
 use super::problem::Problem;
 use super::{ApiError, AppState, NoQuery, RequestId};
@@ -63,9 +64,9 @@ pub async fn retry(
         .map_err(|error| match error {
             RetryError::NoVideo(_) => ApiError::NotFound(error.to_string()),
             RetryError::NothingToRetry { .. } => ApiError::Conflict(error.to_string()),
-            RetryError::Step(StepError::Full(full)) => ApiError::Full(full),
-            RetryError::Step(StepError::Source(reason)) => ApiError::Internal(reason),
-            RetryError::Step(StepError::Unavailable(reason)) => ApiError::StoreUnavailable(reason),
+            RetryError::Step(ViewError::Full(full)) => ApiError::Full(full),
+            RetryError::Step(ViewError::Source(reason)) => ApiError::Internal(reason),
+            RetryError::Step(ViewError::Unavailable(reason)) => ApiError::StoreUnavailable(reason),
         })?;
     state.durable().await?;
     tracing::info!(video = %video, attempt = publication.attempt, jobs, "publication retried");

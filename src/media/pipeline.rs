@@ -43,7 +43,7 @@ use super::encode_handler::{EncodeHandler, EncodeJob};
 use super::projection::{Filmography, Overview, ProjectionHandler, Rule, View, ViewError};
 use super::raw_handler::{ChildRecords, ChildSink, EncodeJobs, Parent, RawHandler, Route};
 use super::records::{ByKind, Kind};
-use super::saga::{Publication, PublicationHandler, RetryError, Saga, StepError};
+use super::saga::{Publication, PublicationHandler, RetryError, Saga};
 
 /// Changes a raw_handler worker takes at a time.
 pub(crate) const RAW_BATCH: usize = 32;
@@ -374,11 +374,7 @@ impl Pipeline {
                 tokio::task::spawn_blocking(move || saga.rebuild(&cause)).await
             };
             return Some(match rebuilt {
-                Ok(rebuilt) => rebuilt.map_err(|error| match error {
-                    StepError::Full(full) => ViewError::Full(full),
-                    StepError::Source(reason) => ViewError::Source(reason),
-                    StepError::Unavailable(reason) => ViewError::Unavailable(reason),
-                }),
+                Ok(rebuilt) => rebuilt,
                 Err(stopped) => Err(ViewError::Source(format!("the rebuild stopped: {stopped}"))),
             });
         }

@@ -38,6 +38,7 @@
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 
+use futures_util::FutureExt;
 use serde::{Deserialize, Serialize};
 
 use crate::engine::children::Children;
@@ -45,9 +46,10 @@ use crate::engine::handler::{Failure, Process};
 use crate::engine::log::{Cause, Change, ChangeKind, ChangeLog};
 use crate::engine::queue::Queue;
 use crate::engine::record::{Data, RecordId, Tie, Timestamp, Version};
-use crate::engine::table::{Full, Record, Table, WriteError};
+use crate::engine::table::{Record, Table};
 
 use super::encode_handler::EncodeJob;
+use super::projection::ViewError;
 use super::raw_handler::{attempt_job_id, encode_id};
 use super::records::Rendition;
 
@@ -138,31 +140,7 @@ pub enum RetryError {
     )]
     NothingToRetry { id: RecordId, status: Status },
     #[error(transparent)]
-    Step(#[from] StepError),
-}
-
-/// Why a step could not be taken.
-#[derive(Debug, thiserror::Error)]
-pub enum StepError {
-    #[error(transparent)]
-    Full(#[from] Full),
-    #[error("{0}")]
-    Source(String),
-    /// JetStream could not be reached (never in memory): the step is
-    /// taken again later.
-    #[error("{0}")]
-    Unavailable(String),
-}
-
-impl From<WriteError> for StepError {
-    fn from(error: WriteError) -> Self {
-        match error {
-            WriteError::Full(full) => StepError::Full(full),
-            WriteError::Unavailable(reason) => StepError::Unavailable(reason),
-            // A derived write has no precondition.
-            WriteError::PreconditionFailed(failed) => StepError::Source(failed.to_string()),
-        }
-    }
+    Step(#[from] ViewError),
 }
 
 /// An encode record's fields the saga reads.
@@ -178,9 +156,9 @@ struct Encode {
     video_id: String,
 }
 
-fn parse<'a, T: Deserialize<'a>>(data: &'a Data, what: &str) -> Result<T, StepError> {
+fn parse<'a, T: Deserialize<'a>>(data: &'a Data, what: &str) -> Result<T, ViewError> {
     serde_json::from_str(data.as_str())
-        .map_err(|e| StepError::Source(format!("{what} that cannot be read: {e}")))
+        .map_err(|e| ViewError::Source(format!("{what} that cannot be read: {e}")))
 }
 
 /// The publication saga: its table, what it reads, and where new attempts'
@@ -246,7 +224,7 @@ impl Saga {
         self.log.next_seq().saturating_sub(1)
     }
 
-    fn stored(&self, video: &RecordId) -> Result<Option<Publication>, StepError> {
+    fn stored(&self, video: &RecordId) -> Result<Option<Publication>, ViewError> {
         (self.publications.get(video.as_str()))
             .map(|r| parse(&r.data, "a publication"))
             .transpose()
@@ -256,8 +234,8 @@ impl Saga {
     /// encoded (whenever: an encode of the same data is as good), and the
     /// first failure written at or after `since` (one before it is an
     /// earlier attempt's).
-    fn progress(&self, video: &RecordId, since: u64) -> Result<Progress, StepError> {
-        let listing = self.renditions.current(video).map_err(StepError::Source)?;
+    fn progress(&self, video: &RecordId, since: u64) -> Result<Progress, ViewError> {
+        let listing = self.renditions.current(video).map_err(ViewError::Source)?;
         let mut progress = Progress {
             renditions: Vec::new(),
             version: listing.as_ref().map(|l| l.version.clone()),
@@ -307,7 +285,7 @@ impl Saga {
     /// the read is taken again while the change log moved during it; after
     /// a few tries under constant writes, it keeps the position from before
     /// its last read, whose only cost is an attempt more, never one missed.
-    fn read(&self, video: &RecordId) -> Result<Reading, StepError> {
+    fn read(&self, video: &RecordId) -> Result<Reading, ViewError> {
         const TRIES: usize = 8;
         let mut tries = 0;
         loop {
@@ -457,44 +435,16 @@ impl Saga {
         let _together = self.log.journal().map(|journal| journal.group());
         let _step = self.step.lock().unwrap_or_else(|e| e.into_inner());
         let (at, plan) = self.decide(video, trigger, cause, self.read(video)?)?;
-        Ok(match plan {
-            Plan::Record(publication) => {
-                self.write(video, publication.as_ref(), at, cause)?;
-                Stepped::Recorded(publication)
-            }
-            Plan::Keep(publication) => Stepped::Recorded(publication),
-            Plan::Start(publication, jobs) => {
-                // The jobs first, like raw_handler's: a torn write that
-                // keeps the record keeps its jobs too.
-                let jobs = self.encode_queue.enlist(jobs);
-                self.write(video, Some(&publication), at, cause)?;
-                Stepped::Started(publication, jobs)
-            }
-            Plan::Compensate(publication, ids) => {
-                // Room for every delete (a tombstone is an entry) before
-                // any, and the record before the deletes: a torn write
-                // keeps a compensated record with encodes still to delete
-                // (a retry encodes them again), never deletes without the
-                // record.
-                self.encodes.room_for(&ids).map_err(StepError::from)?;
-                self.write(video, Some(&publication), at, cause)?;
-                for id in &ids {
-                    (self.encodes)
-                        .derive(id, at, deleted(), None, cause)
-                        .map_err(StepError::from)?;
-                }
-                Stepped::Recorded(Some(publication))
-            }
+        // In memory a table's writer never waits.
+        (self.apply(video, at, plan, cause).now_or_never()).unwrap_or_else(|| {
+            Err(ViewError::Source("a write in memory had to wait".into()).into())
         })
     }
 
     /// [`Saga::step`] on JetStream, where every process takes the steps of
     /// the whole change log it follows and writes what they imply at the
     /// position it read (the newest position's write is kept; one that
-    /// finds the record already so sends nothing). A new attempt's jobs
-    /// are sent before its record: a process that stops between the two
-    /// leaves the record to whichever takes the step again, and the jobs,
-    /// named by video, rendition, version and attempt, are kept once.
+    /// finds the record already so sends nothing).
     pub async fn step_shared(
         &self,
         video: &RecordId,
@@ -503,31 +453,59 @@ impl Saga {
     ) -> Result<Stepped, RetryError> {
         let _step = self.shared_step.lock().await;
         let (at, plan) = self.decide(video, trigger, cause, self.read(video)?)?;
+        self.apply(video, at, plan, cause).await
+    }
+
+    /// Makes a step's writes, at position `at`.
+    async fn apply(
+        &self,
+        video: &RecordId,
+        at: u64,
+        plan: Plan,
+        cause: &Cause,
+    ) -> Result<Stepped, RetryError> {
+        let shared = self.publications.is_shared();
         Ok(match plan {
             Plan::Record(publication) => {
-                self.write_shared(video, publication.as_ref(), at, cause)
-                    .await?;
+                self.write(video, publication.as_ref(), at, cause).await?;
                 Stepped::Recorded(publication)
             }
             Plan::Keep(publication) => Stepped::Recorded(publication),
-            Plan::Start(publication, jobs) => {
+            // On JetStream the jobs are sent before the record: a process
+            // that stops between the two leaves the record to whichever
+            // takes the step again, and the jobs, named by video,
+            // rendition, version and attempt, are kept once.
+            Plan::Start(publication, jobs) if shared => {
                 let sent = jobs.len();
                 for job in jobs {
                     (self.encode_queue.send_enlisted(0, job).await)
-                        .map_err(|e| StepError::Unavailable(e.to_string()))?;
+                        .map_err(|e| ViewError::Unavailable(e.to_string()))?;
                 }
-                self.write_shared(video, Some(&publication), at, cause)
-                    .await?;
+                self.write(video, Some(&publication), at, cause).await?;
                 Stepped::Sent(publication, sent)
             }
+            Plan::Start(publication, jobs) => {
+                // The jobs first, like raw_handler's: a torn write that
+                // keeps the record keeps its jobs too.
+                let jobs = self.encode_queue.enlist(jobs);
+                self.write(video, Some(&publication), at, cause).await?;
+                Stepped::Started(publication, jobs)
+            }
             Plan::Compensate(publication, ids) => {
-                self.write_shared(video, Some(&publication), at, cause)
-                    .await?;
+                // Room for every delete (a tombstone is an entry) before
+                // any, and the record before the deletes: a torn write
+                // keeps a compensated record with encodes still to delete
+                // (a retry encodes them again), never deletes without the
+                // record.
+                if !shared {
+                    self.encodes.room_for(&ids).map_err(ViewError::from)?;
+                }
+                self.write(video, Some(&publication), at, cause).await?;
                 for id in &ids {
                     (self.encodes.writer())
                         .derive(id, at, deleted(), None, cause)
                         .await
-                        .map_err(StepError::from)?;
+                        .map_err(ViewError::from)?;
                 }
                 Stepped::Recorded(Some(publication))
             }
@@ -554,11 +532,11 @@ impl Saga {
         &self,
         video: &RecordId,
         publication: Option<&Publication>,
-    ) -> Result<Option<(Version, Option<Data>)>, StepError> {
+    ) -> Result<Option<(Version, Option<Data>)>, ViewError> {
         let data = publication
             .map(Data::canonical)
             .transpose()
-            .map_err(|e| StepError::Source(e.to_string()))?;
+            .map_err(|e| ViewError::Source(e.to_string()))?;
         let stored = self.publications.get(video.as_str()).map(|r| r.data);
         if stored == data {
             return Ok(None);
@@ -571,27 +549,13 @@ impl Saga {
     }
 
     /// Writes `video`'s publication at position `at`, unless it is so.
-    fn write(
+    async fn write(
         &self,
         video: &RecordId,
         publication: Option<&Publication>,
         at: u64,
         cause: &Cause,
-    ) -> Result<(), StepError> {
-        if let Some((version, data)) = self.change_to(video, publication)? {
-            self.publications.derive(video, at, version, data, cause)?;
-        }
-        Ok(())
-    }
-
-    /// [`Saga::write`] on JetStream.
-    async fn write_shared(
-        &self,
-        video: &RecordId,
-        publication: Option<&Publication>,
-        at: u64,
-        cause: &Cause,
-    ) -> Result<(), StepError> {
+    ) -> Result<(), ViewError> {
         if let Some((version, data)) = self.change_to(video, publication)? {
             (self.publications.writer())
                 .derive(video, at, version, data, cause)
@@ -681,7 +645,7 @@ impl Saga {
 
     /// Recomputes every publication from the tables (`POST
     /// /tables/publications/rebuild`); how many there are after.
-    pub fn rebuild(&self, cause: &Cause) -> Result<u64, StepError> {
+    pub fn rebuild(&self, cause: &Cause) -> Result<u64, ViewError> {
         for video in &self.rebuilt() {
             rebuilt(self.step(video, Trigger::Encode, cause))?;
         }
@@ -689,7 +653,7 @@ impl Saga {
     }
 
     /// [`Saga::rebuild`] on JetStream.
-    pub async fn rebuild_shared(&self, cause: &Cause) -> Result<u64, StepError> {
+    pub async fn rebuild_shared(&self, cause: &Cause) -> Result<u64, ViewError> {
         for video in &self.rebuilt() {
             rebuilt(self.step_shared(video, Trigger::Encode, cause).await)?;
         }
@@ -698,11 +662,11 @@ impl Saga {
 }
 
 /// A rebuild's step: only a failed write stops it.
-fn rebuilt(stepped: Result<Stepped, RetryError>) -> Result<(), StepError> {
+fn rebuilt(stepped: Result<Stepped, RetryError>) -> Result<(), ViewError> {
     match stepped {
         Ok(_) => Ok(()),
         Err(RetryError::Step(error)) => Err(error),
-        Err(error) => Err(StepError::Source(error.to_string())),
+        Err(error) => Err(ViewError::Source(error.to_string())),
     }
 }
 
@@ -757,7 +721,7 @@ impl Process<Arc<Change>> for PublicationHandler {
                 }
                 Ok(())
             }
-            Err(RetryError::Step(StepError::Unavailable(reason))) => {
+            Err(RetryError::Step(ViewError::Unavailable(reason))) => {
                 Err(Failure::Unavailable(reason))
             }
             Err(error) => Err(Failure::Permanent(error.to_string())),
