@@ -351,11 +351,16 @@ async fn find(c: &Client, selector: &str) -> Result<fantoccini::elements::Elemen
 }
 
 async fn click(c: &Client, selector: &str) -> Result<(), String> {
-    find(c, selector)
-        .await?
-        .click()
-        .await
-        .map_err(|e| format!("click {selector}: {e}"))
+    // The page renders its tables again as events arrive: an element found
+    // just before that is stale, and the one that replaced it is clicked.
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    loop {
+        match find(c, selector).await?.click().await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.to_string().contains("stale element") && Instant::now() < deadline => {}
+            Err(e) => return Err(format!("click {selector}: {e}")),
+        }
+    }
 }
 
 /// Polls a JavaScript condition until it holds, for at most [`STEP_TIMEOUT`];
